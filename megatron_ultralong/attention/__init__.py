@@ -1,0 +1,1 @@
+"""Attention for the `core_attention` slot of Megatron-Core's SelfAttention."""
