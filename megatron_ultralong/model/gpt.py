@@ -1,0 +1,188 @@
+"""Build a Llama `GPTModel` on Megatron-Core whose RoPE comes from global position ids.
+
+`UltraLongGPTModel` is Megatron-Core's `GPTModel` with one change: the rotary angles handed to every
+layer are computed from the `position_ids` the caller passes (RoPE is built as
+position_embedding_type="none" and `_preprocess` fills in our angles). Megatron-Core itself ignores
+position ids for RoPE (Megatron-LM #453) and re-derives CP slices from the sequence length; here a
+zigzag CP shard or a packed batch simply passes its global positions.
+
+The YaRN attention factor af multiplies cos and sin in HF, i.e. scales the q.k logits by af^2. We
+apply it once, as the softmax scale af^2 / sqrt(d) of the core attention (YaRN's "temperature"),
+instead of through megatron-core's config-sniffing mscale (MEGATRON.md §2.1, trap 1).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from megatron.core.models.gpt import GPTModel
+from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_config import TransformerConfig
+from torch import Tensor
+
+from megatron_ultralong.model.config import LlamaConfig
+from megatron_ultralong.model.layer_spec import get_ultralong_layer_spec
+from megatron_ultralong.rope.embedding import RotaryAngles
+from megatron_ultralong.runtime import Runtime, megatron_config_overrides
+
+# Megatron pads the vocabulary to a multiple of this x TP (Megatron-LM's default).
+DEFAULT_VOCAB_DIVISIBLE_BY = 128
+
+
+def padded_vocab_size(vocab_size: int, tp: int, divisible_by: int = DEFAULT_VOCAB_DIVISIBLE_BY) -> int:
+    """Smallest multiple of divisible_by * tp that holds vocab_size (Megatron-LM's rule)."""
+    multiple = divisible_by * tp
+    return ((vocab_size + multiple - 1) // multiple) * multiple
+
+
+def to_transformer_config(
+    model: LlamaConfig,
+    runtime: Runtime,
+    params_dtype: torch.dtype = torch.float32,
+    **overrides,
+) -> TransformerConfig:
+    """Megatron-Core `TransformerConfig` for `model` under `runtime`'s parallelism.
+
+    `overrides` are TransformerConfig fields (e.g. recompute settings from the trainer).
+    """
+    p = runtime.parallel
+    tp = p.tensor_parallel
+    if model.num_attention_heads % tp:
+        raise ValueError(
+            f"tensor_parallel={tp} does not divide num_attention_heads={model.num_attention_heads}"
+        )
+    if model.num_kv_heads % tp:
+        raise ValueError(f"tensor_parallel={tp} does not divide num_kv_heads={model.num_kv_heads}")
+    if model.ffn_hidden_size % tp:
+        raise ValueError(f"tensor_parallel={tp} does not divide ffn_hidden_size={model.ffn_hidden_size}")
+    if model.num_layers % p.pipeline_parallel:
+        raise ValueError(
+            f"pipeline_parallel={p.pipeline_parallel} does not divide num_layers={model.num_layers}"
+        )
+    attention_factor = RotaryAngles(model.rope, model.head_dim).attention_factor
+    softmax_scale = None
+    if attention_factor != 1.0:
+        softmax_scale = attention_factor * attention_factor / math.sqrt(model.head_dim)
+    kwargs = dict(
+        num_layers=model.num_layers,
+        hidden_size=model.hidden_size,
+        num_attention_heads=model.num_attention_heads,
+        num_query_groups=model.num_kv_heads,
+        kv_channels=model.head_dim,
+        ffn_hidden_size=model.ffn_hidden_size,
+        normalization="RMSNorm",
+        layernorm_epsilon=model.rms_norm_eps,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        softmax_scale=softmax_scale,
+        init_method_std=0.02,
+        params_dtype=params_dtype,
+        bf16=params_dtype == torch.bfloat16,
+        fp16=params_dtype == torch.float16,
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=p.pipeline_parallel,
+        context_parallel_size=p.context_parallel,
+        cp_comm_type=p.cp_comm_type,
+        sequence_parallel=p.sequence_parallel,
+        **megatron_config_overrides(runtime.device),
+    )
+    kwargs.update(overrides)
+    return TransformerConfig(**kwargs)
+
+
+class UltraLongGPTModel(GPTModel):
+    """Megatron-Core GPTModel whose rotary angles come from the caller's global position ids.
+
+    forward(input_ids [b, s], position_ids [b, s], attention_mask=None, labels=None, ...) is
+    GPTModel's. position_ids are required: they are the *global* positions of the tokens this rank
+    holds (after CP sharding), which is what makes RoPE correct under context parallelism.
+    """
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        transformer_layer_spec: ModuleSpec,
+        model_config: LlamaConfig,
+        vocab_size: int,
+        pre_process: bool = True,
+        post_process: bool = True,
+        pg_collection: Optional[ProcessGroupCollection] = None,
+        vp_stage: Optional[int] = None,
+    ):
+        super().__init__(
+            config=config,
+            transformer_layer_spec=transformer_layer_spec,
+            vocab_size=vocab_size,
+            max_sequence_length=model_config.max_position_embeddings,
+            pre_process=pre_process,
+            post_process=post_process,
+            parallel_output=True,
+            share_embeddings_and_output_weights=model_config.tie_word_embeddings,
+            position_embedding_type="none",
+            pg_collection=pg_collection,
+            vp_stage=vp_stage,
+        )
+        self.model_config = model_config
+        self.rotary_angles = RotaryAngles(model_config.rope, config.kv_channels)
+
+    def _preprocess(self, input_ids: Tensor, position_ids: Tensor, *args, **kwargs):
+        out = super()._preprocess(input_ids, position_ids, *args, **kwargs)
+        if position_ids is None:
+            raise ValueError("UltraLongGPTModel needs position_ids [b, s] (global token positions)")
+        # GPTModel._preprocess returns (decoder_input, rotary_pos_emb, cos, sin, offset, mask[, cs]);
+        # with position_embedding_type="none" slot 1 is None and we fill it
+        # (tests/test_runtime.py pins this layout against the installed megatron-core).
+        angles = self.rotary_angles(position_ids.to(self.rotary_angles.inv_freq.device))
+        return (out[0], angles.to(out[0].device if out[0] is not None else angles.device)) + tuple(out[2:])
+
+
+def build_model(
+    model_config: LlamaConfig,
+    runtime: Runtime,
+    params_dtype: torch.dtype = torch.float32,
+    use_transformer_engine: Optional[bool] = None,
+    vocab_divisible_by: int = DEFAULT_VOCAB_DIVISIBLE_BY,
+    **config_overrides,
+) -> UltraLongGPTModel:
+    """Build this rank's model stage (its PP layers, its TP shard) on `runtime.device`.
+
+    Weights are Megatron's random init (seeded by `init_runtime`); load real weights with
+    `megatron_ultralong.convert`. The vocabulary is padded to a multiple of
+    vocab_divisible_by x TP. Logits stay vocab-parallel ([b, s, V_pad / TP], what the vocab-parallel
+    cross entropy wants); `gather_tp_logits` assembles them for inference.
+    """
+    config = to_transformer_config(model_config, runtime, params_dtype, **config_overrides)
+    pp = runtime.pg_collection.pp
+    model = UltraLongGPTModel(
+        config=config,
+        transformer_layer_spec=get_ultralong_layer_spec(use_transformer_engine),
+        model_config=model_config,
+        vocab_size=padded_vocab_size(
+            model_config.vocab_size, runtime.parallel.tensor_parallel, vocab_divisible_by
+        ),
+        pre_process=pp.rank() == 0,
+        post_process=pp.rank() == pp.size() - 1,
+        pg_collection=runtime.pg_collection,
+    )
+    return model.to(runtime.device)
+
+
+def gather_tp_logits(logits: Tensor, tp_group: Optional[dist.ProcessGroup], vocab_size: int) -> Tensor:
+    """Vocab-parallel logits [b, s, V_pad / TP] -> full logits [b, s, vocab_size] on every TP rank.
+
+    Not differentiable (inference and evaluation). Uses torch.distributed directly rather than
+    megatron-core's gather, which allocates on CUDA (runtime.py, accommodation 6).
+    """
+    if tp_group is not None and dist.get_world_size(tp_group) > 1:
+        parts = [torch.empty_like(logits) for _ in range(dist.get_world_size(tp_group))]
+        dist.all_gather(parts, logits.contiguous(), group=tp_group)
+        logits = torch.cat(parts, dim=-1)
+    return logits[..., :vocab_size]

@@ -1,0 +1,57 @@
+"""The plugin's GPT layer spec: Megatron-Core's Llama layer with our module in `core_attention`.
+
+This is the only integration seam with Megatron-Core's transformer: we take its own spec (Transformer
+Engine linears and fused norms when TE is importable, plain torch modules otherwise) and replace the
+`core_attention` submodule, which is what Megatron-Core's design provides submodules for. Nothing is
+patched, and whatever megatron-core does around the slot (QKV projection, RoPE application, output
+projection, TP) stays its own.
+"""
+from __future__ import annotations
+
+import importlib.util
+from typing import Optional
+
+from megatron.core.models.gpt.gpt_layer_specs import (
+    get_gpt_layer_local_spec,
+    get_gpt_layer_with_transformer_engine_spec,
+)
+from megatron.core.transformer.spec_utils import ModuleSpec
+
+from megatron_ultralong.attention.core_attention import UltraLongCoreAttention
+
+
+def transformer_engine_available() -> bool:
+    """True when Transformer Engine's PyTorch extension imports (GPU containers)."""
+    if importlib.util.find_spec("transformer_engine") is None:
+        return False
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+    except Exception:  # noqa: BLE001 - a broken TE install must not break CPU runs
+        return False
+    return True
+
+
+def get_ultralong_layer_spec(use_transformer_engine: Optional[bool] = None) -> ModuleSpec:
+    """Llama layer spec with `UltraLongCoreAttention` as core attention.
+
+    use_transformer_engine: None picks TE when available. With TE the norms are folded into the
+    QKV / FC1 linears (`linear_qkv.layer_norm_weight`); without it they are separate modules
+    (`input_layernorm.weight`). Megatron's sharded_state_dict uses the TE names for both, so
+    distributed checkpoints do not depend on which spec wrote them.
+    """
+    if use_transformer_engine is None:
+        use_transformer_engine = transformer_engine_available()
+    if use_transformer_engine:
+        if not transformer_engine_available():
+            raise ValueError("use_transformer_engine=True but transformer_engine is not importable")
+        spec = get_gpt_layer_with_transformer_engine_spec()
+    else:
+        spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+    attention = spec.submodules.self_attention
+    if not hasattr(attention.submodules, "core_attention"):
+        raise RuntimeError(
+            "megatron-core's GPT layer spec no longer has self_attention.submodules.core_attention; "
+            "the plugin's attention cannot be installed"
+        )
+    attention.submodules.core_attention = UltraLongCoreAttention
+    return spec

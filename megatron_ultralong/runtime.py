@@ -1,0 +1,198 @@
+"""The runtime layer: torch.distributed, Megatron-Core parallel state, devices and seeds.
+
+This is also the ONE place where the plugin accommodates megatron-core's CUDA assumptions so the
+same model runs on a CPU (gloo) as on GPUs (NCCL). Each accommodation is listed here, and
+tests/test_runtime.py fails if megatron-core changes under one of them:
+
+1. Weight initialisation. megatron-core's GPU init path (`_initialize_affine_weight_gpu`) draws from
+   the CUDA RNG tracker; on CPU we set `use_cpu_initialization=True`, which builds each full master
+   weight from the default (CPU) generator and hands every TP rank its slice. Same seed on all TP
+   ranks -> TP=2 weights are exactly TP=1's.
+2. Fusions. Masked-softmax, bias-GeLU/SwiGLU, bias-dropout-add, persistent layer norm, gradient
+   accumulation fusion and TE/apex RoPE fusion are CUDA kernels; `megatron_config_overrides()`
+   turns them off on CPU. RoPE fusion is off everywhere: our angles are [s, b, 1, d] from position
+   ids, and fused RoPE cannot apply a YaRN attention factor anyway (MEGATRON.md §2.1).
+3. Rotary embedding. megatron-core's `RotaryEmbedding` allocates on `torch.cuda.current_device()`;
+   the plugin never builds it (GPTModel gets position_embedding_type="none" and our
+   `RotaryAngles` supplies `rotary_pos_emb`), so nothing to patch.
+4. Core attention. megatron-core's `DotProductAttention` fetches its score buffer from a CUDA
+   global memory buffer and asserts CP == 1; the plugin's layer spec puts its own module there.
+5. RNG tracker. `model_parallel_cuda_manual_seed` touches CUDA generators; on CPU only the default
+   generator is seeded. Activation recompute (`tensor_parallel.checkpoint`) saves CUDA RNG states
+   and is therefore GPU-only; on CPU the training loop uses torch's own checkpointing.
+6. TP collectives that allocate. megatron-core's gathers and reduce-scatters along a dim
+   (`tensor_parallel/mappings.py`: sequence parallelism, `parallel_output=False` logits) allocate
+   their output on `torch.cuda.current_device()`. On CPU, sequence parallelism is refused and
+   models keep vocab-parallel logits (`model.gpt.gather_tp_logits` gathers them on any device);
+   the TP all-reduces that plain TP needs work in place on gloo.
+"""
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.process_groups_config import ProcessGroupCollection
+
+CP_COMM_TYPES = ("p2p", "all_gather", "a2a")
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """How the world is split. World size = TP x PP x CP x DP; DP is what remains."""
+
+    tensor_parallel: int = 1
+    """Tensor-parallel size: attention heads and MLP columns split across this many ranks."""
+
+    pipeline_parallel: int = 1
+    """Pipeline-parallel size: contiguous layer ranges per stage."""
+
+    context_parallel: int = 1
+    """Context-parallel size: each sequence is split into 2*CP zigzag chunks across these ranks."""
+
+    cp_comm_type: str = "p2p"
+    """CP attention algorithm: "p2p" (ring), "all_gather" or "a2a" (Ulysses)."""
+
+    sequence_parallel: bool = False
+    """Megatron sequence parallelism inside TP (norm/dropout activations split by TP)."""
+
+    def __post_init__(self) -> None:
+        for name in ("tensor_parallel", "pipeline_parallel", "context_parallel"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"ParallelConfig.{name}={getattr(self, name)}: expected >= 1")
+        if self.cp_comm_type not in CP_COMM_TYPES:
+            raise ValueError(
+                f"ParallelConfig.cp_comm_type={self.cp_comm_type!r}: expected one of {CP_COMM_TYPES}"
+            )
+        if self.sequence_parallel and self.tensor_parallel == 1:
+            raise ValueError("ParallelConfig.sequence_parallel=True needs tensor_parallel > 1")
+
+    @property
+    def model_parallel_size(self) -> int:
+        return self.tensor_parallel * self.pipeline_parallel * self.context_parallel
+
+    def data_parallel_size(self, world_size: int) -> int:
+        if world_size % self.model_parallel_size:
+            raise ValueError(
+                f"world size {world_size} is not divisible by TP*PP*CP = {self.tensor_parallel}*"
+                f"{self.pipeline_parallel}*{self.context_parallel} = {self.model_parallel_size}"
+            )
+        return world_size // self.model_parallel_size
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """What `init_runtime` set up; pass it (not globals) to the model and the training loop."""
+
+    device: torch.device
+    """cuda:<local rank> with NCCL, or cpu with gloo."""
+
+    rank: int
+    world_size: int
+    parallel: ParallelConfig
+    data_parallel_size: int
+    pg_collection: ProcessGroupCollection
+    """Megatron's process groups (tp, pp, cp, dp, dp_cp, ...), passed explicitly to modules."""
+
+    @property
+    def is_cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+
+def init_runtime(
+    parallel: ParallelConfig = ParallelConfig(),
+    seed: int = 1234,
+    device: Optional[str] = None,
+    timeout_minutes: int = 30,
+) -> Runtime:
+    """Initialise torch.distributed (env:// as torchrun sets it) and Megatron-Core's parallel state.
+
+    device: "cuda", "cpu" or None (CUDA when available). A single process without torchrun
+    variables gets a 1-rank world, so tools and notebooks can build models too.
+    """
+    use_cuda = torch.cuda.is_available() if device is None else device == "cuda"
+    if use_cuda and not torch.cuda.is_available():
+        raise ValueError("device='cuda' requested but torch.cuda.is_available() is False")
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+    dev = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29511")
+        dist.init_process_group(
+            backend="nccl" if use_cuda else "gloo",
+            rank=int(os.environ.get("RANK", "0")),
+            world_size=int(os.environ.get("WORLD_SIZE", "1")),
+            timeout=timedelta(minutes=timeout_minutes),
+            device_id=dev if use_cuda else None,
+        )
+    world_size = dist.get_world_size()
+    dp = parallel.data_parallel_size(world_size)
+    check_device_support(parallel, dev)
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=parallel.tensor_parallel,
+        pipeline_model_parallel_size=parallel.pipeline_parallel,
+        context_parallel_size=parallel.context_parallel,
+    )
+    seed_everything(seed, use_cuda)
+    return Runtime(
+        device=dev,
+        rank=dist.get_rank(),
+        world_size=world_size,
+        parallel=parallel,
+        data_parallel_size=dp,
+        pg_collection=ProcessGroupCollection.use_mpu_process_groups(),
+    )
+
+
+def seed_everything(seed: int, use_cuda: bool) -> None:
+    """Same seed on every rank (accommodation 5): CPU init then slices identical master weights."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if use_cuda:
+        from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+        model_parallel_cuda_manual_seed(seed)
+
+
+def megatron_config_overrides(device: torch.device) -> dict:
+    """TransformerConfig fields that depend on the device (accommodations 1 and 2)."""
+    on_gpu = device.type == "cuda"
+    return dict(
+        use_cpu_initialization=not on_gpu,
+        masked_softmax_fusion=False,  # our core attention never calls Megatron's softmax
+        bias_activation_fusion=on_gpu,
+        bias_dropout_fusion=on_gpu,
+        persist_layer_norm=False,
+        gradient_accumulation_fusion=False,  # needs apex's fused_weight_gradient_mlp_cuda
+        apply_rope_fusion=False,  # see accommodation 2
+    )
+
+
+def check_device_support(parallel: ParallelConfig, device: torch.device) -> None:
+    """Refuse what megatron-core cannot do on this device (accommodation 6), naming the flag."""
+    if device.type != "cuda" and parallel.sequence_parallel:
+        raise ValueError(
+            "sequence_parallel=True is GPU-only: megatron-core's sequence-parallel gathers allocate "
+            "on torch.cuda.current_device()"
+        )
+
+
+def shutdown_runtime() -> None:
+    """Tear down parallel state and the process group (idempotent)."""
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
