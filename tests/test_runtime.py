@@ -1,0 +1,80 @@
+"""The runtime layer's accommodations of megatron-core's CUDA assumptions, pinned.
+
+Each test names the accommodation in megatron_ultralong/runtime.py it guards. If megatron-core
+changes under one (a new release), the test fails and says what to revisit.
+"""
+import inspect
+
+import pytest
+import torch
+
+from dist_utils import run_distributed
+from megatron_ultralong.runtime import ParallelConfig, check_device_support
+
+
+def test_parallel_config_checks():
+    assert ParallelConfig(tensor_parallel=2, context_parallel=2).data_parallel_size(8) == 2
+    with pytest.raises(ValueError, match=r"world size 6 is not divisible by TP\*PP\*CP = 2\*1\*4 = 8"):
+        ParallelConfig(tensor_parallel=2, context_parallel=4).data_parallel_size(6)
+    with pytest.raises(ValueError, match=r"cp_comm_type='allgather'"):
+        ParallelConfig(cp_comm_type="allgather")
+    with pytest.raises(ValueError, match=r"sequence_parallel=True needs tensor_parallel > 1"):
+        ParallelConfig(sequence_parallel=True)
+
+
+def test_sequence_parallel_refused_on_cpu_while_megatron_gathers_on_cuda():
+    # Accommodation 6. If this first assertion fails, megatron-core stopped allocating TP gathers on
+    # CUDA: sequence parallelism can then be allowed on CPU (drop check_device_support's refusal).
+    from megatron.core.tensor_parallel import mappings
+
+    assert "torch.cuda.current_device()" in inspect.getsource(mappings._gather_along_last_dim)
+    with pytest.raises(ValueError, match=r"sequence_parallel=True is GPU-only"):
+        check_device_support(ParallelConfig(tensor_parallel=2, sequence_parallel=True), torch.device("cpu"))
+
+
+def test_megatron_core_attention_still_needs_replacing():
+    # Accommodation 4: megatron-core's own DotProductAttention refuses CP > 1.
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+    assert "context_parallel_size == 1" in inspect.getsource(DotProductAttention.__init__)
+
+
+def test_megatron_rotary_still_allocates_on_cuda():
+    # Accommodation 3: the plugin never builds megatron-core's RotaryEmbedding.
+    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+
+    assert "torch.cuda.current_device()" in inspect.getsource(RotaryEmbedding)
+
+
+def _pins(rank, world_size):
+    from megatron.core.models.common.embeddings.yarn_rotary_pos_embedding import (
+        _yarn_get_concentration_factor_from_config,
+    )
+    from megatron.core.models.gpt import GPTModel
+
+    from megatron_ultralong.model import PRESETS, build_model
+    from megatron_ultralong.rope import yarn_for_context_length
+    from megatron_ultralong.runtime import init_runtime
+
+    rt = init_runtime(ParallelConfig())
+    cfg = PRESETS["tiny"].replace(rope=yarn_for_context_length(1 << 16, original_max_position_embeddings=8192))
+    model = build_model(cfg, rt)
+    # No mscale from megatron-core on top of ours: the attention factor is applied exactly once,
+    # through softmax_scale (model/gpt.py). If megatron starts returning != 1 here, it doubles.
+    assert _yarn_get_concentration_factor_from_config(model.config) == 1.0
+    af = model.rotary_angles.attention_factor
+    assert af > 1 and model.config.softmax_scale == pytest.approx(af * af / cfg.head_dim**0.5)
+    core = model.decoder.layers[0].self_attention.core_attention
+    assert core.softmax_scale == model.config.softmax_scale  # SelfAttention passes it through
+    # GPTModel._preprocess's output layout, which UltraLongGPTModel fills at slot 1.
+    ids = torch.randint(0, 1000, (1, 8))
+    pos = torch.arange(100, 108)[None]
+    base = GPTModel._preprocess(model, ids, pos)
+    assert base[1] is None and base[0].shape == (8, 1, 64)
+    ours = model._preprocess(ids, pos)
+    assert torch.equal(ours[1], model.rotary_angles(pos)) and torch.equal(ours[0], base[0])
+    assert len(ours) == len(base)
+
+
+def test_megatron_internals_the_model_relies_on():
+    run_distributed(_pins, world_size=1)
