@@ -2,7 +2,8 @@
 
 Independent reference: HF computes RoPE (incl. the YaRN attention factor on cos/sin), GQA and the
 SwiGLU MLP its own way; we load its weights through the key map and compare logits (fp32, 1e-5),
-the loss and every parameter gradient (mapped back to HF names), at TP=1 and TP=2.
+the loss (through the chunked output layer + cross entropy of the training path) and every
+parameter gradient (mapped back to HF names), at TP=1 and TP=2.
 """
 import pytest
 import torch
@@ -42,7 +43,6 @@ def _compare(rank, world_size, out_dir):
     from megatron_ultralong.convert.model_weights import export_hf_weights, load_hf_weights
     from megatron_ultralong.model import LlamaConfig, build_model, gather_tp_logits
     from megatron_ultralong.runtime import ParallelConfig, init_runtime
-    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
     rt = init_runtime(ParallelConfig(tensor_parallel=world_size))
     tp = rt.pg_collection.tp
@@ -66,13 +66,12 @@ def _compare(rank, world_size, out_dir):
         case = f"{rope}-kv{kv}-{'tied' if tied else 'untied'}"
         diff = (full - hf_out.logits.detach()).abs().max().item()
         assert diff <= 1e-5, f"{case}: max |logit diff| {diff}"
-        # Padded vocab rows must not take probability mass: mask them as the trainer does.
-        vocab_logits = logits.float().transpose(0, 1).contiguous()
-        local_v = vocab_logits.shape[-1]
-        start = tp.rank() * local_v
-        pad = torch.arange(start, start + local_v) >= cfg.vocab_size
-        vocab_logits[..., pad] = float("-inf")
-        loss = vocab_parallel_cross_entropy(vocab_logits, labels.transpose(0, 1).contiguous()).mean()
+        # The training path: output layer + cross entropy in chunks of 16 tokens (3 chunks of 8
+        # rows at b=2), recomputed in backward, padded vocab rows masked.
+        model.loss_chunk_tokens = 16
+        per_token = model(tokens, positions, None, labels=labels)  # [b, s]
+        assert per_token.shape == (2, SEQ)
+        loss = per_token.mean()
         assert abs(loss.item() - hf_loss.item()) <= 1e-5, (case, loss.item(), hf_loss.item())
         loss.backward()
 

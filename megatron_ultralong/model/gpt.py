@@ -26,6 +26,7 @@ from torch import Tensor
 
 from megatron_ultralong.model.config import LlamaConfig
 from megatron_ultralong.model.layer_spec import get_ultralong_layer_spec
+from megatron_ultralong.model.output import chunked_lm_loss
 from megatron_ultralong.rope.embedding import RotaryAngles
 from megatron_ultralong.runtime import Runtime, megatron_config_overrides
 
@@ -132,6 +133,8 @@ class UltraLongGPTModel(GPTModel):
         )
         self.model_config = model_config
         self.rotary_angles = RotaryAngles(model_config.rope, config.kv_channels)
+        self.loss_chunk_tokens: int = 16384
+        """Tokens per output-layer + cross-entropy chunk when forward gets labels (model/output.py)."""
 
     def _preprocess(self, input_ids: Tensor, position_ids: Tensor, *args, **kwargs):
         out = super()._preprocess(input_ids, position_ids, *args, **kwargs)
@@ -142,6 +145,23 @@ class UltraLongGPTModel(GPTModel):
         # (tests/test_runtime.py pins this layout against the installed megatron-core).
         angles = self.rotary_angles(position_ids.to(self.rotary_angles.inv_freq.device))
         return (out[0], angles.to(out[0].device if out[0] is not None else angles.device)) + tuple(out[2:])
+
+    def _postprocess(self, hidden_states: Tensor, input_ids: Tensor, position_ids: Tensor, labels: Tensor,
+                     *args, **kwargs):
+        """With labels, return the per-token loss [b, s] computed in chunks (model/output.py), with
+        padded vocabulary rows masked; without labels, GPTModel's logits."""
+        if labels is None or not self.post_process or self.mtp_process:
+            return super()._postprocess(hidden_states, input_ids, position_ids, labels, *args, **kwargs)
+        weight = (
+            self.shared_embedding_or_output_weight()
+            if self.share_embeddings_and_output_weights
+            else self.output_layer.weight
+        )
+        tp = self.pg_collection.tp
+        return chunked_lm_loss(
+            hidden_states, weight, labels, self.model_config.vocab_size, self.loss_chunk_tokens,
+            tp_rank=tp.rank(), sequence_parallel=self.config.sequence_parallel, tp_group=tp,
+        )
 
 
 def build_model(

@@ -1,0 +1,112 @@
+"""YAML + `key.sub=value` overrides -> nested frozen dataclasses, with errors naming the key.
+
+Used by every CLI that takes `--config file.yaml key=value ...` (training, recipes). Types come from
+the dataclass annotations; unknown keys and wrong types are errors, never silently ignored.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from typing import Any, Mapping, Sequence, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+
+def load_yaml(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise ValueError(f"config file {path!r} does not exist") from None
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path}: invalid YAML: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: the top level must be a mapping, got {type(data).__name__}")
+    return data
+
+
+def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
+    """Apply `a.b.c=value` overrides (value parsed as YAML) to a nested dict, returning a copy."""
+    out = _deepcopy(data)
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r}: expected key.sub=value")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = out
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"override {item!r}: {part!r} is not a section")
+        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+    return out
+
+
+def from_dict(cls: type[T], data: Mapping[str, Any], where: str = "") -> T:
+    """Build dataclass `cls` from a mapping, recursing into nested dataclass fields."""
+    if not isinstance(data, Mapping):
+        raise ValueError(f"{where or cls.__name__}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(f"{where or cls.__name__}: unknown key(s) {unknown}; known: {sorted(names)}")
+    kwargs = {}
+    for name, value in data.items():
+        key = f"{where}.{name}" if where else name
+        kwargs[name] = _convert(hints[name], value, key)
+    try:
+        return cls(**kwargs)
+    except TypeError as e:
+        raise ValueError(f"{where or cls.__name__}: {e}") from None
+
+
+def to_dict(obj: Any) -> Any:
+    """Dataclass -> plain nested dict (tuples as lists), for YAML/JSON dumps."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    return obj
+
+
+def _convert(tp: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _convert(args[0], value, key) if len(args) == 1 else value
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value or {}, key)
+    if origin is typing.Literal:
+        if value not in typing.get_args(tp):
+            raise ValueError(f"{key}={value!r}: expected one of {list(typing.get_args(tp))}")
+        return value
+    if origin in (tuple, list, Sequence):
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{key}={value!r}: expected a list")
+        (inner, *_) = typing.get_args(tp) or (Any,)
+        return tuple(_convert(inner, v, f"{key}[{i}]") for i, v in enumerate(value))
+    if tp is float and not isinstance(value, bool):
+        # YAML 1.1 reads "3e-5" (no dot) as a string: accept any float spelling.
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{key}={value!r}: expected a number") from None
+    if tp in (int, str, bool) and not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+        raise ValueError(f"{key}={value!r}: expected {tp.__name__}")
+    return value
+
+
+def _deepcopy(d: Any) -> Any:
+    if isinstance(d, dict):
+        return {k: _deepcopy(v) for k, v in d.items()}
+    if isinstance(d, list):
+        return [_deepcopy(v) for v in d]
+    return d
