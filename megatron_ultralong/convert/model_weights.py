@@ -47,6 +47,17 @@ def _hf_source_names(rule: KeyRule, layer: Optional[int], cfg: LlamaConfig) -> t
     return hf_names(rule, layer)
 
 
+def stage_hf_names(model: nn.Module, cfg: LlamaConfig, export: bool = False) -> list[str]:
+    """The HF tensor names this rank's stage is made of: what `load_hf_weights` reads, or with
+    export=True what `export_hf_weights` yields (a tied output layer is not exported)."""
+    names = []
+    for _, _, rule, layer in _stage_params(model):
+        if export and rule.megatron == "output_layer.weight" and cfg.tie_word_embeddings:
+            continue
+        names.extend(_hf_source_names(rule, layer, cfg))
+    return names
+
+
 def load_hf_weights(
     model: nn.Module,
     cfg: LlamaConfig,

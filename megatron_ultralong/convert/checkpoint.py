@@ -1,0 +1,264 @@
+"""Save and load the plugin's model as a Megatron-Core distributed checkpoint (`torch_dist`).
+
+This is the checkpoint API the trainer, the evaluator and the converters share:
+
+    save_megatron_checkpoint(model, path)        # collective over the default group
+    info = load_megatron_checkpoint(model, path) # any TP/PP/DP; megatron reshards on load
+    info = read_checkpoint_info(path)            # model config etc., no model needed
+
+The directory is megatron-core's own `torch_dist` layout (`metadata.json`, `common.pt`, `.metadata`,
+`__<rank>_<i>.distcp`: global tensors, TP/PP-agnostic) plus two small files of ours:
+`ultralong_checkpoint.json` (the plugin's `LlamaConfig`, dtype, vocab padding rule, free-form extras)
+and `config.json` (the transformers config, RoPE scaling included), so `mcore-to-hf` and any later
+tool rebuild the model with no extra flags.
+
+CPU/gloo: megatron-core's `TorchDistSaveShardedStrategy` stages tensors with
+`torch.cuda.synchronize()` and writes from forked processes (MEGATRON.md §3.3; the async path hangs
+under gloo), so on CPU we keep megatron's translation (`mcore_to_pyt_state_dict`, `MCoreSavePlanner`,
+same keys, same metadata) and swap only the writer for torch's synchronous `FileSystemWriter`. The
+bytes on disk are the same format; megatron's own loader reads them on GPU or CPU.
+
+Atomicity: every rank writes into `<parent>/.<name>.partial`; rank 0 renames it to `path` after a
+barrier, so an interrupted save never leaves a directory that looks finished.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from megatron.core import dist_checkpointing
+from megatron.core.dist_checkpointing.strategies.torch import (
+    MCoreSavePlanner,
+    TorchDistSaveShardedStrategy,
+    _replace_state_dict_keys_with_sharded_keys,
+    mcore_to_pyt_state_dict,
+)
+from megatron.core.dist_checkpointing.validation import StrictHandling
+from torch import nn
+
+from megatron_ultralong.model.config import LlamaConfig
+from megatron_ultralong.model.gpt import DEFAULT_VOCAB_DIVISIBLE_BY
+from megatron_ultralong.rope import RopeConfig
+
+INFO_FILE = "ultralong_checkpoint.json"
+HF_CONFIG_FILE = "config.json"
+SIDE_DIR = "hf_files"
+"""Subdirectory for files carried to the HF side on export (tokenizer, generation config)."""
+FORMAT_VERSION = 1
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """What `ultralong_checkpoint.json` records next to the tensors."""
+
+    model_config: LlamaConfig
+    """Architecture (incl. RoPE) the weights belong to."""
+
+    params_dtype: str = "float32"
+    """dtype of the saved weights: "float32", "bfloat16" or "float16"."""
+
+    vocab_divisible_by: int = DEFAULT_VOCAB_DIVISIBLE_BY
+    """Vocab padding rule used by the model that saved (padded = multiple of this x TP)."""
+
+    extra: dict = field(default_factory=dict)
+    """Caller's JSON-serialisable extras (iteration, tokens seen, source checkpoint...)."""
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return _DTYPES[self.params_dtype]
+
+    def to_json(self) -> dict:
+        cfg = asdict(self.model_config)
+        cfg["rope"] = asdict(self.model_config.rope)
+        return {
+            "format_version": FORMAT_VERSION,
+            "model_config": cfg,
+            "params_dtype": self.params_dtype,
+            "vocab_divisible_by": self.vocab_divisible_by,
+            "extra": self.extra,
+        }
+
+    @classmethod
+    def from_json(cls, d: dict, source: str = INFO_FILE) -> "CheckpointInfo":
+        if d.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"{source}: format_version={d.get('format_version')!r}, expected {FORMAT_VERSION}")
+        cfg = dict(d["model_config"])
+        cfg["rope"] = RopeConfig(**cfg["rope"])
+        return cls(
+            model_config=LlamaConfig(**cfg),
+            params_dtype=d["params_dtype"],
+            vocab_divisible_by=int(d["vocab_divisible_by"]),
+            extra=dict(d.get("extra") or {}),
+        )
+
+
+class SyncTorchDistSaveStrategy(TorchDistSaveShardedStrategy):
+    """megatron-core's `torch_dist` save with torch's synchronous writer (no CUDA, no fork).
+
+    Same backend name and version, so `metadata.json` and the loader are megatron's own.
+    """
+
+    def __init__(self) -> None:
+        super().__init__("torch_dist", 1, keep_only_main_replica=True, thread_count=1)
+
+    def save(self, sharded_state_dict, checkpoint_dir: Path) -> None:
+        state, _, _ = _replace_state_dict_keys_with_sharded_keys(sharded_state_dict, True)
+        pyt_state = mcore_to_pyt_state_dict(state, False)
+        dcp.save(
+            pyt_state,
+            storage_writer=dcp.FileSystemWriter(str(checkpoint_dir), thread_count=1),
+            planner=MCoreSavePlanner(dedup_replicated_tensors=False, flatten_state_dict=False),
+        )
+
+
+def save_strategy_for(device: torch.device):
+    """megatron-core's default on GPU; the synchronous CPU writer elsewhere."""
+    return TorchDistSaveShardedStrategy("torch_dist", 1) if device.type == "cuda" else SyncTorchDistSaveStrategy()
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _params_dtype(model: nn.Module) -> str:
+    dtype = next(p for p in model.parameters()).dtype
+    return {v: k for k, v in _DTYPES.items()}[dtype]
+
+
+def partial_dir(path: Path) -> Path:
+    """Where an in-progress save writes: a hidden sibling, renamed into place at the end."""
+    return path.parent / f".{path.name}.partial"
+
+
+def begin_atomic_dir(path: Path, overwrite: bool) -> Path:
+    """Collective: rank 0 clears a stale `.partial` dir and creates a fresh one; returns it."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} already exists (pass overwrite=True / --overwrite to replace it)")
+    tmp = partial_dir(path)
+    if _rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    _barrier()
+    return tmp
+
+
+def finish_atomic_dir(tmp: Path, path: Path) -> None:
+    """Collective: after every rank wrote, rank 0 swaps `tmp` into `path` (replacing it)."""
+    _barrier()
+    if _rank() == 0:
+        if path.exists():
+            old = path.parent / f".{path.name}.old"
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, path)
+    _barrier()
+
+
+def save_megatron_checkpoint(
+    model: nn.Module,
+    path: str | os.PathLike,
+    *,
+    model_config: Optional[LlamaConfig] = None,
+    vocab_divisible_by: int = DEFAULT_VOCAB_DIVISIBLE_BY,
+    extra: Optional[dict[str, Any]] = None,
+    side_files: Sequence[str | os.PathLike] = (),
+    overwrite: bool = False,
+) -> Path:
+    """Save this rank's model stage into a `torch_dist` checkpoint at `path` (collective: every
+    rank of the default group calls it). Returns the final path.
+
+    model: an `UltraLongGPTModel` stage (any TP/PP/DP). model_config defaults to
+    `model.model_config`. Only the main replica of each shard is written (DP ranks dedup).
+    side_files (tokenizer files...) are copied into `<path>/hf_files/` and come back out on export.
+    overwrite: replace an existing `path` (atomically, after the new checkpoint is complete).
+    """
+    path = Path(path)
+    cfg = model_config or model.model_config
+    info = CheckpointInfo(cfg, _params_dtype(model), vocab_divisible_by, dict(extra or {}))
+    json.dumps(info.extra)  # fail before writing anything if extras are not JSON
+    tmp = begin_atomic_dir(path, overwrite)
+    device = next(model.parameters()).device
+    dist_checkpointing.save(model.sharded_state_dict(), str(tmp), sharded_strategy=save_strategy_for(device))
+    if _rank() == 0:
+        _write_json(tmp / INFO_FILE, info.to_json())
+        _write_json(tmp / HF_CONFIG_FILE, cfg.to_hf(torch_dtype=info.params_dtype))
+        if side_files:
+            (tmp / SIDE_DIR).mkdir()
+            for f in side_files:
+                shutil.copy2(f, tmp / SIDE_DIR / Path(f).name)
+    finish_atomic_dir(tmp, path)
+    return path
+
+
+def read_checkpoint_info(path: str | os.PathLike) -> CheckpointInfo:
+    """The plugin metadata of a checkpoint written by `save_megatron_checkpoint`."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"Megatron checkpoint {path} does not exist")
+    if not (path / "metadata.json").is_file():
+        raise ValueError(f"{path}: no metadata.json, not a megatron-core distributed checkpoint")
+    info_path = path / INFO_FILE
+    if not info_path.is_file():
+        raise ValueError(f"{path}: no {INFO_FILE}; was it written by save_megatron_checkpoint?")
+    with open(info_path, encoding="utf-8") as f:
+        return CheckpointInfo.from_json(json.load(f), str(info_path))
+
+
+def check_compatible(model_config: LlamaConfig, saved: LlamaConfig, path: Path) -> None:
+    """Refuse a checkpoint whose architecture differs from the model's (naming the fields).
+
+    RoPE and max_position_embeddings may differ: extending the context of a loaded model is the point
+    of the recipe, and they do not change any weight's shape."""
+    ignore = {"rope", "max_position_embeddings", "bos_token_id", "eos_token_id"}
+    diffs = [
+        f"{k}: checkpoint {getattr(saved, k)!r} vs model {getattr(model_config, k)!r}"
+        for k in asdict(saved)
+        if k not in ignore and getattr(saved, k) != getattr(model_config, k)
+    ]
+    if diffs:
+        raise ValueError(f"{path} does not fit the model: " + "; ".join(diffs))
+
+
+def load_megatron_checkpoint(model: nn.Module, path: str | os.PathLike, strict: bool = True) -> CheckpointInfo:
+    """Load a `torch_dist` checkpoint into this rank's model stage, at any TP/PP/DP (collective).
+
+    Weights are converted to the model's dtype. strict: every model weight must be in the
+    checkpoint and the architecture must match. Returns the checkpoint's `CheckpointInfo`.
+    """
+    path = Path(path)
+    info = read_checkpoint_info(path)
+    if strict:
+        check_compatible(model.model_config, info.model_config, path)
+    state = dist_checkpointing.load(
+        model.sharded_state_dict(),
+        str(path),
+        strict=StrictHandling.RAISE_ALL if strict else StrictHandling.LOG_ALL,
+    )
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.endswith("_extra_state")]
+    if strict and (missing or unexpected):
+        raise ValueError(f"{path}: missing weights {missing}, unexpected {unexpected}")
+    return info
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.write("\n")

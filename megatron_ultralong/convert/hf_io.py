@@ -1,0 +1,215 @@
+"""Streaming I/O for Hugging Face checkpoints: safetensors shards read through memory maps, written
+in bounded shards with `model.safetensors.index.json`, config and tokenizer files copied through.
+
+Memory: safetensors maps a whole file per `safe_open` handle and keeps touched pages resident until
+the handle closes (measured: a 512 MiB tensor stays in RSS after `del tensor` while the handle
+lives). `HFCheckpointReader.get` therefore opens the shard per call and drops the handle, so only the
+tensors the caller still holds are resident. `HFCheckpointWriter` buffers at most `max_shard_bytes`
+before it writes a shard.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+# Files an HF model directory carries besides weights; copied verbatim (config.json is rewritten).
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+    "added_tokens.json", "generation_config.json", "chat_template.jinja", "chat_template.json",
+    "vocab.json", "merges.txt",
+)
+_SIZE_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def parse_size(size: Union[int, str]) -> int:
+    """'2GB' / '500MiB' / 12345 -> bytes (HF's max_shard_size spelling)."""
+    if isinstance(size, int):
+        return size
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]I?B|B)?\s*", size.upper())
+    if not m:
+        raise ValueError(f"max_shard_size={size!r}: expected bytes or e.g. '2GB', '500MiB'")
+    return int(float(m.group(1)) * _SIZE_UNITS[m.group(2) or "B"])
+
+
+class HFCheckpointReader:
+    """Lazy access to an HF safetensors checkpoint (single file or sharded with an index).
+
+    Only the index / headers are read up front; `get(name)` maps one tensor.
+    """
+
+    def __init__(self, path: Union[str, os.PathLike]):
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise FileNotFoundError(f"HF checkpoint directory {self.path} does not exist")
+        config_path = self.path / "config.json"
+        if not config_path.is_file():
+            raise FileNotFoundError(f"{config_path} is missing")
+        with open(config_path, encoding="utf-8") as f:
+            try:
+                self.config: dict = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{config_path}: invalid JSON at line {e.lineno}: {e.msg}") from e
+        self.weight_map = self._read_weight_map()
+        self._shapes: dict[str, tuple[int, ...]] = {}
+        self._dtypes: dict[str, torch.dtype] = {}
+        for file in sorted(set(self.weight_map.values())):
+            with safe_open(self.path / file, framework="pt") as f:
+                for name in f.keys():
+                    sl = f.get_slice(name)
+                    self._shapes[name] = tuple(sl.get_shape())
+                    self._dtypes[name] = _ST_DTYPES[sl.get_dtype()]
+        missing = sorted(n for n, file in self.weight_map.items() if n not in self._shapes)
+        if missing:
+            raise ValueError(
+                f"{self.path / INDEX_FILE}: {len(missing)} tensor(s) listed but not in their shard, "
+                f"e.g. {missing[0]!r} in {self.weight_map[missing[0]]}"
+            )
+
+    def _read_weight_map(self) -> dict[str, str]:
+        index = self.path / INDEX_FILE
+        if index.is_file():
+            with open(index, encoding="utf-8") as f:
+                weight_map = dict(json.load(f)["weight_map"])
+            absent = sorted({f for f in weight_map.values() if not (self.path / f).is_file()})
+            if absent:
+                raise FileNotFoundError(
+                    f"{index} lists shard(s) that do not exist in {self.path}: {', '.join(absent)}"
+                )
+            return weight_map
+        single = self.path / SINGLE_FILE
+        if single.is_file():
+            with safe_open(single, framework="pt") as f:
+                return {name: SINGLE_FILE for name in f.keys()}
+        others = sorted(p.name for p in self.path.glob("*.bin")) + sorted(p.name for p in self.path.glob("*.pt"))
+        hint = f" (found {', '.join(others)}: only safetensors checkpoints are supported)" if others else ""
+        raise FileNotFoundError(f"{self.path}: neither {INDEX_FILE} nor {SINGLE_FILE}{hint}")
+
+    def names(self) -> list[str]:
+        return sorted(self.weight_map)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._shapes[name]
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self._dtypes[name]
+
+    def get(self, name: str) -> Tensor:
+        """The tensor `name` (KeyError if absent). Backed by a private map of just this tensor, so it
+        is resident only while the caller holds it."""
+        file = self.weight_map[name]
+        with safe_open(self.path / file, framework="pt") as f:
+            return f.get_tensor(name)
+
+    def side_files(self) -> list[Path]:
+        """Tokenizer / generation files present next to the weights (copied through)."""
+        return [self.path / n for n in TOKENIZER_FILES if (self.path / n).is_file()]
+
+
+_ST_DTYPES = {
+    "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+class HFCheckpointWriter:
+    """Write tensors into safetensors shards of at most `max_shard_bytes` (a single larger tensor
+    gets a shard of its own), then name them `model-0000k-of-0000n.safetensors` with an index.
+
+    Shards are written under a temporary name as soon as they fill (bounded memory); `finish`
+    renames them and writes the index. Call `finish` once, after the last `add`.
+    """
+
+    def __init__(self, out_dir: Union[str, os.PathLike], max_shard_bytes: Union[int, str] = "1GB",
+                 prefix: str = ""):
+        self.out_dir = Path(out_dir)
+        self.max_shard_bytes = parse_size(max_shard_bytes)
+        self.prefix = prefix
+        """Distinguishes the temporary shard names of several writers (e.g. one per PP stage)."""
+        self._buffer: dict[str, Tensor] = {}
+        self._buffer_bytes = 0
+        self.shards: list[tuple[str, list[str]]] = []
+        """(temporary file name, tensor names) of every written shard, in order."""
+        self.total_bytes = 0
+
+    def add(self, name: str, tensor: Tensor) -> None:
+        if name in self._buffer or any(name in names for _, names in self.shards):
+            raise ValueError(f"tensor {name!r} written twice")
+        nbytes = tensor.numel() * tensor.element_size()
+        if self._buffer and self._buffer_bytes + nbytes > self.max_shard_bytes:
+            self.flush()
+        # safetensors needs contiguous tensors that own their bytes (no shared storage).
+        self._buffer[name] = tensor.detach().contiguous().cpu()
+        self._buffer_bytes += nbytes
+        self.total_bytes += nbytes
+
+    def flush(self) -> None:
+        if not self._buffer:
+            return
+        file = f"{self.prefix}part-{len(self.shards):05d}.safetensors.tmp"
+        save_file(_own_storage(self._buffer), str(self.out_dir / file), metadata={"format": "pt"})
+        self.shards.append((file, list(self._buffer)))
+        self._buffer, self._buffer_bytes = {}, 0
+
+
+def finish_hf_shards(out_dir: Union[str, os.PathLike], shards: list[tuple[str, list[str]]],
+                     total_bytes: int) -> dict[str, str]:
+    """Rename temporary shards (from one or several writers, in order) to HF's names and write the
+    index (or a single `model.safetensors`). Returns the weight map."""
+    out_dir = Path(out_dir)
+    if len(shards) == 1:
+        os.replace(out_dir / shards[0][0], out_dir / SINGLE_FILE)
+        return {n: SINGLE_FILE for n in shards[0][1]}
+    weight_map: dict[str, str] = {}
+    for k, (tmp, names) in enumerate(shards):
+        final = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+        os.replace(out_dir / tmp, out_dir / final)
+        weight_map.update({n: final for n in names})
+    index = {"metadata": {"total_size": total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
+    with open(out_dir / INDEX_FILE, "w", encoding="utf-8") as f:
+        json.dump(index, f, indent=2)
+        f.write("\n")
+    return weight_map
+
+
+def _own_storage(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    """safetensors refuses tensors that share storage or are views into a larger one: clone those."""
+    seen: set[int] = set()
+    out = {}
+    for name, t in tensors.items():
+        ptr = t.untyped_storage().data_ptr()
+        whole = t.untyped_storage().nbytes() == t.numel() * t.element_size()
+        out[name] = t if whole and ptr not in seen else t.clone()
+        seen.add(ptr)
+    return out
+
+
+def write_hf_config(out_dir: Union[str, os.PathLike], config: dict) -> None:
+    with open(Path(out_dir) / "config.json", "w", encoding="utf-8") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+        f.write("\n")
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def parse_dtype(name: Optional[str]) -> Optional[torch.dtype]:
+    """'bf16' / 'bfloat16' / 'fp32' / 'float16' ... -> torch dtype; None stays None."""
+    if name is None:
+        return None
+    table = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
+             "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+    if name.lower() not in table:
+        raise ValueError(f"--dtype={name!r}: expected one of {sorted(table)}")
+    return table[name.lower()]

@@ -1,0 +1,195 @@
+"""HF Llama (safetensors) -> Megatron-Core `torch_dist` checkpoint, at any TP/PP.
+
+Every rank builds its own model stage (its PP layers, its TP shard) without random init, pulls the
+HF tensors it needs one at a time from the shards' memory maps (`model_weights.load_hf_weights`:
+fuse, pad vocab, slice for TP), and the checkpoint is written with megatron-core's
+`dist_checkpointing` (`checkpoint.save_megatron_checkpoint`). The result is TP/PP-agnostic: the
+TP/PP used here only splits the work and the memory across processes.
+
+Context extension happens here in the UltraLong recipe: `rope` replaces the HF RoPE (e.g.
+`yarn_for_context_length(1 << 20, beta_fast=4)`) and `max_position_embeddings` follows it.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from megatron_ultralong.convert.checkpoint import save_megatron_checkpoint
+from megatron_ultralong.convert.hf_io import HFCheckpointReader, dtype_name
+from megatron_ultralong.convert.key_map import expected_hf_names
+from megatron_ultralong.convert.model_weights import load_hf_weights, stage_hf_names
+from megatron_ultralong.model.config import LlamaConfig
+from megatron_ultralong.model.gpt import DEFAULT_VOCAB_DIVISIBLE_BY, UltraLongGPTModel, build_model
+from megatron_ultralong.rope import RopeConfig
+from megatron_ultralong.convert.verify import VerifyReport, verify_against_hf
+from megatron_ultralong.runtime import Runtime
+
+# Tensors old HF checkpoints carry that are derived, not learned (recomputed from the config).
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def model_config_from_hf(
+    hf_config: dict,
+    source: str = "config.json",
+    rope: Optional[RopeConfig] = None,
+) -> LlamaConfig:
+    """The plugin's config for an HF config.json, with an optional RoPE override.
+
+    With a scaled `rope`, max_position_embeddings becomes the context it targets
+    (original x factor), so the exported config.json advertises the extended length.
+    """
+    try:
+        cfg = LlamaConfig.from_hf(hf_config)
+    except ValueError as e:
+        raise ValueError(f"{source}: {e}") from e
+    return with_rope(cfg, rope)
+
+
+def with_rope(cfg: LlamaConfig, rope: Optional[RopeConfig]) -> LlamaConfig:
+    """`cfg` with its RoPE replaced (None: unchanged); max_position_embeddings grows to the
+    context a scaled RoPE targets (original x factor), never shrinks."""
+    if rope is None:
+        return cfg
+    target = rope.max_context_length
+    return cfg.replace(rope=rope, max_position_embeddings=max(target or 0, cfg.max_position_embeddings))
+
+
+def expected_hf_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
+    """HF tensor name -> shape for this architecture ([out, in] linears, [H] norms)."""
+    H, d, F = cfg.hidden_size, cfg.head_dim, cfg.ffn_hidden_size
+    by_suffix = {
+        "embed_tokens.weight": (cfg.vocab_size, H),
+        "lm_head.weight": (cfg.vocab_size, H),
+        "norm.weight": (H,),
+        "input_layernorm.weight": (H,),
+        "post_attention_layernorm.weight": (H,),
+        "q_proj.weight": (cfg.num_attention_heads * d, H),
+        "k_proj.weight": (cfg.num_kv_heads * d, H),
+        "v_proj.weight": (cfg.num_kv_heads * d, H),
+        "o_proj.weight": (H, cfg.num_attention_heads * d),
+        "gate_proj.weight": (F, H),
+        "up_proj.weight": (F, H),
+        "down_proj.weight": (H, F),
+    }
+    out = {}
+    for name in expected_hf_names(cfg):
+        suffix = next(s for s in by_suffix if name.endswith(s))
+        out[name] = by_suffix[suffix]
+    return out
+
+
+def check_hf_weights(reader: HFCheckpointReader, cfg: LlamaConfig) -> None:
+    """Config and weights must agree before anything is built: every tensor present with its
+    shape, nothing unaccounted for (a bias, an extra layer). Errors name the tensor and file."""
+    expected = expected_hf_shapes(cfg)
+    present = set(reader.names())
+    missing = [n for n in expected if n not in present]
+    if missing:
+        raise ValueError(
+            f"{reader.path}: {len(missing)} tensor(s) the config needs are missing, first {missing[0]!r}"
+        )
+    for name, shape in expected.items():
+        if reader.shape(name) != shape:
+            raise ValueError(
+                f"{reader.path / reader.weight_map[name]}: tensor {name!r} has shape "
+                f"{reader.shape(name)}, config.json implies {shape}"
+            )
+    extra = sorted(n for n in present - set(expected) if not n.endswith(_IGNORED_SUFFIXES))
+    if cfg.tie_word_embeddings and "lm_head.weight" in extra:
+        # Some tied checkpoints store the shared matrix twice; accept only an identical copy.
+        if not torch.equal(reader.get("lm_head.weight"), reader.get("model.embed_tokens.weight")):
+            raise ValueError(
+                f"{reader.path}: config.json has tie_word_embeddings=true but lm_head.weight differs "
+                "from model.embed_tokens.weight"
+            )
+        extra.remove("lm_head.weight")
+    if extra:
+        raise ValueError(
+            f"{reader.path}: {len(extra)} tensor(s) not part of a Llama with this config.json "
+            f"(num_hidden_layers={cfg.num_layers}, tie_word_embeddings={cfg.tie_word_embeddings}), "
+            f"first {extra[0]!r} in {reader.weight_map[extra[0]]}"
+        )
+
+
+def check_parallel_fits(cfg: LlamaConfig, tp: int, pp: int) -> None:
+    """Refuse a TP/PP that cannot split this model, naming the flag (before any process starts)."""
+    for field, value in (("num_attention_heads", cfg.num_attention_heads), ("num_kv_heads", cfg.num_kv_heads),
+                         ("ffn_hidden_size", cfg.ffn_hidden_size)):
+        if value % tp:
+            raise ValueError(f"--tp {tp} does not divide {field}={value}")
+    if cfg.num_layers % pp:
+        raise ValueError(f"--pp {pp} does not divide num_layers={cfg.num_layers}")
+
+
+def hf_checkpoint_dtype(reader: HFCheckpointReader) -> torch.dtype:
+    """The dtype the HF checkpoint stores (config's torch_dtype, else its embedding's dtype)."""
+    name = reader.config.get("torch_dtype") or reader.config.get("dtype")
+    table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    return table.get(name, reader.dtype("model.embed_tokens.weight"))
+
+
+def build_stage(cfg: LlamaConfig, runtime: Runtime, dtype: torch.dtype,
+                vocab_divisible_by: int = DEFAULT_VOCAB_DIVISIBLE_BY) -> UltraLongGPTModel:
+    """This rank's model stage with uninitialised weights (they are overwritten by a load;
+    skipping Megatron's random init saves minutes at 8B on CPU)."""
+    return build_model(cfg, runtime, params_dtype=dtype, vocab_divisible_by=vocab_divisible_by,
+                       pipeline_dtype=dtype, perform_initialization=False)
+
+
+def load_hf_into_model(
+    model: UltraLongGPTModel, reader: HFCheckpointReader, cfg: LlamaConfig, runtime: Runtime,
+    progress: bool = True,
+) -> None:
+    """Stream the HF tensors this stage needs into it (tqdm on global rank 0)."""
+    bar = tqdm(total=len(stage_hf_names(model, cfg)), desc="hf -> megatron", unit="tensor",
+               disable=not progress or runtime.rank != 0)
+
+    def get(name: str) -> Tensor:
+        bar.update(1)
+        return reader.get(name)
+
+    load_hf_weights(model, cfg, get, runtime.pg_collection.tp)
+    bar.close()
+
+
+def convert_hf_to_mcore(
+    hf_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    runtime: Runtime,
+    *,
+    dtype: Optional[torch.dtype] = None,
+    rope: Optional[RopeConfig] = None,
+    vocab_divisible_by: int = DEFAULT_VOCAB_DIVISIBLE_BY,
+    overwrite: bool = False,
+    progress: bool = True,
+    verify: bool = False,
+) -> tuple[Path, Optional[VerifyReport]]:
+    """Convert an HF Llama directory into a Megatron `torch_dist` checkpoint (collective).
+
+    dtype: weights' dtype in the checkpoint (default: the HF checkpoint's). rope: replaces the HF
+    RoPE (context extension at import). verify: compare the loaded model with transformers on a
+    short prompt (report on rank 0; with a new RoPE the reference runs with it too). Tokenizer /
+    generation files are carried in `<out>/hf_files/`. Returns (checkpoint path, report or None).
+    """
+    reader = HFCheckpointReader(hf_dir)
+    cfg = model_config_from_hf(reader.config, str(reader.path / "config.json"), rope)
+    check_hf_weights(reader, cfg)
+    check_parallel_fits(cfg, runtime.parallel.tensor_parallel, runtime.parallel.pipeline_parallel)
+    dtype = dtype or hf_checkpoint_dtype(reader)
+    model = build_stage(cfg, runtime, dtype, vocab_divisible_by)
+    load_hf_into_model(model, reader, cfg, runtime, progress)
+    report = None
+    if verify:
+        override = cfg.to_hf(dtype_name(dtype)) if rope is not None else None
+        report = verify_against_hf(model, runtime, reader.path, hf_config=override)
+    side = reader.side_files()
+    extra = {"converted_from": str(Path(hf_dir).resolve()), "source_dtype": dtype_name(hf_checkpoint_dtype(reader))}
+    path = save_megatron_checkpoint(model, out_dir, vocab_divisible_by=vocab_divisible_by, extra=extra,
+                                    side_files=side, overwrite=overwrite)
+    return path, report
+

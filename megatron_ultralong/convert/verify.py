@@ -1,0 +1,144 @@
+"""`--verify`: run the Megatron model stage(s) and transformers' LlamaForCausalLM on the same short
+prompt and report the max logit difference and the argmax agreement.
+
+transformers is the independent reference: it loads the HF directory its own way (its RoPE, its
+attention, its tied/untied head). The Megatron side runs on whatever TP/PP the conversion used: the
+stages pass hidden states [s, b, H] with point-to-point sends (no Megatron schedule needed for one
+forward), the last stage gathers the vocab-parallel logits over TP and sends them to global rank 0,
+which compares.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from megatron_ultralong.model.config import LlamaConfig
+from megatron_ultralong.model.gpt import UltraLongGPTModel, gather_tp_logits
+from megatron_ultralong.runtime import Runtime
+
+DEFAULT_PROMPT = "The capital of France is Paris. The capital of Germany is"
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    """Megatron vs transformers on one prompt."""
+
+    max_abs_logit_diff: float
+    """max |logits_megatron - logits_hf| over [b, s, vocab]."""
+
+    argmax_agreement: float
+    """Fraction of positions whose top-1 token agrees."""
+
+    num_tokens: int
+    dtype: str
+
+    def __str__(self) -> str:
+        return (f"verify ({self.num_tokens} tokens, {self.dtype}): max |logit diff| = "
+                f"{self.max_abs_logit_diff:.3e}, argmax agreement = {100 * self.argmax_agreement:.2f}%")
+
+
+def prompt_ids(hf_dir: Union[str, os.PathLike], cfg: LlamaConfig, text: str = DEFAULT_PROMPT,
+               max_tokens: int = 64) -> Tensor:
+    """[1, s] token ids: the tokenizer's encoding of `text` if the directory has a tokenizer, else
+    a fixed pseudo-random sequence (tiny test models have none)."""
+    if any((Path(hf_dir) / f).is_file() for f in ("tokenizer.json", "tokenizer.model")):
+        from transformers import AutoTokenizer
+
+        ids = AutoTokenizer.from_pretrained(str(hf_dir))(text, return_tensors="pt").input_ids
+        return ids[:, :max_tokens]
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(0, cfg.vocab_size, (1, min(max_tokens, 32)), generator=g)
+
+
+def megatron_logits(model: UltraLongGPTModel, tokens: Tensor, runtime: Runtime) -> Optional[Tensor]:
+    """Full logits [b, s, vocab] of the whole (pipelined) model on global rank 0; None elsewhere.
+
+    Collective over the PP group that holds global rank 0 and every TP group (other PP groups,
+    i.e. other DP replicas, run their forward too and drop the result)."""
+    pp, tp = runtime.pg_collection.pp, runtime.pg_collection.tp
+    cfg = model.model_config
+    dtype = next(model.parameters()).dtype
+    b, s = tokens.shape
+    tokens = tokens.to(runtime.device)
+    positions = torch.arange(s, device=runtime.device)[None].expand(b, -1)
+    with torch.no_grad():
+        if pp.rank() > 0:
+            hidden = torch.empty(s, b, cfg.hidden_size, dtype=dtype, device=runtime.device)
+            dist.recv(hidden, src=dist.get_global_rank(pp, pp.rank() - 1))
+            model.set_input_tensor(hidden)
+        out = model(tokens, positions, None)
+        if pp.rank() < pp.size() - 1:
+            dist.send(out.contiguous(), dst=dist.get_global_rank(pp, pp.rank() + 1))
+            return None
+        logits = gather_tp_logits(out, tp, cfg.vocab_size).float()  # [b, s, vocab]
+    if pp.size() == 1:
+        return logits if runtime.rank == 0 else None
+    holds_rank0 = dist.get_global_rank(pp, 0) == 0
+    if holds_rank0 and tp.rank() == 0:
+        dist.send(logits.contiguous(), dst=0)
+    return None
+
+
+def receive_logits(runtime: Runtime, shape: tuple[int, int, int]) -> Tensor:
+    """On global rank 0 with PP > 1: the logits its pipeline's last stage sends."""
+    pp = runtime.pg_collection.pp
+    buf = torch.empty(shape, dtype=torch.float32, device=runtime.device)
+    dist.recv(buf, src=dist.get_global_rank(pp, pp.size() - 1))
+    return buf
+
+
+def hf_logits(hf_dir: Union[str, os.PathLike], tokens: Tensor, dtype: torch.dtype,
+              hf_config: Optional[dict] = None) -> Tensor:
+    """transformers' logits [b, s, vocab] for `tokens` (AutoModelForCausalLM, eager attention).
+
+    hf_config: a config.json dict to use instead of the directory's own (e.g. when the conversion
+    replaced the RoPE, the reference must run with the new one)."""
+    from transformers import AutoModelForCausalLM
+    from transformers import LlamaConfig as HFLlamaConfig
+
+    kwargs = {"config": HFLlamaConfig(**hf_config)} if hf_config is not None else {}
+    model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=dtype, attn_implementation="eager",
+                                                 **kwargs)
+    with torch.no_grad():
+        return model(tokens).logits.float()
+
+
+def verify_against_hf(
+    model: UltraLongGPTModel,
+    runtime: Runtime,
+    hf_dir: Union[str, os.PathLike],
+    text: str = DEFAULT_PROMPT,
+    hf_config: Optional[dict] = None,
+) -> Optional[VerifyReport]:
+    """Compare the Megatron model with the HF checkpoint at hf_dir (collective). The report is
+    returned on global rank 0, None elsewhere. Both sides run in the Megatron model's dtype;
+    hf_config overrides the directory's config.json (see `hf_logits`)."""
+    cfg = model.model_config
+    tokens = prompt_ids(hf_dir, cfg, text) if runtime.rank == 0 else None
+    # Every rank needs the same tokens: broadcast their length, then the ids.
+    n = torch.tensor([tokens.shape[1] if tokens is not None else 0])
+    if dist.is_initialized():
+        dist.broadcast(n, src=0)
+        if tokens is None:
+            tokens = torch.empty(1, int(n), dtype=torch.long)
+        dist.broadcast(tokens, src=0)
+    logits = megatron_logits(model, tokens, runtime)
+    if runtime.rank != 0:
+        return None
+    if logits is None:
+        logits = receive_logits(runtime, (1, tokens.shape[1], cfg.vocab_size))
+    dtype = next(model.parameters()).dtype
+    ref = hf_logits(hf_dir, tokens, dtype, hf_config)
+    logits = logits.cpu()
+    return VerifyReport(
+        max_abs_logit_diff=(logits - ref).abs().max().item(),
+        argmax_agreement=(logits.argmax(-1) == ref.argmax(-1)).float().mean().item(),
+        num_tokens=tokens.shape[1],
+        dtype=str(dtype).removeprefix("torch."),
+    )
