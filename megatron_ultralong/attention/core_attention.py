@@ -5,8 +5,19 @@ full [b, np, sq, sk] score matrix; its CP path exists only inside Transformer En
 keeps Megatron-Core's constructor and forward signatures, so it drops into a layer spec in place of
 either, and computes attention with a kernel that never materialises the scores.
 
+Context parallelism: when the CP group (`pg_collection.cp`) has more than one rank, q/k/v hold this
+rank's zigzag chunks (data/cp_shard.py) and `cp_comm_type` picks the algorithm:
+"p2p" (ring.py), "all_gather" (all_gather.py) or "a2a" (all_to_all.py). See docs/context_parallel.md.
+
+Document masking (optional; the UltraLong recipe trains without it): pass
+`PackedSeqParams(qkv_format="sbhd", cu_seqlens_q=cu)` where `cu` [n_docs + 1] holds cumulative
+document lengths over the b GLOBAL (unsharded) sequences of length S = s_local * cp concatenated,
+from 0 to b*S, with a boundary at every sample start (segments.parse_cu_seqlens). It is replicated
+on all CP ranks. qkv_format "sbhd" keeps Megatron's Attention off its THD path.
+
 RoPE (including the YaRN attention factor, folded into `softmax_scale` by the model builder) is
-applied by `SelfAttention` before this module is called; q/k/v arrive already rotated.
+applied by `SelfAttention` before this module is called, from global position ids sharded with
+the same layout as the tokens; q/k/v arrive already rotated.
 """
 from __future__ import annotations
 
@@ -22,6 +33,15 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import divide
 from torch import Tensor
+
+from megatron_ultralong.attention.all_gather import all_gather_attention
+from megatron_ultralong.attention.all_to_all import check_a2a_heads, ulysses_attention
+from megatron_ultralong.attention.comm import CommStats
+from megatron_ultralong.attention.kernels import BACKENDS
+from megatron_ultralong.attention.ring import ring_attention
+from megatron_ultralong.attention.segments import parse_cu_seqlens
+
+CP_ATTENTION = {"p2p": ring_attention, "all_gather": all_gather_attention, "a2a": ulysses_attention}
 
 
 class UltraLongCoreAttention(MegatronModule):
@@ -62,7 +82,27 @@ class UltraLongCoreAttention(MegatronModule):
         self.softmax_scale = (
             softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(self.head_dim)
         )
-        self.cp_comm_type = cp_comm_type
+        self.cp_group = pg_collection.cp
+        self.cp_comm_type = self._resolve_cp_comm_type(cp_comm_type, config, self.layer_number)
+        if self.cp_comm_type == "a2a" and self.cp_group.size() > 1:
+            check_a2a_heads(self.num_heads, self.num_kv_heads, self.cp_group.size())
+        self.backend = "auto"
+        """Block kernel: "auto" (flash-attn on CUDA when installed, else PyTorch SDPA ops), "sdpa",
+        or "flash_attn" (kernels.BACKENDS)."""
+        self.comm_stats: Optional[CommStats] = None
+        """Set to a CommStats to count the bytes this layer's CP attention sends (benchmarks)."""
+
+    @staticmethod
+    def _resolve_cp_comm_type(cp_comm_type: Optional[str], config: TransformerConfig, layer_number: int) -> str:
+        """The constructor argument (Megatron passes the layer's entry), else the config's, else "p2p"."""
+        value = cp_comm_type if cp_comm_type is not None else config.cp_comm_type
+        if isinstance(value, (list, tuple)):  # per-layer list in TransformerConfig
+            value = value[layer_number - 1]
+        value = value or "p2p"
+        if value not in CP_ATTENTION:
+            hint = " (spelled 'all_gather')" if value == "allgather" else ""
+            raise ValueError(f"cp_comm_type={value!r}{hint}: expected one of {tuple(CP_ATTENTION)}")
+        return value
 
     def forward(
         self,
@@ -76,18 +116,39 @@ class UltraLongCoreAttention(MegatronModule):
     ) -> Tensor:
         """query [sq, b, np, hn], key/value [sk, b, ng, hn] (GQA heads not repeated).
 
-        Returns the context [sq, b, np * hn]. `attention_mask` is ignored: causality comes from
-        `attn_mask_type`, never from a dense [s, s] mask (impossible at 1M tokens).
+        With CP, sq = sk = S/cp local tokens in the zigzag layout. Returns the context
+        [sq, b, np * hn]. `attention_mask` is ignored: causality comes from `attn_mask_type` and
+        documents from `packed_seq_params`, never from a dense [s, s] mask (impossible at 1M tokens).
         """
         if attention_bias is not None:
             raise ValueError("attention_bias is not supported by UltraLongCoreAttention")
-        if packed_seq_params is not None:
-            raise ValueError("packed_seq_params (document masking) needs context-parallel attention")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"UltraLongCoreAttention.backend={self.backend!r}: expected one of {BACKENDS}")
         causal = (attn_mask_type or self.attn_mask_type) == AttnMaskType.causal
         sq, b = query.shape[:2]
-        # [s, b, h, d] -> [b, h, s, d]; SDPA repeats the KV heads internally (enable_gqa).
+        cp = self.cp_group.size()
+        docs = None
+        if packed_seq_params is not None:
+            if packed_seq_params.qkv_format != "sbhd":
+                raise ValueError(
+                    f"packed_seq_params.qkv_format={packed_seq_params.qkv_format!r}: UltraLongCoreAttention "
+                    "takes document boundaries with qkv_format='sbhd' (cu_seqlens over global sequences)"
+                )
+            cu, cu_kv = packed_seq_params.cu_seqlens_q, packed_seq_params.cu_seqlens_kv
+            if cu is None:
+                raise ValueError("packed_seq_params.cu_seqlens_q is None: document masking needs it")
+            if cu_kv is not None and not torch.equal(cu_kv.cpu(), cu.cpu()):
+                raise ValueError("packed_seq_params.cu_seqlens_kv differs from cu_seqlens_q (self-attention)")
+            docs = parse_cu_seqlens(cu, b, sq * cp)
+        # [s, b, h, d] -> [b, h, s, d] views.
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
-        out = F.scaled_dot_product_attention(
-            q, k, v, is_causal=causal, scale=self.softmax_scale, enable_gqa=k.shape[1] != q.shape[1]
-        )
+        if cp == 1 and docs is None:
+            # SDPA repeats the KV heads internally (enable_gqa); autograd gives the backward.
+            out = F.scaled_dot_product_attention(
+                q, k, v, is_causal=causal, scale=self.softmax_scale, enable_gqa=k.shape[1] != q.shape[1]
+            )
+        else:
+            # cp == 1 with documents runs the ring code with one rank: no communication, same masking.
+            attend = CP_ATTENTION[self.cp_comm_type] if cp > 1 else CP_ATTENTION["p2p"]
+            out = attend(q, k, v, self.cp_group, self.softmax_scale, causal, docs, self.backend, self.comm_stats)
         return out.permute(2, 0, 1, 3).reshape(sq, b, self.num_heads * self.head_dim)
