@@ -1,0 +1,1 @@
+"""Training: loss under data x context parallelism."""
