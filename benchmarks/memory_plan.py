@@ -134,7 +134,7 @@ RECIPES = (
     Layout("cpt-1m", 1 << 20, tp=8, cp=16, dp=2, recompute="full", global_batch=2, steps=480),
     Layout("cpt-2m", 1 << 21, tp=8, cp=8, dp=4, recompute="full", global_batch=4, steps=140),
     Layout("cpt-4m", 1 << 22, tp=8, cp=16, dp=2, recompute="full", global_batch=2, steps=150),
-    Layout("sft-8k", 8192, tp=2, cp=1, dp=128, recompute="none", global_batch=128, steps=800),
+    Layout("sft-8k", 8192, tp=2, cp=1, dp=128, recompute="none", global_batch=128, steps=100, loss_chunk_tokens=8192),
 )
 def print_breakdown(m: Model, layouts) -> None:
     print(f"Llama-3.1-8B: total params {m.total_params:,}; per-token-per-layer saved bytes (TP=1): "

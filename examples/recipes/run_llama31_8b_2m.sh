@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# torchrun on ONE node for examples/recipes/llama31_8b_2m.yaml.
+#
+# The full 2M recipe needs at least 32 H100s (TP4 x CP8, docs/parallelism_plan.md §3) and is laid
+# out for 256 (examples/slurm/llama31_8b_2m.sbatch). One 8-GPU node runs the same recipe -- model,
+# YaRN factor 256, optimizer, data, checkpoints -- as a smoke test at SEQ tokens per sequence
+# (default 131,072, TP8 x CP1, ~34 GB per GPU with full recompute). SEQ=2097152 needs >= 4 nodes.
+#
+#   examples/recipes/run_llama31_8b_2m.sh [section.field=value ...]
+#   NPROC=8 TP=8 SEQ=131072 CKPT=checkpoints/ultralong_2m_node examples/recipes/run_llama31_8b_2m.sh
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+
+CONFIG=examples/recipes/llama31_8b_2m.yaml
+NPROC=${NPROC:-8}
+TP=${TP:-8}
+CP=${CP:-$((NPROC / TP))}
+SEQ=${SEQ:-131072}
+CKPT=${CKPT:-checkpoints/ultralong_2m_node}
+
+# Megatron-Core overlaps TP/CP communication with compute only if kernels queue in order.
+export CUDA_DEVICE_MAX_CONNECTIONS=1
+export TOKENIZERS_PARALLELISM=false
+
+# train.load = train.save: a rerun continues from the last complete checkpoint (none yet: fresh start).
+exec torchrun --standalone --nproc-per-node "$NPROC" tools/train.py --config "$CONFIG" \
+    data.seq_length="$SEQ" parallel.tensor_parallel="$TP" parallel.context_parallel="$CP" \
+    train.save="$CKPT" train.load="$CKPT" "$@"

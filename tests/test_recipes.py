@@ -1,0 +1,97 @@
+"""examples/ recipes load through the real config schema, follow RECIPE.md's numbers, and agree with
+the layouts benchmarks/memory_plan.py (and so docs/parallelism_plan.md) computes memory for."""
+from __future__ import annotations
+
+import glob
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from megatron_ultralong.training.config import load_train_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+import memory_plan  # noqa: E402
+
+CPT = {"llama31_8b_1m": 1 << 20, "llama31_8b_2m": 1 << 21, "llama31_8b_4m": 1 << 22}
+PLAN = {"llama31_8b_1m": "cpt-1m", "llama31_8b_2m": "cpt-2m", "llama31_8b_4m": "cpt-4m", "llama31_8b_sft": "sft-8k"}
+
+
+def _recipe(name: str):
+    return load_train_config(os.path.join(ROOT, "examples", "recipes", name + ".yaml"))
+
+
+def _nodes(name: str) -> int:
+    text = open(os.path.join(ROOT, "examples", "slurm", name + ".sbatch")).read()
+    return int(re.search(r"#SBATCH --nodes=(\d+)", text).group(1))
+
+
+@pytest.mark.parametrize("name", sorted(CPT))
+def test_cpt_recipes_follow_the_paper(name):
+    cfg = _recipe(name)
+    m = cfg.model
+    assert cfg.data.seq_length == m.yarn_target_length == CPT[name]
+    assert m.yarn_original_length == 8192 and m.yarn_target_length // m.yarn_original_length in (128, 256, 512)
+    assert (m.yarn_beta_fast, m.yarn_beta_slow) == (4.0, 1.0)
+    assert m.config == "llama3.1-8b" and m.hf_checkpoint and m.params_dtype == "bfloat16" and m.recompute == "full"
+    assert cfg.optim.lr == 3e-5 and not cfg.data.document_mask and cfg.data.kind == "pretrain"
+    steps_gbs = {1 << 20: (480, 2), 1 << 21: (140, 4), 1 << 22: (150, 2)}[CPT[name]]
+    assert (cfg.train.steps, cfg.train.global_batch_size) == steps_gbs
+    assert 1.0e9 <= steps_gbs[0] * steps_gbs[1] * CPT[name] <= 1.3e9  # "1B tokens, one epoch"
+
+
+def test_sft_recipe():
+    cfg = _recipe("llama31_8b_sft")
+    assert cfg.data.kind == "sft" and cfg.data.seq_length == 8192 and cfg.optim.lr == 5e-6
+    assert cfg.train.global_batch_size == 128 and cfg.model.megatron_checkpoint
+    assert cfg.model.yarn_target_length == 1 << 20 and cfg.data.pad_token_id == 128004
+
+
+@pytest.mark.parametrize("name", sorted(PLAN))
+def test_slurm_world_matches_recipe_and_memory_plan(name):
+    cfg = _recipe(name)
+    world = _nodes(name) * 8
+    dp = cfg.check_world(world)
+    assert cfg.train.global_batch_size == dp * cfg.train.micro_batch_size  # no accumulation at full scale
+    lay = next(x for x in memory_plan.RECIPES if x.name == PLAN[name])
+    p = cfg.parallel
+    assert (lay.seq, lay.tp, lay.cp, lay.pp, lay.dp) == (cfg.data.seq_length, p.tensor_parallel, p.context_parallel,
+                                                         p.pipeline_parallel, dp)
+    assert (lay.recompute, lay.sequence_parallel, lay.cp_comm) == (cfg.model.recompute, p.sequence_parallel, p.cp_comm_type)
+    assert (lay.global_batch, lay.steps, lay.loss_chunk_tokens) == (cfg.train.global_batch_size, cfg.train.steps,
+                                                                    cfg.train.loss_chunk_tokens)
+    total = sum(memory_plan.breakdown(memory_plan.Model(), lay).values()) / memory_plan.GB
+    assert total <= memory_plan.USABLE_GB
+
+
+def test_tiny_cpu_recipe_exercises_the_same_fields():
+    tiny, full = _recipe("tiny_cpu"), _recipe("llama31_8b_1m")
+    assert tiny.train.device == "cpu" and tiny.parallel.context_parallel == 2
+    assert tiny.model.yarn_target_length > tiny.model.yarn_original_length
+    for section in ("model", "parallel", "data", "optim", "train"):
+        set_in_full = {k for k, v in vars(getattr(full, section)).items() if v is not None}
+        set_in_tiny = {k for k, v in vars(getattr(tiny, section)).items() if v is not None}
+        assert set_in_full - set_in_tiny <= {"hf_checkpoint", "tokenizer", "peak_tflops"}, section
+
+
+def test_memory_plan_reproduces_performance_md_anchors():
+    m = memory_plan.Model()
+    assert m.total_params == 8_030_261_248
+    assert memory_plan.saved_bytes_per_token_layer(m, "none", 1, False) == 139_392  # PERFORMANCE.md §9
+    assert memory_plan.flops_per_token(m, 1 << 20) == pytest.approx(8.697e11, rel=1e-3)  # §8
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "memory_plan.py")],
+                         capture_output=True, text=True, check=True).stdout
+    for quoted in ("44.6 GB (PERFORMANCE.md §9 quotes 45 GB)", "84.3 GB (PERFORMANCE.md §9 quotes 84 GB)"):
+        assert quoted in out
+
+
+@pytest.mark.parametrize("script", sorted(glob.glob(os.path.join(ROOT, "examples", "recipes", "*.sh"))
+                                      + glob.glob(os.path.join(ROOT, "examples", "slurm", "*.sbatch"))))
+def test_launchers_parse_and_name_existing_recipes(script):
+    subprocess.run(["bash", "-n", script], check=True)
+    for name in re.findall(r"examples/recipes/(\w+)\.yaml", open(script).read()):
+        assert os.path.isfile(os.path.join(ROOT, "examples", "recipes", name + ".yaml")), name
+    assert os.access(script, os.X_OK) or script.endswith(".sbatch")
