@@ -25,6 +25,10 @@ tests/test_runtime.py fails if megatron-core changes under one of them:
    their output on `torch.cuda.current_device()`. On CPU, sequence parallelism is refused and
    models keep vocab-parallel logits (`model.gpt.gather_tp_logits` gathers them on any device);
    the TP all-reduces that plain TP needs work in place on gloo.
+7. DDP and optimizers. megatron-core's DDP allocates its gradient buffers on CUDA and its
+   optimizers create CUDA tensors; a CPU run reduces gradients with `TorchDataParallel` and steps
+   torch AdamW, behind the interface the training loop uses on both devices
+   (training/optimizer.py; GPU runs use megatron-core's DDP and distributed optimizer).
 """
 from __future__ import annotations
 

@@ -1,0 +1,162 @@
+"""Samples for training: indexed datasets packed by megatron-core, batches in a resumable order.
+
+Pretraining samples come from megatron-core's own `GPTDataset` / `BlendedMegatronDatasetBuilder`
+(document index, sample index and shuffle built by its C++ helpers and cached), with
+`create_attention_mask=False` (a dense [s, s] mask is 4 TB at 1M tokens: Megatron-LM #1025).
+This module adds what the plugin needs on top: `document_ids` and, optionally, per-document
+positions, both derived from the separator token in ONE place (`add_document_fields`), and a
+batch order that is a pure function of (seed, consumed samples), so a resumed run reads exactly
+the samples an uninterrupted one would.
+
+Sample schema (every dataset, pretraining or SFT): 1-D tensors of length seq_length
+  tokens int64, labels int64, loss_mask float32, position_ids int64, document_ids int64.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Iterator, Optional, Protocol
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from megatron_ultralong.training.config import DataSection
+
+SAMPLE_KEYS = ("tokens", "labels", "loss_mask", "position_ids", "document_ids")
+
+
+class SampleDataset(Protocol):
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int) -> dict[str, Tensor]: ...
+
+
+@dataclass(frozen=True)
+class _TokenIds:
+    """The two ids megatron-core's GPTDataset reads from a tokenizer (no `pad`: it then uses -1,
+    which never collides with a real token)."""
+
+    eod: int
+    vocab_size: Optional[int]
+
+    @property
+    def unique_identifiers(self) -> dict:
+        """Part of megatron-core's dataset cache key."""
+        return {"class": "megatron_ultralong._TokenIds", "eod": self.eod, "vocab_size": self.vocab_size}
+
+
+def add_document_fields(sample: dict[str, Tensor], eod: Optional[int], reset_positions: bool) -> dict[str, Tensor]:
+    """Fill `document_ids` (a document ends with its separator token) and optionally restart
+    `position_ids` at each document. Without `eod` the whole sample is one document."""
+    tokens = sample["tokens"]
+    if eod is None:
+        doc = torch.zeros_like(tokens)
+    else:
+        ends = (tokens == eod).long()
+        doc = torch.cumsum(ends, 0) - ends  # the separator belongs to the document it closes
+    sample["document_ids"] = doc
+    if reset_positions:
+        idx = torch.arange(tokens.numel())
+        starts = torch.ones_like(doc, dtype=torch.bool)
+        starts[1:] = doc[1:] != doc[:-1]
+        first = torch.cummax(torch.where(starts, idx, torch.zeros_like(idx)), 0).values
+        sample["position_ids"] = idx - first
+    return sample
+
+
+class PretrainDataset:
+    """megatron-core GPTDataset (blended) returning the plugin's sample schema."""
+
+    def __init__(self, data: DataSection, num_samples: int, seed: int, vocab_size: int):
+        from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+        from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+
+        for prefix in data.paths:
+            for ext in (".bin", ".idx"):
+                if not os.path.isfile(prefix + ext):
+                    raise ValueError(f"data.paths: {prefix + ext} does not exist")
+        weights = list(data.weights) if data.weights else [1.0] * len(data.paths)
+        blend = (list(data.paths), weights) if len(data.paths) > 1 else (list(data.paths), None)
+        cache = data.cache_dir or os.path.join(os.path.dirname(os.path.abspath(data.paths[0])), "cache")
+        config = GPTDatasetConfig(
+            random_seed=seed,
+            sequence_length=data.seq_length,
+            blend=blend,
+            split="100,0,0",
+            path_to_cache=cache,
+            tokenizer=_TokenIds(eod=data.eod_token_id if data.eod_token_id is not None else -1, vocab_size=vocab_size),
+            reset_position_ids=False,
+            reset_attention_mask=False,
+            eod_mask_loss=False,
+            create_attention_mask=False,
+            mid_level_dataset_surplus=0.05,
+        )
+        rank = dist.get_rank() if dist.is_initialized() else 0
+
+        def build():
+            return BlendedMegatronDatasetBuilder(
+                GPTDataset, [num_samples, 0, 0], lambda: True, config
+            ).build()[0]
+
+        # Rank 0 builds and caches the index files first; the others then read the cache.
+        if rank == 0:
+            self.dataset = build()
+        if dist.is_initialized():
+            dist.barrier()
+        if rank != 0:
+            self.dataset = build()
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict[str, Tensor]:
+        raw = self.dataset[index]
+        sample = {
+            "tokens": raw["tokens"].long(),
+            "labels": raw["labels"].long(),
+            "loss_mask": raw["loss_mask"].float(),
+            "position_ids": raw["position_ids"].long(),
+        }
+        return add_document_fields(sample, self.data.eod_token_id, self.data.reset_position_ids)
+
+
+def build_dataset(data: DataSection, num_samples: int, seed: int, vocab_size: int) -> SampleDataset:
+    if data.kind == "pretrain":
+        return PretrainDataset(data, num_samples, seed, vocab_size)
+    from megatron_ultralong.data.sft import build_sft_dataset
+
+    return build_sft_dataset(data, seed=seed)
+
+
+class BatchSchedule:
+    """Which samples this DP rank reads at each micro-step: a pure function of consumed samples.
+
+    Global sample g = consumed + micro * (mbs * dp) + dp_rank * mbs + i; the dataset's own
+    shuffle makes consecutive indices random. Resuming with the saved `consumed` continues the
+    exact sequence.
+    """
+
+    def __init__(self, dataset: SampleDataset, micro_batch_size: int, dp_size: int, dp_rank: int):
+        self.dataset = dataset
+        self.mbs = micro_batch_size
+        self.dp_size = dp_size
+        self.dp_rank = dp_rank
+
+    def micro_batches(self, consumed: int, num_micro: int) -> Iterator[dict[str, Tensor]]:
+        """Collated micro-batches ([mbs, s] tensors) for one optimizer step starting at `consumed`."""
+        for m in range(num_micro):
+            base = consumed + m * self.mbs * self.dp_size + self.dp_rank * self.mbs
+            items = [self.dataset[(base + i) % len(self.dataset)] for i in range(self.mbs)]
+            yield {k: torch.stack([it[k] for it in items]) for k in SAMPLE_KEYS}
+
+
+def cu_seqlens_from_document_ids(document_ids: Tensor) -> Tensor:
+    """Global document boundaries over the concatenated batch, as Megatron's packed format wants:
+    document_ids [b, s] (non-decreasing per row) -> cu_seqlens int32 [n_docs + 1], from 0 to b*s."""
+    b, s = document_ids.shape
+    starts = torch.ones_like(document_ids, dtype=torch.bool)
+    starts[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
+    flat = torch.nonzero(starts.reshape(-1)).flatten()
+    return torch.cat([flat, torch.tensor([b * s])]).to(torch.int32)

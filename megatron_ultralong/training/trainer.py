@@ -1,0 +1,261 @@
+"""The training loop: continued pretraining at 1M-4M tokens and short SFT, on Megatron-Core parts.
+
+megatron-core's wheel for Python 3.11 has no `megatron.training`, and its pipeline schedules
+allocate on CUDA, so the loop is the plugin's own, read top to bottom in `Trainer.__init__`
+(set-up) and `Trainer.train_step` (one optimizer step). It is the same code on CPU (gloo) and GPU
+(NCCL); only the optimizer behind `TrainOptimizer` differs (training/optimizer.py).
+
+Loss: each rank sums the per-token cross entropy of its tokens (its DP samples, its zigzag CP
+share); gradients are SUMMED over DP x CP (as megatron-core's DDP does with calculate_per_token_loss) and
+divided by the step's loss-token count N, all-reduced over DP x CP once per step. That is the
+gradient of the global per-token mean over every micro-batch of the step (training/loss.py derives
+the formula); a rank or micro-batch with no loss tokens contributes zero, never 0/0.
+"""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import time
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from megatron.core.packed_seq_params import PackedSeqParams
+
+from megatron_ultralong.config_io import to_dict
+from megatron_ultralong.data.cp_shard import shard_batch
+from megatron_ultralong.model import build_model, load_model_config
+from megatron_ultralong.model.config import LlamaConfig
+from megatron_ultralong.rope import yarn_for_context_length
+from megatron_ultralong.runtime import init_runtime
+from megatron_ultralong.training.checkpoint import latest_checkpoint, load_train_checkpoint, save_train_checkpoint
+from megatron_ultralong.training.config import TrainConfig
+from megatron_ultralong.training.data import BatchSchedule, build_dataset, cu_seqlens_from_document_ids
+from megatron_ultralong.training.memory import estimate_memory_per_device, format_estimate
+from megatron_ultralong.training.metrics import training_flops_per_token
+from megatron_ultralong.training.optimizer import build_data_parallel, build_optimizer, build_scheduler, finalize_grads
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def resolve_model_config(cfg: TrainConfig) -> LlamaConfig:
+    """The architecture, with the YaRN context extension applied when configured."""
+    source = cfg.model.hf_checkpoint or cfg.model.config
+    model_cfg = load_model_config(source)
+    m = cfg.model
+    if m.yarn_target_length is not None:
+        rope = yarn_for_context_length(
+            m.yarn_target_length,
+            theta=model_cfg.rope.theta,
+            original_max_position_embeddings=m.yarn_original_length,
+            beta_fast=m.yarn_beta_fast,
+            beta_slow=m.yarn_beta_slow,
+        )
+        model_cfg = model_cfg.replace(rope=rope, max_position_embeddings=m.yarn_target_length)
+    return model_cfg
+
+
+def _recompute_overrides(cfg: TrainConfig, on_gpu: bool) -> dict:
+    mode = cfg.model.recompute
+    if mode == "none":
+        return {}
+    if not on_gpu:
+        raise ValueError(
+            f"model.recompute={mode!r} is GPU-only: megatron-core's activation checkpoint saves CUDA "
+            "RNG states (runtime.py, accommodation 5)"
+        )
+    if mode == "selective":
+        return dict(recompute_granularity="selective", recompute_modules=["core_attn"])
+    return dict(recompute_granularity="full", recompute_method="uniform",
+                recompute_num_layers=cfg.model.recompute_num_layers)
+
+
+class Trainer:
+    """Set-up in the order it happens; `train()` runs the steps."""
+
+    def __init__(self, cfg: TrainConfig, log=print):
+        self.cfg = cfg
+        self.log = log
+        # 1. Processes and parallel groups; checks that the layout fits the world.
+        self.rt = init_runtime(cfg.parallel, seed=cfg.train.seed, device=cfg.train.device)
+        self.dp = cfg.check_world(self.rt.world_size)
+        if cfg.parallel.pipeline_parallel > 1:
+            raise ValueError(
+                "parallel.pipeline_parallel > 1: the training loop runs a single pipeline stage "
+                "(the UltraLong plan is TP x CP x DP; conversion and evaluation do support PP)"
+            )
+        self.num_micro = cfg.train.global_batch_size // (cfg.train.micro_batch_size * self.dp)
+        pg = self.rt.pg_collection
+        self.cp_size, self.cp_rank = pg.cp.size(), pg.cp.rank()
+        self.is_logger = self.rt.rank == 0
+
+        # 2. The architecture (context extension included) and its memory estimate.
+        self.model_cfg = resolve_model_config(cfg)
+        if cfg.data.seq_length > self.model_cfg.max_position_embeddings:
+            raise ValueError(
+                f"data.seq_length={cfg.data.seq_length} exceeds the model's max_position_embeddings="
+                f"{self.model_cfg.max_position_embeddings}; set model.yarn_target_length to extend it"
+            )
+        estimate = estimate_memory_per_device(self.model_cfg, cfg, self.dp)
+        self._log_text(format_estimate(estimate, self.rt.device))
+
+        # 3. The model stage, its initial weights, gradient reduction over DP x CP.
+        dtype = _DTYPES[cfg.model.params_dtype]
+        model = build_model(
+            self.model_cfg, self.rt, params_dtype=dtype,
+            use_transformer_engine=cfg.model.use_transformer_engine,
+            calculate_per_token_loss=True,
+            **_recompute_overrides(cfg, self.rt.is_cuda),
+        )
+        model.loss_chunk_tokens = cfg.train.loss_chunk_tokens
+        self._load_initial_weights(model)
+        self.model = model
+        self.ddp = build_data_parallel(model, self.rt)
+
+        # 4. Optimizer and LR schedule.
+        self.optimizer = build_optimizer(self.ddp, cfg, self.rt)
+        self.scheduler = build_scheduler(self.optimizer, cfg)
+
+        # 5. Data: enough samples for every step, in a resumable order.
+        num_samples = cfg.train.steps * cfg.train.global_batch_size
+        self.dataset = build_dataset(cfg.data, num_samples, cfg.train.seed, self.model_cfg.vocab_size)
+        self.schedule = BatchSchedule(self.dataset, cfg.train.micro_batch_size, self.dp, pg.dp.rank())
+
+        # 6. Resume: model, optimizer, scheduler, RNG and data position.
+        self.step, self.consumed = 0, 0
+        if cfg.train.load:
+            latest = latest_checkpoint(cfg.train.load)
+            if latest is not None:
+                self.step, self.consumed = load_train_checkpoint(latest, model, self.optimizer, self.scheduler)
+                self._log_text(f"[train] resumed from {latest} at step {self.step}")
+        self.flops_per_token = training_flops_per_token(self.model_cfg, cfg.data.seq_length)
+        self.tb = None
+        if cfg.train.tensorboard_dir and self.is_logger:
+            from torch.utils.tensorboard import SummaryWriter  # optional dependency
+
+            self.tb = SummaryWriter(cfg.train.tensorboard_dir)
+
+    def _load_initial_weights(self, model) -> None:
+        m = self.cfg.model
+        if m.hf_checkpoint:
+            from megatron_ultralong.convert.hf_io import HFCheckpointReader
+            from megatron_ultralong.convert.hf_to_mcore import load_hf_into_model
+
+            load_hf_into_model(model, HFCheckpointReader(m.hf_checkpoint), self.model_cfg, self.rt, progress=False)
+        elif m.megatron_checkpoint:
+            from megatron_ultralong.convert.checkpoint import load_megatron_checkpoint
+
+            load_megatron_checkpoint(model, m.megatron_checkpoint)
+
+    def _log_text(self, text: str) -> None:
+        if self.is_logger:
+            self.log(text)
+
+    def _micro_batches(self) -> list[dict]:
+        """This rank's micro-batches for the next step: CP-sharded, document boundaries attached."""
+        out = []
+        for batch in self.schedule.micro_batches(self.consumed, self.num_micro):
+            cu = cu_seqlens_from_document_ids(batch["document_ids"]) if self.cfg.data.document_mask else None
+            local = shard_batch(batch, self.cp_size, self.cp_rank)
+            local = {k: v.to(self.rt.device) for k, v in local.items()}
+            if cu is not None:
+                cu = cu.to(self.rt.device)
+                local["packed_seq_params"] = PackedSeqParams(qkv_format="sbhd", cu_seqlens_q=cu, cu_seqlens_kv=cu)
+            out.append(local)
+        return out
+
+    def train_step(self) -> dict:
+        """One optimizer step over global_batch_size sequences; returns its metrics."""
+        t0 = time.perf_counter()
+        pg = self.rt.pg_collection
+        batches = self._micro_batches()
+        counts = torch.stack([b["loss_mask"].sum() for b in batches]).sum().double().reshape(1)
+        dist.all_reduce(counts, group=pg.dp_cp)  # N: loss tokens of the whole step, all ranks
+        num_tokens = counts.item()
+
+        self.ddp.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.rt.device)
+        for b in batches:
+            per_token = self.ddp(
+                b["tokens"], b["position_ids"], None, labels=b["labels"],
+                packed_seq_params=b.get("packed_seq_params"),
+            )  # [mbs, s/cp]
+            mask = b["loss_mask"] > 0
+            # where(), not a product: a masked token's loss may be inf and 0 * inf is nan.
+            local = torch.where(mask, per_token.float(), torch.zeros((), device=per_token.device)).sum()
+            local.backward()
+            loss_sum += local.detach().double()
+        finalize_grads(self.ddp, self.rt)  # sums grads over DP x CP (+ SP norm grads over TP)
+        applied, grad_norm = False, float("nan")
+        if num_tokens > 0:
+            self.ddp.scale_gradients(1.0 / num_tokens)
+            applied, grad_norm = self.optimizer.step()
+        self.scheduler.step(increment=1)
+        dist.all_reduce(loss_sum, group=pg.dp_cp)
+        self.step += 1
+        self.consumed += self.cfg.train.global_batch_size
+        elapsed = time.perf_counter() - t0
+        tokens = self.cfg.train.global_batch_size * self.cfg.data.seq_length
+        tflops = self.flops_per_token * tokens / elapsed / self.rt.world_size / 1e12
+        metrics = {
+            "step": self.step,
+            "loss": loss_sum.item() / max(num_tokens, 1.0),
+            "loss_tokens": int(num_tokens),
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "grad_norm": grad_norm,
+            "applied": applied,
+            "seconds": elapsed,
+            "tokens_per_s": tokens / elapsed,
+            "tflops_per_device": tflops,
+            "memory_gb": self._memory_gb(),
+        }
+        if self.cfg.train.peak_tflops:
+            metrics["mfu"] = tflops / self.cfg.train.peak_tflops
+        return metrics
+
+    def _memory_gb(self) -> float:
+        if self.rt.is_cuda:
+            return torch.cuda.max_memory_allocated() / 2**30
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # peak RSS (KiB -> GiB)
+
+    def save(self) -> None:
+        save_train_checkpoint(
+            self.cfg.train.save, self.step, self.model, self.optimizer, self.scheduler,
+            self.consumed, to_dict(self.cfg), self.rt.is_cuda,
+        )
+        self._log_text(f"[train] saved {self.cfg.train.save}/iter_{self.step:07d}")
+
+    def train(self) -> list[dict]:
+        """Run until train.steps; returns the metrics of every step run here."""
+        t = self.cfg.train
+        history = []
+        self.ddp.train()
+        while self.step < t.steps:
+            metrics = self.train_step()
+            history.append(metrics)
+            if self.step % t.log_interval == 0 or self.step == t.steps:
+                self._report(metrics)
+            if t.save and t.save_interval and self.step % t.save_interval == 0:
+                self.save()
+        if t.save and (not t.save_interval or self.step % t.save_interval):
+            self.save()
+        return history
+
+    def _report(self, metrics: dict) -> None:
+        if not self.is_logger:
+            return
+        self.log(
+            f"[train] step {metrics['step']:>5} | loss {metrics['loss']:.4f} | lr {metrics['lr']:.3e} | "
+            f"grad norm {metrics['grad_norm']:.3f} | {metrics['tokens_per_s']:.0f} tok/s | "
+            f"{metrics['tflops_per_device']:.3f} TFLOP/s/device"
+            + (f" | MFU {metrics['mfu']:.1%}" if "mfu" in metrics else "")
+            + f" | mem {metrics['memory_gb']:.2f} GiB"
+        )
+        if self.cfg.train.log_file:
+            with open(self.cfg.train.log_file, "a", encoding="utf-8") as f:
+                f.write(json.dumps(metrics) + "\n")
+        if self.tb is not None:
+            for key in ("loss", "lr", "grad_norm", "tokens_per_s", "tflops_per_device"):
+                self.tb.add_scalar(f"train/{key}", metrics[key], metrics["step"])
