@@ -36,6 +36,7 @@ setup(
     entry_points={
         "console_scripts": [
             "mu-demo=megatron_ultralong.demo:main",
+            "mu-train=megatron_ultralong.training.cli:main",
         ],
     },
     classifiers=[

@@ -78,3 +78,11 @@ def _pins(rank, world_size):
 
 def test_megatron_internals_the_model_relies_on():
     run_distributed(_pins, world_size=1)
+
+
+def test_megatron_ddp_still_allocates_grad_buffers_on_cuda():
+    # Accommodation 7: CPU runs reduce gradients with TorchDataParallel. If this fails, megatron-core's
+    # DDP may now run on CPU and training/optimizer.py's CPU branch can be reconsidered.
+    from megatron.core.distributed import param_and_grad_buffer
+
+    assert "torch.cuda.current_device()" in inspect.getsource(param_and_grad_buffer._ParamAndGradBuffer.__init__)
