@@ -99,6 +99,12 @@ class DataSection:
     cache_dir: Optional[str] = None
     """Where megatron-core caches sample indices (default: next to the first dataset)."""
 
+    chat_format: Literal["llama3.1", "llama3"] = "llama3.1"
+    """sft: chat rendering (llama3.1 adds Meta's default system block, as its template does)."""
+
+    overlong: Literal["truncate", "drop", "error"] = "truncate"
+    """sft: what to do with a conversation longer than seq_length (counted in the dataset stats)."""
+
     def __post_init__(self) -> None:
         if not self.paths:
             raise ValueError("data.paths is empty: give at least one dataset")
@@ -110,7 +116,9 @@ class DataSection:
             raise ValueError(f"data.weights={list(self.weights)}: every weight must be > 0")
         if self.seq_length < 2:
             raise ValueError(f"data.seq_length={self.seq_length}: expected >= 2")
-        if (self.document_mask or self.reset_position_ids) and self.eod_token_id is None:
+        if self.kind == "pretrain" and (self.document_mask or self.reset_position_ids) and self.eod_token_id is None:
+            # SFT rows carry their conversation boundaries; packed pretraining data finds documents
+            # by their closing separator token.
             raise ValueError("data.document_mask / data.reset_position_ids need data.eod_token_id")
 
 

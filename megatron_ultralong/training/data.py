@@ -127,7 +127,7 @@ def build_dataset(data: DataSection, num_samples: int, seed: int, vocab_size: in
         return PretrainDataset(data, num_samples, seed, vocab_size)
     from megatron_ultralong.data.sft import build_sft_dataset
 
-    return build_sft_dataset(data, seed=seed)
+    return build_sft_dataset(data, seed=seed, chat_format=data.chat_format, overlong=data.overlong)
 
 
 class BatchSchedule:

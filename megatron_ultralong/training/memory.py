@@ -31,16 +31,23 @@ class MemoryEstimate:
         return self.weights + self.grads + self.optimizer + self.activations + self.logits_chunk + self.cp_kv_buffers
 
 
-def activation_bytes_per_token_per_layer(cfg: LlamaConfig, recompute: str, act_bytes: int = 2) -> float:
-    """Saved activations of one layer for one token (before TP/SP division)."""
+def activation_bytes_per_token_per_layer(
+    cfg: LlamaConfig, recompute: str, tp: int, sequence_parallel: bool, act_bytes: int = 2
+) -> float:
+    """Saved activations of one layer for one token on one TP rank.
+
+    The residual/norm tensors (4 h) are split over TP only with sequence parallelism; QKV, the
+    attention output and the MLP tensors always are. "selective" is megatron-core's: core
+    attention recomputed, which with a flash kernel (saves q, k, v, out, lse anyway) keeps almost
+    the same set as "none"; "full" keeps each layer's input only.
+    """
     h, d, f = cfg.hidden_size, cfg.head_dim, cfg.ffn_hidden_size
     nq, nkv = cfg.num_attention_heads, cfg.num_kv_heads
+    norm_div = tp if sequence_parallel else 1
     if recompute == "full":
-        return act_bytes * h  # the layer input only
-    attn_out, lse = act_bytes * nq * d, 4 * nq
-    if recompute == "selective":
-        return act_bytes * h + attn_out + lse  # layer input, attention output and its LSE
-    return act_bytes * (4 * h + (nq + 2 * nkv) * d + 3 * f) + attn_out + lse
+        return act_bytes * h / norm_div  # the layer input only
+    split = act_bytes * ((nq + 2 * nkv) * d + nq * d + 3 * f) + 4 * nq  # q,k,v, out, MLP, lse
+    return act_bytes * 4 * h / norm_div + split / tp
 
 
 def estimate_memory_per_device(cfg: LlamaConfig, train_cfg, dp: int) -> MemoryEstimate:
@@ -57,11 +64,12 @@ def estimate_memory_per_device(cfg: LlamaConfig, train_cfg, dp: int) -> MemoryEs
     grads = local_params * 4  # fp32 main_grad buffers
     optimizer = local_params * (12 if bf16 else 8) / (dp * cp)
     local_tokens = train_cfg.train.micro_batch_size * train_cfg.data.seq_length / cp
-    per_token = activation_bytes_per_token_per_layer(cfg, train_cfg.model.recompute, weight_bytes)
-    activations = local_tokens * cfg.num_layers * per_token / tp
+    sp = p.sequence_parallel
+    per_token = activation_bytes_per_token_per_layer(cfg, train_cfg.model.recompute, tp, sp, weight_bytes)
+    activations = local_tokens * cfg.num_layers * per_token
     if train_cfg.model.recompute == "full":
         # plus one layer recomputed at a time with its full saved set
-        activations += local_tokens * activation_bytes_per_token_per_layer(cfg, "none", weight_bytes) / tp
+        activations += local_tokens * activation_bytes_per_token_per_layer(cfg, "none", tp, sp, weight_bytes)
     chunk = min(train_cfg.train.loss_chunk_tokens, local_tokens)
     logits_chunk = chunk * cfg.vocab_size / tp * 4 * 3  # fp32 logits, softmax and grad of one chunk
     kv_local = local_tokens * 2 * cfg.num_kv_heads * cfg.head_dim * weight_bytes / tp
