@@ -45,7 +45,7 @@ def merge_attention_(out: Tensor, lse: Tensor, block_out: Tensor, block_lse: Ten
     ref = torch.where(torch.isneginf(new_lse), torch.zeros_like(new_lse), new_lse)
     w_old = torch.exp(lse - ref).unsqueeze(-1)
     w_new = torch.exp(block_lse - ref).unsqueeze(-1)
-    out.mul_(w_old).add_(w_new * block_out.float())
+    out.mul_(w_old).addcmul_(w_new, block_out)  # in place: no output-sized temporary
     lse.copy_(new_lse)
 
 
