@@ -61,6 +61,7 @@ def reduce_loss_over_dp_cp(
     loss_mask: Tensor,
     dp_cp_group: Optional[dist.ProcessGroup],
     grads_averaged_over_group: bool = False,
+    global_num_tokens: Optional[Tensor] = None,
 ) -> CPLoss:
     """Turn this rank's per-token losses into its share of the global mean (module docstring).
 
@@ -70,6 +71,9 @@ def reduce_loss_over_dp_cp(
         dp_cp_group: the combined data x context-parallel group (Megatron's
             `get_data_parallel_group(with_context_parallel=True)`); None = single process.
         grads_averaged_over_group: see the module docstring.
+        global_num_tokens: N when it is known in advance, e.g. the loss tokens of every
+            micro-batch of an optimizer step (gradient accumulation: each micro-batch then
+            backpropagates its share of the step's mean, not a mean of per-micro-batch means).
     """
     if token_losses.shape != loss_mask.shape:
         raise ValueError(f"token_losses {tuple(token_losses.shape)} != loss_mask {tuple(loss_mask.shape)}")
@@ -81,6 +85,8 @@ def reduce_loss_over_dp_cp(
     if dp_cp_group is not None and dp_cp_group.size() > 1:
         dist.all_reduce(stats, group=dp_cp_group)
     global_sum, count = stats[0], stats[1]
+    if global_num_tokens is not None:
+        count = global_num_tokens.to(device=stats.device, dtype=torch.float64).reshape(())
     denom = count.clamp(min=1.0)  # no loss token anywhere: loss 0 instead of 0/0
     loss = local_sum / denom.float()
     if grads_averaged_over_group and dp_cp_group is not None:

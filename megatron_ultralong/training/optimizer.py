@@ -60,8 +60,8 @@ def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 class TorchDataParallel(nn.Module):
     """The CPU stand-in for megatron-core's DDP: same calls, gradients SUMMED over DP x CP.
 
-    Summing (not averaging) matches megatron's DDP with calculate_per_token_loss=True: the loop
-    divides by the step's global loss-token count itself.
+    Summing (not averaging) matches megatron's DDP with calculate_per_token_loss=True: each rank's
+    loss is already divided by the step's global loss-token count (training/loss.py).
     """
 
     def __init__(self, module: nn.Module, dp_cp_group: Optional[dist.ProcessGroup]):
@@ -90,11 +90,6 @@ class TorchDataParallel(nn.Module):
             n = p.numel()
             p.grad.copy_(flat[offset: offset + n].view_as(p.grad))
             offset += n
-
-    def scale_gradients(self, factor: float) -> None:
-        for p in self.module.parameters():
-            if p.grad is not None:
-                p.grad.mul_(factor)
 
 
 def build_data_parallel(model: nn.Module, runtime) -> nn.Module:

@@ -5,11 +5,11 @@ allocate on CUDA, so the loop is the plugin's own, read top to bottom in `Traine
 (set-up) and `Trainer.train_step` (one optimizer step). It is the same code on CPU (gloo) and GPU
 (NCCL); only the optimizer behind `TrainOptimizer` differs (training/optimizer.py).
 
-Loss: each rank sums the per-token cross entropy of its tokens (its DP samples, its zigzag CP
-share); gradients are SUMMED over DP x CP (as megatron-core's DDP does with calculate_per_token_loss) and
-divided by the step's loss-token count N, all-reduced over DP x CP once per step. That is the
-gradient of the global per-token mean over every micro-batch of the step (training/loss.py derives
-the formula); a rank or micro-batch with no loss tokens contributes zero, never 0/0.
+Loss: each rank backpropagates the sum of its tokens' cross entropy (its DP samples, its zigzag CP
+share) divided by the step's loss-token count N, all-reduced over DP x CP once per step
+(training/loss.py derives the formula); gradients are SUMMED over DP x CP (as megatron-core's DDP
+does with calculate_per_token_loss). That is the gradient of the global per-token mean over every
+micro-batch of the step; a rank or micro-batch with no loss tokens contributes zero, never 0/0.
 """
 from __future__ import annotations
 
@@ -32,6 +32,7 @@ from megatron_ultralong.runtime import init_runtime
 from megatron_ultralong.training.checkpoint import latest_checkpoint, load_train_checkpoint, save_train_checkpoint
 from megatron_ultralong.training.config import TrainConfig
 from megatron_ultralong.training.data import BatchSchedule, build_dataset, cu_seqlens_from_document_ids
+from megatron_ultralong.training.loss import reduce_loss_over_dp_cp
 from megatron_ultralong.training.memory import estimate_memory_per_device, format_estimate
 from megatron_ultralong.training.metrics import training_flops_per_token
 from megatron_ultralong.training.optimizer import build_data_parallel, build_optimizer, build_scheduler, finalize_grads
@@ -176,24 +177,21 @@ class Trainer:
 
         self.ddp.zero_grad_buffer()
         self.optimizer.zero_grad()
-        loss_sum = torch.zeros((), dtype=torch.float64, device=self.rt.device)
+        step_loss = 0.0
         for b in batches:
             per_token = self.ddp(
                 b["tokens"], b["position_ids"], None, labels=b["labels"],
                 packed_seq_params=b.get("packed_seq_params"),
             )  # [mbs, s/cp]
-            mask = b["loss_mask"] > 0
-            # where(), not a product: a masked token's loss may be inf and 0 * inf is nan.
-            local = torch.where(mask, per_token.float(), torch.zeros((), device=per_token.device)).sum()
-            local.backward()
-            loss_sum += local.detach().double()
+            # This micro-batch's share of the step's global per-token mean (training/loss.py).
+            share = reduce_loss_over_dp_cp(per_token, b["loss_mask"], pg.dp_cp, global_num_tokens=counts)
+            share.loss.backward()
+            step_loss += share.mean_loss.item()
         finalize_grads(self.ddp, self.rt)  # sums grads over DP x CP (+ SP norm grads over TP)
         applied, grad_norm = False, float("nan")
-        if num_tokens > 0:
-            self.ddp.scale_gradients(1.0 / num_tokens)
+        if num_tokens > 0:  # a step with no loss token anywhere changes nothing
             applied, grad_norm = self.optimizer.step()
         self.scheduler.step(increment=1)
-        dist.all_reduce(loss_sum, group=pg.dp_cp)
         self.step += 1
         self.consumed += self.cfg.train.global_batch_size
         elapsed = time.perf_counter() - t0
@@ -201,7 +199,7 @@ class Trainer:
         tflops = self.flops_per_token * tokens / elapsed / self.rt.world_size / 1e12
         metrics = {
             "step": self.step,
-            "loss": loss_sum.item() / max(num_tokens, 1.0),
+            "loss": step_loss,
             "loss_tokens": int(num_tokens),
             "lr": self.optimizer.param_groups[0]["lr"],
             "grad_norm": grad_norm,
