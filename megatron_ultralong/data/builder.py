@@ -1,0 +1,232 @@
+"""`build_dataset(recipe)`: the whole pipeline, top to bottom.
+
+    inputs --(stage 1: tokenize once, N workers)--> token pool (.bin/.idx + domain/key side files)
+           --(stage 2: per-domain class totals -> sampling plan)-->
+           --(stage 3: copies per document, separators, Megatron IndexedDatasetBuilder)--> PREFIX.bin/.idx
+           --> PREFIX.stats.json / .stats.md / .lengths.png
+
+Why a pool instead of one streaming pass: the budget scale m_d of each domain needs the domain's
+token totals per length class, known only after the whole input is read. Estimating lengths from
+characters (Fu et al.'s chars/3.68) would allow one pass but not exact budgets; tokenizing twice
+would double the expensive part. The pool costs disk (4 bytes a token for Llama-3), not memory,
+and is deleted at the end. Copies of a document are written in separate sweeps over the pool
+(sweep r writes the documents with more than r copies), so repeats land a corpus apart rather than
+back to back; GPTDataset shuffles documents at training time anyway.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+import time
+from typing import Any, Dict, List, Optional, Tuple
+
+import numpy as np
+
+from megatron_ultralong.data import upsample
+from megatron_ultralong.data.indexed import AtomicOutputs, CompactIndexedDatasetBuilder, token_dtype
+from megatron_ultralong.data.readers import expand_inputs, iter_raw_batches
+from megatron_ultralong.data.recipe import BuildRecipe, recipe_to_dict
+from megatron_ultralong.data.stats import LengthStats, plot_length_histogram, write_report
+from megatron_ultralong.data.tiktoken_path import prove_equivalence
+from megatron_ultralong.data.tokenize_stage import WorkerConfig, split_sample, tokenize_to_pool
+from megatron_ultralong.data.tokenizer_backends import (
+    Backend,
+    BackendSpec,
+    load_backend,
+    special_token_ids,
+)
+
+OUTPUT_SUFFIXES = (".bin", ".stats.json", ".stats.md", ".lengths.png", ".idx")
+POOL_SUFFIXES = (".bin", ".idx", ".dom", ".key")
+CHUNK_DOCS = 1 << 16  # documents per vectorised step when planning and writing
+
+
+def choose_backend(recipe: BuildRecipe, sample: List[str]) -> Tuple[BackendSpec, Dict[str, Any]]:
+    """tiktoken when proven equivalent (and allowed), else the recipe's own tokenizer."""
+    tok = recipe.tokenizer
+    threads = recipe.workers == 0
+    info: Dict[str, Any] = {"path": tok.path, "kind": tok.kind, "fast_path": tok.fast_path}
+    if tok.kind == "sentencepiece":
+        if tok.fast_path == "require":
+            raise ValueError("tokenizer.fast_path='require': no fast path for SentencePiece models")
+        info.update(backend="sentencepiece", fast_path_reasons=["SentencePiece model"])
+        return BackendSpec("sentencepiece", tok.path), info
+    hf_spec = BackendSpec("hf", tok.path, tok.special_tokens_in_text, hf_threads=threads)
+    if tok.fast_path == "off":
+        info.update(backend="hf", fast_path_reasons=["tokenizer.fast_path='off'"])
+        return hf_spec, info
+    t0 = time.perf_counter()
+    proof = prove_equivalence(tok.path, tok.special_tokens_in_text, sample)
+    info["proof_seconds"] = round(time.perf_counter() - t0, 2)
+    if not proof.ok:
+        if tok.fast_path == "require":
+            raise ValueError("tokenizer.fast_path='require' but the tiktoken path is not "
+                             "equivalent: " + "; ".join(proof.reasons))
+        info.update(backend="hf", fast_path_reasons=list(proof.reasons))
+        return hf_spec, info
+    info.update(backend="tiktoken", proof_checks=proof.checks,
+                mismatched_code_points=[f"U+{c:04X}" for c in proof.mismatched_code_points])
+    return BackendSpec("tiktoken", tok.path, tok.special_tokens_in_text, proof.hf_only_chars,
+                       hf_threads=threads), info
+
+
+def document_affixes(recipe: BuildRecipe, backend: Backend) -> Tuple[np.ndarray, np.ndarray, Dict[str, Any]]:
+    """Token ids written before and after every output document, and how many are separators."""
+    sep_cfg = recipe.separator
+    if sep_cfg.text:
+        sep = backend.encode_batch([sep_cfg.text])[0]
+        what = f"literal {sep_cfg.text!r} -> ids {sep.tolist()}"
+    elif sep_cfg.tokens:
+        sep = np.asarray(special_token_ids(backend, sep_cfg.tokens, "separator.tokens"), dtype=np.int64)
+        what = f"tokens {list(sep_cfg.tokens)} -> ids {sep.tolist()}"
+    else:
+        sep = np.zeros(0, dtype=np.int64)
+        what = "none"
+    bos = special_token_ids(backend, [sep_cfg.bos_token], "separator.bos_token") if sep_cfg.add_bos else []
+    eos = special_token_ids(backend, [sep_cfg.eos_token], "separator.eos_token") if sep_cfg.add_eos else []
+    if sep_cfg.position == "prefix":
+        prefix, suffix = np.concatenate([sep, bos]), np.asarray(eos, dtype=np.int64)
+    else:
+        prefix, suffix = np.asarray(bos, dtype=np.int64), np.concatenate([eos, sep])
+    info = {"description": f"{what}, {sep_cfg.position}; bos={bos or 'no'}, eos={eos or 'no'}",
+            "separator_ids": sep.tolist(), "bos_ids": bos, "eos_ids": eos}
+    return prefix.astype(np.int64), suffix.astype(np.int64), info
+
+
+def _progress_bar(enabled: Optional[bool], desc: str):
+    from tqdm import tqdm
+
+    # disable=None lets tqdm turn itself off when stderr is not a terminal.
+    return tqdm(desc=desc, unit="tok", unit_scale=True, disable=None if enabled is None else not enabled,
+                smoothing=0.1, mininterval=1.0)
+
+
+def build_dataset(recipe: BuildRecipe, progress: Optional[bool] = None) -> Dict[str, Any]:
+    """Build PREFIX.bin/.idx and the report from a recipe; returns the report dict."""
+    t_start = time.perf_counter()
+    files = expand_inputs(recipe.inputs)  # missing inputs fail before any work
+    outputs = AtomicOutputs(recipe.output.prefix, OUTPUT_SUFFIXES, recipe.output.overwrite)
+    pool = AtomicOutputs(recipe.output.prefix, POOL_SUFFIXES, overwrite=True, tag="pool")
+    try:
+        report = _build(recipe, files, outputs, pool, progress, t_start)
+        outputs.commit(last=".idx")
+        return report
+    except BaseException:
+        outputs.abort()
+        raise
+    finally:
+        pool.abort()
+
+
+def _build(recipe, files, outputs, pool, progress, t_start) -> Dict[str, Any]:
+    cfg = recipe.upsampling
+    declared = list(cfg.domains)
+    worker_cfg = WorkerConfig(
+        backend=BackendSpec("hf", recipe.tokenizer.path),  # replaced below once chosen
+        text_field=recipe.text_field, domain_field=recipe.domain_field,
+        known_domains=frozenset(declared) if declared else None,
+    )
+    # 1. Pick the tokenizer backend, proving the tiktoken path on a corpus sample.
+    sample_n = recipe.tokenizer.verify_docs if recipe.tokenizer.kind == "hf" else 0
+    sample, consumed, rest = split_sample(iter_raw_batches(recipe), worker_cfg, sample_n)
+    spec, tok_info = choose_backend(recipe, sample)
+    worker_cfg = WorkerConfig(spec, worker_cfg.text_field, worker_cfg.domain_field,
+                              worker_cfg.known_domains)
+    reference = load_backend(BackendSpec(spec.kind if spec.kind != "tiktoken" else "hf", spec.path,
+                                         spec.special_tokens_in_text, hf_threads=True))
+    prefix_ids, suffix_ids, sep_info = document_affixes(recipe, reference)
+    dtype = token_dtype(reference.vocab_size)
+
+    # 2. Stage 1: tokenize everything once into the pool.
+    domain_ids: Dict[str, int] = {d: i for i, d in enumerate(declared)}
+    pool_builder = CompactIndexedDatasetBuilder(pool.path(".bin"), dtype)
+    bar = _progress_bar(progress, "tokenize")
+    with open(pool.path(".dom"), "wb") as dom_f, open(pool.path(".key"), "wb") as key_f:
+        summary = tokenize_to_pool(
+            itertools.chain(consumed, rest), worker_cfg, recipe.workers, pool_builder, domain_ids,
+            dom_f, key_f, recipe.skip_bad, lambda n_tok, n_doc: bar.update(n_tok),
+        )
+    bar.close()
+    pool_builder.finalize(pool.path(".idx"))
+    domains = sorted(domain_ids, key=domain_ids.get)
+
+    # 3. Stage 2: per (domain, length class) totals -> sampling plan.
+    pool_prefix = pool.path(".bin")[: -len(".bin")]
+    pool_ds, lengths, pointers, doms, keys, tokens = _open_pool(pool_prefix, pool, dtype)
+    itemsize = np.dtype(dtype).itemsize
+    extra = len(prefix_ids) + len(suffix_ids)
+    totals = upsample.ClassTotals.zeros(len(domains))
+    edges = np.asarray(recipe.output.length_buckets, dtype=np.int64)
+    before, after = LengthStats(domains, edges), LengthStats(domains, edges)
+    for s in range(0, len(lengths), CHUNK_DOCS):
+        ln, dm = lengths[s:s + CHUNK_DOCS].astype(np.int64), doms[s:s + CHUNK_DOCS]
+        totals.add(dm, ln, cfg)
+        before.add(dm, ln)
+    plans = upsample.plan_domains(domains, totals, cfg, extra)
+
+    # 4. Stage 3: write copies, sweep by sweep, through megatron-core's builder.
+    out = CompactIndexedDatasetBuilder(outputs.path(".bin"), dtype)
+    weights = upsample.weight_table(plans)
+    bar = _progress_bar(progress, "write")
+    t_write = time.perf_counter()
+    for sweep in range(upsample.max_copies(plans)):
+        for s in range(0, len(lengths), CHUNK_DOCS):
+            ln, dm = lengths[s:s + CHUNK_DOCS].astype(np.int64), doms[s:s + CHUNK_DOCS]
+            starts = pointers[s:s + CHUNK_DOCS] // itemsize
+            copies = upsample.copies_per_document(keys[s:s + CHUNK_DOCS], dm, ln, weights, cfg)
+            if sweep == 0:
+                after.add(dm, ln, copies)
+            for i in np.nonzero(copies > sweep)[0]:
+                doc = tokens[starts[i]:starts[i] + ln[i]]
+                step = cfg.max_doc_tokens or max(1, len(doc))
+                for p in range(0, len(doc), step):
+                    out.add_document_parts((prefix_ids, doc[p:p + step], suffix_ids))
+            bar.update(out.tokens_written - bar.n)
+    bar.close()
+    out.finalize(outputs.path(".idx"))
+    del pool_ds, lengths, pointers, doms, keys, tokens
+
+    # 5. Report.
+    n_out_docs = len(out.sequence_lengths)
+    report = {
+        "output": {"prefix": recipe.output.prefix, "documents": n_out_docs,
+                   "tokens": int(out.tokens_written), "dtype": np.dtype(dtype).name},
+        "tokenizer": {**tok_info, **summary.counters},
+        "input": {"files": len(files), "records": summary.records, "blank_lines": summary.blank_lines,
+                  "documents": summary.documents, "tokens": summary.tokens},
+        "skipped": {"total": sum(summary.bad.values()), "by_reason": summary.bad,
+                    "examples": summary.bad_examples},
+        "budget": {"total_tokens": cfg.total_tokens, "realised_over_target":
+                   out.tokens_written / cfg.total_tokens if cfg.total_tokens else None},
+        "separators": {**sep_info, "tokens_inserted": n_out_docs * len(sep_info["separator_ids"]),
+                       "affix_tokens_per_document": extra},
+        "plan": upsample.plans_as_dict(plans),
+        "source": before.as_dict(),
+        "output_documents": after.as_dict(),
+        "timing": {"tokenize_s": round(summary.seconds, 2),
+                   "tokenize_tokens_per_s": summary.tokens / max(summary.seconds, 1e-9),
+                   "write_s": round(time.perf_counter() - t_write, 2),
+                   "total_s": round(time.perf_counter() - t_start, 2), "workers": recipe.workers},
+        "recipe": recipe_to_dict(recipe),
+    }
+    write_report(report, outputs.path(".stats.json"), outputs.path(".stats.md"))
+    plot_length_histogram(before, after, outputs.path(".lengths.png"),
+                          os.path.basename(recipe.output.prefix),
+                          (cfg.short_threshold, cfg.long_threshold))
+    return report
+
+
+def _open_pool(prefix: str, pool: AtomicOutputs, dtype) -> Tuple[Any, ...]:
+    """Pool arrays, all memory-mapped (nothing per document is copied into memory): lengths and
+    pointers through megatron-core's own reader, domain ids, keys and tokens as raw files."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    def mm(path: str, dt) -> np.ndarray:
+        return np.memmap(path, dtype=dt, mode="r") if os.path.getsize(path) else np.zeros(0, dt)
+
+    if not os.path.getsize(pool.path(".bin")):
+        empty = np.zeros(0, np.int64)
+        return None, empty, empty, mm(pool.path(".dom"), np.uint16), mm(pool.path(".key"), np.uint64), empty
+    ds = IndexedDataset(prefix, mmap=True)
+    return (ds, ds.sequence_lengths, ds.index.sequence_pointers, mm(pool.path(".dom"), np.uint16),
+            mm(pool.path(".key"), np.uint64), mm(pool.path(".bin"), dtype))

@@ -1,0 +1,241 @@
+"""Streaming readers: input files -> bounded batches of raw records -> validated documents.
+
+The main process only reads bytes (and decompresses); JSON parsing and validation run in the
+workers (`parse_batch`), so one slow stage does not serialise the rest. A batch carries its file
+and first line number, so every bad record can be named as `file:line` (Parquet: `file:row N`).
+Nothing is held beyond one batch per in-flight work item: memory does not grow with the corpus.
+"""
+from __future__ import annotations
+
+import glob
+import gzip
+import hashlib
+import io
+import json
+import os
+from dataclasses import dataclass, field
+from typing import IO, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from megatron_ultralong.data.recipe import BuildRecipe, InputSpec
+
+BAD_REASONS = ("malformed JSON", "missing field", "non-UTF-8", "empty text", "unknown domain")
+MAX_LINES_PER_BATCH = 4096
+
+
+@dataclass(frozen=True)
+class RawBatch:
+    """Up to `batch_bytes` of one file's records, not yet parsed."""
+
+    source: str
+    """The input file, as expanded from the recipe (used in error messages)."""
+
+    first_line: int
+    """1-based line (JSONL) or row (Parquet) number of the first record."""
+
+    lines: Tuple[bytes, ...] = ()
+    """JSONL: raw lines (blank lines included, so numbering stays exact)."""
+
+    rows: Tuple[Tuple[object, object], ...] = ()
+    """Parquet: (text, domain) cells."""
+
+    fixed_domain: Optional[str] = None
+    """The input's fixed domain, or None to read the record's domain field."""
+
+
+@dataclass(frozen=True)
+class BadRecord:
+    """A record that cannot become a document."""
+
+    source: str
+    line: int
+    reason: str
+    detail: str = ""
+
+    def where(self) -> str:
+        unit = "row " if self.source.endswith(".parquet") else ""
+        return f"{self.source}:{unit}{self.line}"
+
+    def message(self) -> str:
+        return f"{self.where()}: {self.reason}" + (f" ({self.detail})" if self.detail else "")
+
+
+@dataclass
+class ParsedBatch:
+    """Valid documents of a batch, plus what was rejected."""
+
+    texts: List[str] = field(default_factory=list)
+    domains: List[str] = field(default_factory=list)
+    keys: List[int] = field(default_factory=list)
+    bad: List[BadRecord] = field(default_factory=list)
+    blank_lines: int = 0
+
+
+class BadInputError(ValueError):
+    """Raised on the first bad record when --skip-bad is not given."""
+
+    def __init__(self, record: BadRecord):
+        super().__init__(record.message() + " (rerun with --skip-bad to skip and count these)")
+        self.record = record
+
+
+def expand_inputs(inputs: Sequence[InputSpec]) -> List[Tuple[str, InputSpec]]:
+    """(file, spec) pairs: globs expanded in sorted order; a pattern matching nothing is an error."""
+    files: List[Tuple[str, InputSpec]] = []
+    for spec in inputs:
+        matches = sorted(glob.glob(spec.path)) if glob.has_magic(spec.path) else [spec.path]
+        matches = [m for m in matches if os.path.isfile(m)]
+        if not matches:
+            raise FileNotFoundError(f"inputs[].path={spec.path!r}: no such file")
+        files += [(m, spec) for m in matches]
+    return files
+
+
+def input_format(path: str, spec: InputSpec) -> str:
+    if spec.format != "auto":
+        return spec.format
+    return "parquet" if path.endswith(".parquet") else "jsonl"
+
+
+def open_lines(path: str) -> IO[bytes]:
+    """Binary line stream of a plain, .gz or .zst JSONL file."""
+    if path.endswith(".gz"):
+        return gzip.open(path, "rb")
+    if path.endswith((".zst", ".zstd")):
+        import zstandard
+
+        raw = open(path, "rb")
+        reader = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True, closefd=True)
+        return io.BufferedReader(reader, buffer_size=1 << 20)
+    return open(path, "rb", buffering=1 << 20)
+
+
+def _jsonl_batches(path: str, spec: InputSpec, batch_bytes: int) -> Iterator[RawBatch]:
+    lines: List[bytes] = []
+    size, first = 0, 1
+    with open_lines(path) as f:
+        for number, line in enumerate(f, start=1):
+            lines.append(line)
+            size += len(line)
+            if size >= batch_bytes or len(lines) >= MAX_LINES_PER_BATCH:
+                yield RawBatch(path, first, lines=tuple(lines), fixed_domain=spec.domain)
+                lines, size, first = [], 0, number + 1
+    if lines:
+        yield RawBatch(path, first, lines=tuple(lines), fixed_domain=spec.domain)
+
+
+def _parquet_batches(path: str, spec: InputSpec, recipe: BuildRecipe) -> Iterator[RawBatch]:
+    import pyarrow.parquet as pq
+
+    pf = pq.ParquetFile(path)
+    names = set(pf.schema_arrow.names)
+    wanted = [c for c in (recipe.text_field, recipe.domain_field) if c and c in names]
+    row = 1
+    # Row groups are read in slices sized from the file's average row size, to bound memory.
+    avg = max(1, pf.metadata.serialized_size // max(1, pf.metadata.num_rows)) if pf.metadata.num_rows else 1
+    rows_per_batch = max(1, min(MAX_LINES_PER_BATCH, recipe.batch_bytes // max(avg, 256)))
+    for table in pf.iter_batches(batch_size=rows_per_batch, columns=wanted or None):
+        n = table.num_rows
+        text = table.column(recipe.text_field).to_pylist() if recipe.text_field in wanted else [_MISSING] * n
+        dom_col = recipe.domain_field if recipe.domain_field in wanted else None
+        domain = table.column(dom_col).to_pylist() if dom_col else [_MISSING] * n
+        yield RawBatch(path, row, rows=tuple(zip(text, domain)), fixed_domain=spec.domain)
+        row += n
+
+
+_MISSING = object()
+
+
+def iter_raw_batches(recipe: BuildRecipe) -> Iterator[RawBatch]:
+    """Every input's records, in recipe order, as bounded raw batches."""
+    for path, spec in expand_inputs(recipe.inputs):
+        if input_format(path, spec) == "parquet":
+            yield from _parquet_batches(path, spec, recipe)
+        else:
+            yield from _jsonl_batches(path, spec, recipe.batch_bytes)
+
+
+def document_key(text_utf8: bytes) -> int:
+    """64-bit content hash: the per-document sampling draw depends on the text, not its position."""
+    return int.from_bytes(hashlib.blake2b(text_utf8, digest_size=8).digest(), "little")
+
+
+def _validate(
+    out: ParsedBatch, source: str, line: int, text: object, domain: object,
+    known_domains: Optional[frozenset], fields: Tuple[str, Optional[str]],
+) -> None:
+    if text is _MISSING or text is None:
+        out.bad.append(BadRecord(source, line, "missing field", repr(fields[0])))
+        return
+    if domain is _MISSING or domain is None:
+        out.bad.append(BadRecord(source, line, "missing field", repr(fields[1])))
+        return
+    if isinstance(text, bytes):
+        try:
+            text = text.decode("utf-8")
+        except UnicodeDecodeError as e:
+            out.bad.append(BadRecord(source, line, "non-UTF-8", str(e)))
+            return
+    if not isinstance(text, str):
+        out.bad.append(BadRecord(source, line, "missing field",
+                                 f"{fields[0]!r} is {type(text).__name__}, not a string"))
+        return
+    try:
+        # Also rejects lone surrogates, which JSON "\ud800" escapes can smuggle into a str.
+        raw = text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        out.bad.append(BadRecord(source, line, "non-UTF-8", str(e)))
+        return
+    if not text.strip():
+        out.bad.append(BadRecord(source, line, "empty text"))
+        return
+    domain = str(domain)
+    if known_domains is not None and domain not in known_domains:
+        out.bad.append(BadRecord(source, line, "unknown domain", domain))
+        return
+    out.texts.append(text)
+    out.domains.append(domain)
+    out.keys.append(document_key(raw))
+
+
+def parse_batch(
+    batch: RawBatch, text_field: str, domain_field: Optional[str],
+    known_domains: Optional[frozenset],
+) -> ParsedBatch:
+    """Validate a raw batch into documents; bad records are returned, never dropped."""
+    out = ParsedBatch()
+    fields = (text_field, domain_field)
+    for i, cells in enumerate(batch.rows):
+        text, domain = cells
+        _validate(out, batch.source, batch.first_line + i, text,
+                  batch.fixed_domain if batch.fixed_domain is not None else domain, known_domains,
+                  fields)
+    for i, line in enumerate(batch.lines):
+        number = batch.first_line + i
+        if not line.strip():
+            out.blank_lines += 1  # counted in the report; a blank line is not a record
+            continue
+        try:
+            decoded = line.decode("utf-8")
+        except UnicodeDecodeError as e:
+            out.bad.append(BadRecord(batch.source, number, "non-UTF-8", str(e)))
+            continue
+        try:
+            record = json.loads(decoded)
+        except ValueError as e:
+            out.bad.append(BadRecord(batch.source, number, "malformed JSON", str(e)))
+            continue
+        if not isinstance(record, dict):
+            out.bad.append(BadRecord(batch.source, number, "malformed JSON", "not an object"))
+            continue
+        domain = batch.fixed_domain
+        if domain is None:
+            domain = record.get(domain_field, _MISSING) if domain_field else _MISSING
+        _validate(out, batch.source, number, record.get(text_field, _MISSING), domain,
+                  known_domains, fields)
+    return out
+
+
+def keys_array(keys: List[int]) -> np.ndarray:
+    return np.asarray(keys, dtype=np.uint64)

@@ -1,0 +1,355 @@
+"""The dataset-builder recipe: one set of frozen dataclasses, loaded from YAML, validated per field.
+
+Every field has a docstring; every section checks itself in `__post_init__` and raises ValueError
+naming the field and the bad value. `load_recipe(path, overrides)` is the only constructor the CLI
+uses; overrides are `section.field=value` strings whose values are parsed as YAML scalars.
+
+The UltraLong paper says only that documents shorter than 4K tokens are downsampled and documents
+longer than 8K are upsampled, to 1B tokens, per domain, separated by "<s>"
+(../shared/reference/RECIPE.md §2); the factors and the domains are not published, so they are
+fields here rather than constants.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import yaml
+
+INPUT_FORMATS = ("auto", "jsonl", "parquet")
+TOKENIZER_KINDS = ("hf", "sentencepiece")
+FAST_PATH_MODES = ("auto", "off", "require")
+SPECIAL_IN_TEXT = ("ordinary", "special")
+SEPARATOR_POSITIONS = ("prefix", "suffix")
+
+
+def _fail(name: str, value: Any, why: str) -> None:
+    raise ValueError(f"{name}={value!r}: {why}")
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """One input file or glob, optionally with a fixed domain for all its records."""
+
+    path: str
+    """File path or glob (JSONL plain/.gz/.zst, or .parquet); globs expand in sorted order."""
+
+    domain: Optional[str] = None
+    """Domain for every record of these files; None reads the record's `domain_field`."""
+
+    format: str = "auto"
+    """"auto" (from the suffix), "jsonl" or "parquet"."""
+
+    def __post_init__(self) -> None:
+        if not self.path:
+            _fail("inputs[].path", self.path, "must be a non-empty path or glob")
+        if self.format not in INPUT_FORMATS:
+            _fail("inputs[].format", self.format, f"must be one of {INPUT_FORMATS}")
+
+
+@dataclass(frozen=True)
+class TokenizerConfig:
+    """Which tokenizer, and whether the tiktoken fast path may replace it."""
+
+    path: str
+    """An HF `tokenizer.json` (kind "hf") or a SentencePiece `.model` (kind "sentencepiece")."""
+
+    kind: str = "hf"
+    """"hf" (Hugging Face `tokenizers`) or "sentencepiece"."""
+
+    fast_path: str = "auto"
+    """"auto": tiktoken when proven equivalent, else HF; "off": HF always; "require": fail if
+    the proof fails (for runs that must meet a throughput budget)."""
+
+    special_tokens_in_text: str = "ordinary"
+    """"ordinary": a special-token string inside a document is plain text (documents cannot inject
+    control tokens); "special": it becomes the special id, as `tokenizer(text)` in
+    preprocess_data.py does."""
+
+    verify_docs: int = 512
+    """Corpus documents also encoded by HF and compared before the fast path is trusted."""
+
+    def __post_init__(self) -> None:
+        if not self.path:
+            _fail("tokenizer.path", self.path, "is required")
+        if self.kind not in TOKENIZER_KINDS:
+            _fail("tokenizer.kind", self.kind, f"must be one of {TOKENIZER_KINDS}")
+        if self.fast_path not in FAST_PATH_MODES:
+            _fail("tokenizer.fast_path", self.fast_path, f"must be one of {FAST_PATH_MODES}")
+        if self.special_tokens_in_text not in SPECIAL_IN_TEXT:
+            _fail("tokenizer.special_tokens_in_text", self.special_tokens_in_text,
+                  f"must be one of {SPECIAL_IN_TEXT}")
+        if self.verify_docs < 0:
+            _fail("tokenizer.verify_docs", self.verify_docs, "must be >= 0")
+
+
+@dataclass(frozen=True)
+class SeparatorConfig:
+    """What goes between documents. The paper joins documents with the literal text "<s>"."""
+
+    text: Optional[str] = "<s>"
+    """Literal separator, tokenized as ordinary text (for Llama-3 "<s>" is 3 BPE pieces, not a
+    special token). None or "" for no literal separator."""
+
+    tokens: Tuple[str, ...] = ()
+    """Special tokens used as the separator instead, e.g. ["<|end_of_text|>"]; resolved to ids."""
+
+    position: str = "prefix"
+    """"prefix" puts the separator before every document (as Fu et al.'s per-document "<s>" BOS
+    in Llama-2), "suffix" after every document."""
+
+    add_bos: bool = False
+    """Prepend `bos_token` to every document (inside the separator)."""
+
+    add_eos: bool = False
+    """Append `eos_token` to every document (inside the separator)."""
+
+    bos_token: str = "<|begin_of_text|>"
+    """BOS token string; "<s>" for a Llama-2 SentencePiece model."""
+
+    eos_token: str = "<|end_of_text|>"
+    """EOS token string; "</s>" for a Llama-2 SentencePiece model."""
+
+    def __post_init__(self) -> None:
+        if self.text and self.tokens:
+            _fail("separator.tokens", self.tokens, "give separator.text or separator.tokens, not both")
+        if self.position not in SEPARATOR_POSITIONS:
+            _fail("separator.position", self.position, f"must be one of {SEPARATOR_POSITIONS}")
+        if any(not t for t in self.tokens):
+            _fail("separator.tokens", self.tokens, "must not contain empty strings")
+
+
+@dataclass(frozen=True)
+class DomainPolicy:
+    """Per-domain overrides; unset fields take the `upsampling` defaults."""
+
+    share: Optional[float] = None
+    """Fraction of the token budget for this domain; if any domain sets it, all must, summing
+    to 1. Unset everywhere: each domain keeps its original token share (Fu et al. per-source)."""
+
+    short_keep_prob: Optional[float] = None
+    """Relative weight of documents shorter than `short_threshold` (overrides the default)."""
+
+    long_factor: Optional[float] = None
+    """Relative weight of documents of `long_threshold` tokens or more (overrides the default)."""
+
+    def __post_init__(self) -> None:
+        if self.share is not None and not 0.0 <= self.share <= 1.0:
+            _fail("upsampling.domains.*.share", self.share, "must be in [0, 1]")
+        if self.short_keep_prob is not None and not 0.0 <= self.short_keep_prob <= 1.0:
+            _fail("upsampling.domains.*.short_keep_prob", self.short_keep_prob, "must be in [0, 1]")
+        if self.long_factor is not None and not self.long_factor >= 1.0:
+            _fail("upsampling.domains.*.long_factor", self.long_factor, "must be >= 1")
+
+
+@dataclass(frozen=True)
+class UpsampleConfig:
+    """Length-based per-domain sampling (Fu et al. 2024 per-source upsampling; UltraLong)."""
+
+    seed: int = 1234
+    """Seed of the per-document keep/repeat draws; same seed and inputs give the same bytes."""
+
+    total_tokens: Optional[int] = None
+    """Token budget of the output, separators included (UltraLong: 1_000_000_000). None: no
+    budget, the weights apply as given and the output is as large as they make it."""
+
+    short_threshold: int = 4096
+    """Documents with fewer tokens than this are "short" (UltraLong and Fu et al.: 4K)."""
+
+    long_threshold: int = 8192
+    """Documents with at least this many tokens are "long" (UltraLong: 8K); between the two
+    thresholds documents have weight 1."""
+
+    short_keep_prob: float = 1.0
+    """Weight of short documents relative to medium ones (a keep probability when <= 1 after
+    budget scaling). Fu et al. use 0.1; UltraLong's value is unpublished."""
+
+    long_factor: float = 1.0
+    """Weight of long documents relative to medium ones (expected copies before budget scaling)."""
+
+    domains: Dict[str, DomainPolicy] = field(default_factory=dict)
+    """Declared domains with optional overrides. Non-empty: a record of any other domain is bad
+    input ("unknown domain"). Empty: every domain seen is accepted with the defaults."""
+
+    max_doc_tokens: Optional[int] = None
+    """Split documents longer than this into pieces of at most this many tokens (each piece gets
+    its own separator). None (default): documents are never split."""
+
+    def __post_init__(self) -> None:
+        if self.total_tokens is not None and self.total_tokens <= 0:
+            _fail("upsampling.total_tokens", self.total_tokens, "must be > 0 or null")
+        if self.short_threshold < 1:
+            _fail("upsampling.short_threshold", self.short_threshold, "must be >= 1")
+        if self.long_threshold < self.short_threshold:
+            _fail("upsampling.long_threshold", self.long_threshold, "must be >= short_threshold")
+        if not 0.0 <= self.short_keep_prob <= 1.0:
+            _fail("upsampling.short_keep_prob", self.short_keep_prob, "must be in [0, 1]")
+        if not self.long_factor >= 1.0:
+            _fail("upsampling.long_factor", self.long_factor, "must be >= 1")
+        if self.max_doc_tokens is not None and self.max_doc_tokens < 1:
+            _fail("upsampling.max_doc_tokens", self.max_doc_tokens, "must be >= 1 or null")
+        shares = {d: p.share for d, p in self.domains.items()}
+        given = [s for s in shares.values() if s is not None]
+        if given and len(given) != len(shares):
+            missing = sorted(d for d, s in shares.items() if s is None)
+            _fail("upsampling.domains.*.share", missing, "set a share for every domain or none")
+        if given and not math.isclose(sum(given), 1.0, abs_tol=1e-6):
+            _fail("upsampling.domains.*.share", shares, "shares must sum to 1")
+
+    def policy(self, domain: str) -> Tuple[float, float]:
+        """(short weight, long weight) for a domain, overrides applied."""
+        p = self.domains.get(domain, DomainPolicy())
+        short = self.short_keep_prob if p.short_keep_prob is None else p.short_keep_prob
+        long = self.long_factor if p.long_factor is None else p.long_factor
+        return short, long
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    """Where the dataset and its report go."""
+
+    prefix: str
+    """Output path prefix: writes PREFIX.bin, PREFIX.idx, PREFIX.stats.json, PREFIX.stats.md,
+    PREFIX.lengths.png (each under a temporary name until the build completes)."""
+
+    length_buckets: Tuple[int, ...] = (1024, 4096, 8192, 32768, 131072, 1048576)
+    """Upper edges (exclusive, in tokens) of the report's length buckets; a last open bucket
+    catches everything longer."""
+
+    overwrite: bool = False
+    """Replace an existing dataset at `prefix`; otherwise refuse to touch it."""
+
+    def __post_init__(self) -> None:
+        if not self.prefix:
+            _fail("output.prefix", self.prefix, "is required")
+        edges = list(self.length_buckets)
+        if not edges or edges != sorted(set(edges)) or edges[0] < 1:
+            _fail("output.length_buckets", self.length_buckets, "must be increasing and >= 1")
+
+
+@dataclass(frozen=True)
+class BuildRecipe:
+    """Everything one dataset build needs."""
+
+    inputs: Tuple[InputSpec, ...]
+    """Input files, read in this order (order fixes the output order)."""
+
+    tokenizer: TokenizerConfig
+    """Tokenizer and fast-path settings."""
+
+    output: OutputConfig
+    """Output prefix and report settings."""
+
+    text_field: str = "text"
+    """Record field holding the document text."""
+
+    domain_field: Optional[str] = "domain"
+    """Record field holding the domain; None means every input must set `domain`."""
+
+    separator: SeparatorConfig = SeparatorConfig()
+    """Separator and BOS/EOS policy."""
+
+    upsampling: UpsampleConfig = UpsampleConfig()
+    """Per-domain length-based sampling policy."""
+
+    workers: int = 2
+    """Tokenizer worker processes; 0 tokenizes in the main process."""
+
+    skip_bad: bool = False
+    """Skip bad records and count them in the report instead of failing on the first one."""
+
+    batch_bytes: int = 1 << 20
+    """Raw input bytes per work item sent to a worker; bounds memory per in-flight item."""
+
+    def __post_init__(self) -> None:
+        if not self.inputs:
+            _fail("inputs", self.inputs, "at least one input is required")
+        if not self.text_field:
+            _fail("text_field", self.text_field, "must be a non-empty field name")
+        if self.domain_field is None and any(i.domain is None for i in self.inputs):
+            _fail("domain_field", None, "is null, so every input needs a fixed `domain`")
+        if self.workers < 0:
+            _fail("workers", self.workers, "must be >= 0")
+        if self.batch_bytes < 1024:
+            _fail("batch_bytes", self.batch_bytes, "must be >= 1024")
+
+
+def _build(cls: type, raw: Any, where: str) -> Any:
+    """Dataclass from a mapping, rejecting unknown keys (typos fail loudly, naming the key)."""
+    if not isinstance(raw, Mapping):
+        _fail(where or "recipe", raw, "must be a mapping")
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(names))
+    if unknown:
+        _fail(f"{where}.{unknown[0]}" if where else unknown[0], raw[unknown[0]], "unknown field")
+    kwargs: Dict[str, Any] = {}
+    for key, value in raw.items():
+        sub = f"{where}.{key}" if where else key
+        if cls is BuildRecipe and key == "inputs":
+            items = value if isinstance(value, list) else [value]
+            kwargs[key] = tuple(
+                _build(InputSpec, {"path": v} if isinstance(v, str) else v, f"{sub}[{i}]")
+                for i, v in enumerate(items)
+            )
+        elif cls is BuildRecipe and key in _SECTIONS:
+            kwargs[key] = _build(_SECTIONS[key], value or {}, sub)
+        elif cls is UpsampleConfig and key == "domains":
+            kwargs[key] = {
+                str(d): _build(DomainPolicy, p or {}, f"{sub}.{d}") for d, p in (value or {}).items()
+            }
+        elif key in ("tokens", "length_buckets"):
+            kwargs[key] = tuple(value or ())
+        else:
+            kwargs[key] = value
+    try:
+        return cls(**kwargs)
+    except TypeError as e:  # a required field is missing
+        raise ValueError(f"{where or 'recipe'}: {e}") from None
+
+
+_SECTIONS = {
+    "tokenizer": TokenizerConfig,
+    "output": OutputConfig,
+    "separator": SeparatorConfig,
+    "upsampling": UpsampleConfig,
+}
+
+
+def apply_overrides(raw: Dict[str, Any], overrides: Sequence[str]) -> Dict[str, Any]:
+    """Apply `a.b=value` overrides to a raw recipe mapping (value parsed as a YAML scalar)."""
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r}: expected key.sub=value")
+        key, value = item.split("=", 1)
+        node = raw
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"override {item!r}: {part} is not a section")
+        node[parts[-1]] = yaml.safe_load(value)
+    return raw
+
+
+def load_recipe(path: str, overrides: Sequence[str] = ()) -> BuildRecipe:
+    """Read a YAML recipe, apply `key.sub=value` overrides, validate everything."""
+    with open(path, encoding="utf-8") as f:
+        raw = yaml.safe_load(f) or {}
+    return recipe_from_dict(apply_overrides(raw, overrides))
+
+
+def recipe_from_dict(raw: Mapping[str, Any]) -> BuildRecipe:
+    """Validate a raw mapping (as YAML gives) into a `BuildRecipe`."""
+    return _build(BuildRecipe, raw, "")
+
+
+def recipe_to_dict(recipe: BuildRecipe) -> Dict[str, Any]:
+    """Plain-data form of a recipe (for the stats report)."""
+    return dataclasses.asdict(recipe)
+
+
+def list_fields(cls: type) -> List[str]:
+    """Field names of a recipe section, for docs and error hints."""
+    return [f.name for f in dataclasses.fields(cls)]

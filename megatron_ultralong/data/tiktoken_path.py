@@ -1,0 +1,290 @@
+"""The tiktoken fast path: rebuild a byte-level BPE tokenizer.json as a tiktoken `Encoding` and
+prove, before it is used, that it gives the ids HF `tokenizers` gives.
+
+Why it can be exact. HF's BPE merges the adjacent pair with the lowest *merge index*; tiktoken
+merges the adjacent pair whose concatenation has the lowest *rank*, and emits ranks as ids. With
+ranks = HF ids the two agree when (checked by `structural_check`, all of it):
+  1. the pre-tokenizer is a regex Split ("Isolated") + ByteLevel without its own regex, or a
+     ByteLevel with its GPT-2 regex; no normalizer; the model is plain BPE (no dropout, unk,
+     prefix/suffix, byte fallback) with `ignore_merges: true` (tiktoken also emits a whole
+     pre-token that is itself a token without merging);
+  2. the vocab is byte-level and holds all 256 single bytes;
+  3. merges are closed under splitting: every split of a token into two tokens is a merge (else
+     tiktoken could merge a pair HF never merges), every merge result is a token, and merges are
+     ordered by the result's id (so HF's merge order refines tiktoken's rank order);
+  4. added tokens are all special, not normalized, no lstrip/rstrip/single_word, none a
+     substring of another.
+Llama-3's tokenizer.json satisfies all of this: it was converted from Meta's tiktoken ranks by
+transformers' TikTokenConverter, which writes exactly such merges.
+
+Two things structure does not settle. (a) When two *different* splits of one token are adjacent
+pairs in the same word at once, HF takes the one listed first and tiktoken the leftmost; the
+outcome can differ only if merging one creates a pair ranked below that token (Llama-3's own file
+has many tokens with several splits; transformers relies on the same conversion). (b) That both
+regex engines (Oniguruma in `tokenizers`, fancy-regex in tiktoken) classify every code point
+alike (\\p{L}, \\p{N}, \\s, case folding). So
+`prove_equivalence` also compares ids on probe texts (special tokens, whitespace runs, digits,
+emoji, CJK, combining marks, ...), on a sweep over every code point of planes 0-3 and 14 in
+several contexts, and on a sample of the corpus. Code points that differ in the sweep, and all
+code points outside the swept planes (unassigned or private use), are routed to HF per document.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+from megatron_ultralong.data.toy_tokenizer import bytes_to_unicode
+
+# GPT-2's ByteLevel regex, used when ByteLevel does its own splitting (use_regex=True).
+GPT2_SPLIT_REGEX = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+
+# Planes swept code point by code point; everything else (planes 4-13: unassigned as of Unicode
+# 16; 15-16: private use) is routed to HF instead of being proven.
+SWEPT_RANGES = ((0x0, 0x40000), (0xE0000, 0xE1000))
+UNSWEPT_CLASS = r"\U00040000-\U000DFFFF\U000E1000-\U0010FFFF"
+# Contexts for each code point c: after a letter, before/after digits, around spaces, after an
+# apostrophe (the case-insensitive contraction branch), before a newline.
+SWEEP_CONTEXT = "'{c}a{c}1{c} {c}\n"
+
+PROBE_TEXTS = (
+    "Hello world! It's a test; we're sure they'll've done it. I'M LOUD'S'T",
+    "   leading spaces, trailing spaces   ",
+    "tabs\tand\t\ttabs\n\nnewlines\r\nwindows\r\n\r\n\n   \n\t \n",
+    " " * 40 + "x" + "\n" * 9 + "y" + "\t" * 17,
+    "digits 1 12 123 1234 12345 3.14159 1,000,000 ٣٤٥ ໑໒໓ Ⅻ ½ ²³ 007",
+    "emoji 😀😃🚀👩‍👩‍👧‍👦 🇫🇷 ❤️ 👍🏽 flags and ZWJ sequences",
+    "CJK 中文字符测试 日本語のテキスト 한국어 텍스트 漢字かなカナ",
+    "accents café naïve Zürich Ångström ǅ ǈ ß ẞ ſ K (Kelvin) Ωmega İstanbul",
+    "combining: e\u0301 a\u0308 n\u0303 \u0915\u094d\u0937 \u0e01\u0e34",
+    "RTL: שלום עולם مرحبا بالعالم",
+    "specials <|begin_of_text|>inside<|end_of_text|> <|eot_id|>text <s></s> <|unknown|>",
+    "code: def f(x):\n    return x**2  # comment\n\tif (a && b) { c++; }\n",
+    "punct !!! ??? ... --- ___ *** ### @@@ $$$ %%% ^^^ &&& ((( ))) [[[ ]]] {{{ }}}",
+    "mixed a1b2c3 abc123def 12abc ab'cd 'quoted' \"double\" `back`",
+    "\u00a0nbsp\u2003em space\u3000ideographic\u200bzero width\ufeffbom\u2028ls\u2029ps",
+    "\x00\x01\x07 control \x7f\x85 chars",
+    "",
+)
+
+
+@dataclass(frozen=True)
+class TiktokenParts:
+    """What a tiktoken Encoding is built from (ranks are HF ids)."""
+
+    pat_str: str
+    ranks: Dict[bytes, int]
+    special_tokens: Dict[str, int]
+
+
+@dataclass(frozen=True)
+class Proof:
+    """Outcome of `prove_equivalence`, recorded in the build report."""
+
+    ok: bool
+    reasons: Tuple[str, ...] = ()
+    hf_only_chars: str = ""
+    mismatched_code_points: Tuple[int, ...] = ()
+    checks: Dict[str, int] = field(default_factory=dict)
+
+
+def read_tokenizer_json(path: str) -> Dict[str, Any]:
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _split_pattern(pre: Optional[Dict[str, Any]]) -> Tuple[Optional[str], List[str]]:
+    if pre is None:
+        return None, ["pre_tokenizer is missing"]
+    if pre.get("type") == "ByteLevel":
+        if pre.get("use_regex", True) and not pre.get("add_prefix_space", False):
+            return GPT2_SPLIT_REGEX, []
+        return None, ["ByteLevel pre_tokenizer without its regex or with add_prefix_space"]
+    steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else []
+    if len(steps) != 2 or steps[0].get("type") != "Split" or steps[1].get("type") != "ByteLevel":
+        return None, [f"pre_tokenizer is not Split+ByteLevel: {pre.get('type')}"]
+    split, byte_level = steps
+    pattern = split.get("pattern", {})
+    reasons = []
+    if "Regex" not in pattern:
+        reasons.append("Split pattern is a literal string, not a regex")
+    if split.get("behavior") != "Isolated" or split.get("invert"):
+        reasons.append("Split behavior is not Isolated (or inverted)")
+    if byte_level.get("use_regex", True) or byte_level.get("add_prefix_space", False):
+        reasons.append("ByteLevel after Split must have use_regex=false, add_prefix_space=false")
+    return (pattern.get("Regex") if not reasons else None), reasons
+
+
+def _merge_pairs(merges: Sequence[Any]) -> List[Tuple[str, str]]:
+    # tokenizers < 0.20 writes "a b" strings, newer versions [a, b] pairs.
+    return [tuple(m.split(" ", 1)) if isinstance(m, str) else (m[0], m[1]) for m in merges]
+
+
+def structural_check(data: Dict[str, Any]) -> Tuple[Optional[TiktokenParts], List[str]]:
+    """Conditions 1-4 of the module docstring; returns the tiktoken parts or the reasons not."""
+    reasons: List[str] = []
+    model = data.get("model", {})
+    if model.get("type") != "BPE":
+        return None, [f"model type is {model.get('type')}, not BPE"]
+    if data.get("normalizer") not in (None, {"type": "Sequence", "normalizers": []}):
+        reasons.append("a normalizer is set")
+    pat_str, why = _split_pattern(data.get("pre_tokenizer"))
+    reasons += why
+    if model.get("dropout") not in (None, 0, 0.0) or model.get("byte_fallback"):
+        reasons.append("model uses dropout or byte_fallback")
+    if model.get("unk_token") is not None:
+        reasons.append(f"model.unk_token={model.get('unk_token')!r}")
+    if model.get("continuing_subword_prefix") or model.get("end_of_word_suffix"):
+        reasons.append("model uses a subword prefix or end-of-word suffix")
+    if not model.get("ignore_merges", False):
+        reasons.append("model.ignore_merges is false (HF would merge a whole-token pre-token)")
+    byte_of = {ch: b for b, ch in bytes_to_unicode().items()}
+    vocab: Dict[str, int] = model.get("vocab", {})
+    ranks: Dict[bytes, int] = {}
+    for tok, i in vocab.items():
+        if any(c not in byte_of for c in tok):
+            return None, reasons + [f"vocab is not byte-level (token {tok!r})"]
+        ranks[bytes(byte_of[c] for c in tok)] = i
+    if len(ranks) != len(vocab) or any(bytes([b]) not in ranks for b in range(256)):
+        reasons.append("vocab lacks some of the 256 byte tokens or has duplicates")
+    merges = _merge_pairs(model.get("merges", []))
+    reasons += _merge_closure_reasons(merges, vocab, ranks)
+    specials: Dict[str, int] = {}
+    for added in data.get("added_tokens", []):
+        content = added["content"]
+        if content in vocab and vocab[content] == added["id"]:
+            continue  # an added token that is already a plain vocab token changes nothing
+        if not added.get("special") or added.get("normalized") or added.get("lstrip") \
+                or added.get("rstrip") or added.get("single_word"):
+            reasons.append(f"added token {content!r} is not a plain special token")
+        specials[content] = added["id"]
+    for a in specials:
+        if any(a != b and a in b for b in specials):
+            reasons.append(f"special token {a!r} is a substring of another")
+            break
+    if reasons or pat_str is None:
+        return None, reasons
+    return TiktokenParts(pat_str=pat_str, ranks=ranks, special_tokens=specials), []
+
+
+def _merge_closure_reasons(
+    merges: Sequence[Tuple[str, str]], vocab: Dict[str, int], ranks: Dict[bytes, int]
+) -> List[str]:
+    pairs = set()
+    last = -1
+    for a, b in merges:
+        ab = a + b
+        if a not in vocab or b not in vocab or ab not in vocab:
+            return [f"merge ({a!r}, {b!r}) uses or makes a token outside the vocab"]
+        if vocab[ab] < last:
+            return ["merges are not ordered by the merged token's id"]
+        last = vocab[ab]
+        pairs.add((vocab[a], vocab[b]))
+    for tok, i in ranks.items():
+        if len(tok) < 2:
+            continue
+        splits = [(ranks[tok[:k]], ranks[tok[k:]]) for k in range(1, len(tok))
+                  if tok[:k] in ranks and tok[k:] in ranks]
+        if not splits:
+            return [f"token {tok!r} cannot be reached by any merge"]
+        if any(s not in pairs for s in splits):
+            return [f"merges are not closed under splitting (token {tok!r})"]
+    return []
+
+
+def build_encoding(data: Dict[str, Any]):
+    """tiktoken Encoding for a tokenizer.json that passed `structural_check`."""
+    import tiktoken
+
+    parts, reasons = structural_check(data)
+    if parts is None:
+        raise ValueError("tokenizer.json is not tiktoken-equivalent: " + "; ".join(reasons))
+    return tiktoken.Encoding(
+        name="megatron_ultralong_fast_path",
+        pat_str=parts.pat_str,
+        mergeable_ranks=parts.ranks,
+        special_tokens=parts.special_tokens,
+    )
+
+
+def _code_point_class(code_points: Sequence[int]) -> str:
+    """Regex character-class body for a set of code points (ranges merged)."""
+    out, cps = [], sorted(code_points)
+    i = 0
+    while i < len(cps):
+        j = i
+        while j + 1 < len(cps) and cps[j + 1] == cps[j] + 1:
+            j += 1
+        out.append(f"\\U{cps[i]:08X}" + (f"-\\U{cps[j]:08X}" if j > i else ""))
+        i = j + 1
+    return "".join(out)
+
+
+def _sweep(hf, encoding, chunk: int = 4096) -> List[int]:
+    """Code points whose sweep context encodes differently in HF and tiktoken."""
+    cps = [c for lo, hi in SWEPT_RANGES for c in range(lo, hi) if not 0xD800 <= c <= 0xDFFF]
+    groups = [cps[i:i + chunk] for i in range(0, len(cps), chunk)]
+    texts = ["".join(SWEEP_CONTEXT.format(c=chr(c)) for c in g) for g in groups]
+    ref = hf.encode_batch(texts, add_special_tokens=False)
+    bad: List[int] = []
+    for group, text, r in zip(groups, texts, ref):
+        if encoding.encode_ordinary(text) == r.ids:
+            continue
+        for c in group:  # narrow the failing chunk down to code points
+            t = SWEEP_CONTEXT.format(c=chr(c))
+            if encoding.encode_ordinary(t) != hf.encode(t, add_special_tokens=False).ids:
+                bad.append(c)
+    return bad
+
+
+@functools.lru_cache(maxsize=8)
+def _structure_and_sweep(path: str, digest: str) -> Tuple[Optional[Tuple[str, ...]], Tuple[int, ...], int]:
+    # Memoised on the file's digest: the sweep costs seconds and depends only on the file.
+    from tokenizers import Tokenizer
+
+    parts, reasons = structural_check(read_tokenizer_json(path))
+    if parts is None:
+        return tuple(reasons), (), 0
+    hf = Tokenizer.from_file(path)
+    hf.encode_special_tokens = True
+    encoding = build_encoding(read_tokenizer_json(path))
+    bad = _sweep(hf, encoding)
+    swept = sum(hi - lo for lo, hi in SWEPT_RANGES) - 0x800
+    return None, tuple(bad), swept
+
+
+def prove_equivalence(path: str, special_tokens_in_text: str, sample_texts: Sequence[str] = ()) -> Proof:
+    """Decide whether the tiktoken path may replace HF for this tokenizer.json (module doc)."""
+    from tokenizers import Tokenizer
+
+    with open(path, "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()
+    reasons, bad_cps, swept = _structure_and_sweep(path, digest)
+    if reasons is not None:
+        return Proof(ok=False, reasons=reasons)
+    if len(bad_cps) > 1000:
+        return Proof(ok=False, reasons=(f"{len(bad_cps)} code points differ in the sweep",))
+    hf_only = UNSWEPT_CLASS + _code_point_class(bad_cps)
+
+    route = re.compile(f"[{hf_only}]")
+    hf = Tokenizer.from_file(path)
+    hf.encode_special_tokens = special_tokens_in_text == "ordinary"
+    encoding = build_encoding(read_tokenizer_json(path))
+    allowed = "all" if special_tokens_in_text == "special" else set()
+    probes = [t for t in PROBE_TEXTS if not route.search(t)]
+    corpus = [t for t in sample_texts if not route.search(t)]
+    ref = hf.encode_batch(probes + corpus, add_special_tokens=False)
+    for i, (text, r) in enumerate(zip(probes + corpus, ref)):
+        if encoding.encode(text, allowed_special=allowed, disallowed_special=()) != r.ids:
+            where = "probe" if i < len(probes) else "corpus document"
+            return Proof(ok=False, reasons=(f"ids differ on a {where}: {text[:60]!r}",))
+    return Proof(
+        ok=True,
+        hf_only_chars=hf_only,
+        mismatched_code_points=bad_cps,
+        checks={"code_points_swept": swept, "probe_texts": len(probes),
+                "corpus_documents": len(corpus)},
+    )

@@ -1,0 +1,181 @@
+"""Stage 1: raw batches -> N worker processes (parse, validate, tokenize) -> a token pool on disk.
+
+The pool is a Megatron indexed dataset of every valid source document (written with
+`CompactIndexedDatasetBuilder`) plus two flat side files: the domain id (uint16) and the 64-bit
+content key (uint64) of each document. Stage 2 plans from its lengths, stage 3 copies from it, so
+each document is tokenized exactly once however many times it is emitted.
+
+Workers are *spawned* (not forked: the parent has tokenizer thread pools alive) and each builds
+its backend once. At most `2 * workers + 2` batches are in flight, so memory stays bounded
+whatever the corpus size: `Pool.imap` would instead read the whole input ahead into its queue.
+"""
+from __future__ import annotations
+
+import collections
+import multiprocessing as mp
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Iterable, List, Optional, Tuple
+
+import numpy as np
+
+from megatron_ultralong.data.readers import BadRecord, RawBatch, parse_batch
+from megatron_ultralong.data.tokenizer_backends import BackendSpec, TiktokenBackend, load_backend
+
+
+@dataclass
+class EncodedBatch:
+    """A worker's answer for one raw batch."""
+
+    tokens: np.ndarray
+    lengths: np.ndarray
+    domains: List[str]
+    keys: np.ndarray
+    bad: List[BadRecord]
+    blank_lines: int
+    records: int
+    counters: Dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """What every worker needs besides the raw batches."""
+
+    backend: BackendSpec
+    text_field: str
+    domain_field: Optional[str]
+    known_domains: Optional[frozenset]
+
+
+_WORKER: Dict[str, object] = {}  # per worker process: the config and the loaded backend
+
+
+def _init_worker(cfg: WorkerConfig) -> None:
+    _WORKER["cfg"] = cfg
+    _WORKER["backend"] = load_backend(cfg.backend)
+
+
+def encode_raw_batch(batch: RawBatch) -> EncodedBatch:
+    """Parse + validate + tokenize one raw batch (runs in a worker)."""
+    cfg: WorkerConfig = _WORKER["cfg"]  # type: ignore[assignment]
+    backend = _WORKER["backend"]
+    parsed = parse_batch(batch, cfg.text_field, cfg.domain_field, cfg.known_domains)
+    keys = np.asarray(parsed.keys, dtype=np.uint64)
+    counters: Dict[str, int] = {}
+    if isinstance(backend, TiktokenBackend):
+        before = (backend.routed_docs, backend.spot_checked, backend.spot_mismatches)
+        ids = backend.encode_batch(parsed.texts, keys)
+        after = (backend.routed_docs, backend.spot_checked, backend.spot_mismatches)
+        counters = {k: a - b for k, a, b in zip(
+            ("routed_to_hf", "spot_checked", "spot_mismatches"), after, before)}
+    else:
+        ids = backend.encode_batch(parsed.texts) if parsed.texts else []
+    lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
+    tokens = np.concatenate(ids).astype(np.int32) if ids else np.zeros(0, dtype=np.int32)
+    return EncodedBatch(
+        tokens=tokens, lengths=lengths, domains=parsed.domains, keys=keys, bad=parsed.bad,
+        blank_lines=parsed.blank_lines, records=len(batch.lines) + len(batch.rows) - parsed.blank_lines,
+        counters=counters,
+    )
+
+
+def run_workers(
+    cfg: WorkerConfig, batches: Iterable[RawBatch], workers: int
+) -> Iterable[EncodedBatch]:
+    """Encoded batches in input order, from `workers` spawned processes (0: in this process)."""
+    if workers == 0:
+        _init_worker(cfg)
+        for batch in batches:
+            yield encode_raw_batch(batch)
+        return
+    ctx = mp.get_context("spawn")
+    with ctx.Pool(workers, initializer=_init_worker, initargs=(cfg,)) as pool:
+        pending: collections.deque = collections.deque()
+        for batch in batches:
+            pending.append(pool.apply_async(encode_raw_batch, (batch,)))
+            if len(pending) >= 2 * workers + 2:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+
+@dataclass
+class PoolSummary:
+    """What stage 1 saw."""
+
+    documents: int = 0
+    tokens: int = 0
+    records: int = 0
+    blank_lines: int = 0
+    bad: Dict[str, int] = field(default_factory=dict)
+    bad_examples: List[str] = field(default_factory=list)
+    counters: Dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def tokenize_to_pool(
+    batches: Iterable[RawBatch],
+    cfg: WorkerConfig,
+    workers: int,
+    builder,
+    domain_ids: Dict[str, int],
+    dom_file,
+    key_file,
+    skip_bad: bool,
+    on_progress: Callable[[int, int], None],
+) -> PoolSummary:
+    """Drive the workers and append every valid document to the pool (in input order).
+
+    Raises `BadInputError` on the first bad record unless `skip_bad`; `domain_ids` is extended
+    with domains in order of first appearance (declared domains are pre-seeded by the caller).
+    """
+    from megatron_ultralong.data.readers import BadInputError
+
+    summary = PoolSummary()
+    start = time.perf_counter()
+    for enc in run_workers(cfg, batches, workers):
+        if enc.bad:
+            if not skip_bad:
+                raise BadInputError(enc.bad[0])
+            for b in enc.bad:
+                summary.bad[b.reason] = summary.bad.get(b.reason, 0) + 1
+                if len(summary.bad_examples) < 20:
+                    summary.bad_examples.append(b.message())
+        summary.records += enc.records
+        summary.blank_lines += enc.blank_lines
+        for k, v in enc.counters.items():
+            summary.counters[k] = summary.counters.get(k, 0) + v
+        if not len(enc.lengths):
+            continue
+        ids = np.fromiter((domain_ids.setdefault(d, len(domain_ids)) for d in enc.domains),
+                          dtype=np.uint16, count=len(enc.domains))
+        if len(domain_ids) > np.iinfo(np.uint16).max:
+            raise ValueError("inputs: more than 65535 distinct domains")
+        builder.add_documents(enc.tokens, enc.lengths)
+        ids.tofile(dom_file)
+        enc.keys.tofile(key_file)
+        summary.documents += len(enc.lengths)
+        summary.tokens += len(enc.tokens)
+        on_progress(len(enc.tokens), len(enc.lengths))
+    summary.seconds = time.perf_counter() - start
+    return summary
+
+
+def split_sample(
+    batches: Iterable[RawBatch], cfg: WorkerConfig, want_docs: int
+) -> Tuple[List[str], List[RawBatch], Iterable[RawBatch]]:
+    """Parse the first batches until `want_docs` valid texts are seen (for the fast-path proof).
+
+    Returns (texts, the batches consumed, the rest of the iterator); the consumed batches are
+    processed again by the workers, so nothing is lost or double counted.
+    """
+    it = iter(batches)
+    texts: List[str] = []
+    consumed: List[RawBatch] = []
+    while len(texts) < want_docs:
+        batch = next(it, None)
+        if batch is None:
+            break
+        consumed.append(batch)
+        texts += parse_batch(batch, cfg.text_field, cfg.domain_field, cfg.known_domains).texts
+    return texts[:want_docs], consumed, it

@@ -1,0 +1,191 @@
+"""Tokenizer backends: HF `tokenizers`, SentencePiece, and the tiktoken fast path, one interface.
+
+Every backend encodes *without* adding special tokens (no BOS from a post-processor): BOS, EOS
+and separators are added explicitly by the builder, so they appear exactly where the recipe says
+(../shared/reference/DATA_AND_EVAL.md §A4: Llama-3's TemplateProcessing silently adds BOS and
+ignores add_eos_token). A backend is rebuilt inside each worker process from a picklable
+`BackendSpec`, so no tokenizer object crosses a process boundary.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Protocol, Sequence
+
+import numpy as np
+
+# Documents the tiktoken backend also encodes with HF and compares (about 1 in 1024, chosen by
+# content hash so the choice is deterministic): a running check that costs ~0.1% of HF's time
+# per tiktoken token. A mismatch uses HF's ids for that document and is counted in the report.
+SPOT_CHECK_MASK = 1023
+
+
+class Backend(Protocol):
+    """What the builder needs from a tokenizer."""
+
+    name: str
+    vocab_size: int
+
+    def encode_batch(self, texts: Sequence[str]) -> List[np.ndarray]:
+        """Token ids (int64 arrays) of each text, no special tokens added."""
+
+    def token_id(self, token: str) -> Optional[int]:
+        """Id of a special or vocabulary token string, None if absent."""
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of ids (for tests and the report's examples)."""
+
+
+@dataclass(frozen=True)
+class BackendSpec:
+    """Picklable description of a backend; `load_backend` rebuilds it in any process."""
+
+    kind: str
+    """"hf", "sentencepiece" or "tiktoken"."""
+
+    path: str
+    """tokenizer.json (hf, tiktoken) or SentencePiece model file."""
+
+    special_tokens_in_text: str = "ordinary"
+    """"ordinary" or "special" (see TokenizerConfig)."""
+
+    hf_only_chars: str = ""
+    """tiktoken only: a regex character class body; documents containing any of these code points
+    are encoded by HF (code points the equivalence proof did not cover or saw differ)."""
+
+    hf_threads: bool = False
+    """Let HF `tokenizers` use its thread pool (only when one process does all the work)."""
+
+
+class HFBackend:
+    """Hugging Face `tokenizers` from a tokenizer.json: the reference for ids."""
+
+    name = "hf"
+
+    def __init__(self, path: str, special_tokens_in_text: str = "ordinary", threads: bool = False):
+        import os
+
+        if not threads:
+            # The builder parallelises over processes; rayon threads on top oversubscribe cores.
+            os.environ["TOKENIZERS_PARALLELISM"] = "false"
+        from tokenizers import Tokenizer
+
+        self.tokenizer = Tokenizer.from_file(path)
+        # encode_special_tokens=True treats special-token strings in the text as ordinary text.
+        self.tokenizer.encode_special_tokens = special_tokens_in_text == "ordinary"
+        self.vocab_size = self.tokenizer.get_vocab_size(with_added_tokens=True)
+
+    def encode_batch(self, texts: Sequence[str]) -> List[np.ndarray]:
+        encodings = self.tokenizer.encode_batch(list(texts), add_special_tokens=False)
+        return [np.asarray(e.ids, dtype=np.int64) for e in encodings]
+
+    def token_id(self, token: str) -> Optional[int]:
+        return self.tokenizer.token_to_id(token)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=False)
+
+
+class SentencePieceBackend:
+    """SentencePiece model (Llama-2 style). Control symbols in text are never parsed as specials."""
+
+    name = "sentencepiece"
+
+    def __init__(self, path: str):
+        import sentencepiece as spm
+
+        self.sp = spm.SentencePieceProcessor(model_file=path)
+        self.vocab_size = self.sp.get_piece_size()
+
+    def encode_batch(self, texts: Sequence[str]) -> List[np.ndarray]:
+        return [np.asarray(ids, dtype=np.int64) for ids in self.sp.encode(list(texts))]
+
+    def token_id(self, token: str) -> Optional[int]:
+        i = self.sp.piece_to_id(token)
+        # piece_to_id returns unk for unknown pieces; only unk itself may map to unk.
+        return None if i == self.sp.unk_id() and token != self.sp.id_to_piece(i) else i
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.sp.decode([int(i) for i in ids])
+
+
+class TiktokenBackend:
+    """tiktoken encoding rebuilt from a byte-level BPE tokenizer.json that `prove_equivalence`
+    accepted. HF stays loaded for the documents routed to it and for spot checks."""
+
+    name = "tiktoken"
+
+    def __init__(self, spec: BackendSpec):
+        from megatron_ultralong.data.tiktoken_path import build_encoding, read_tokenizer_json
+
+        self.hf = HFBackend(spec.path, spec.special_tokens_in_text, spec.hf_threads)
+        self.encoding = build_encoding(read_tokenizer_json(spec.path))
+        self.vocab_size = self.hf.vocab_size
+        self.allowed_special = "all" if spec.special_tokens_in_text == "special" else set()
+        self.route = re.compile(f"[{spec.hf_only_chars}]") if spec.hf_only_chars else None
+        self.routed_docs = 0
+        self.spot_checked = 0
+        self.spot_mismatches = 0
+
+    def _encode_one(self, text: str) -> Optional[np.ndarray]:
+        if self.route is not None and self.route.search(text):
+            return None
+        try:
+            ids = self.encoding.encode_to_numpy(
+                text, allowed_special=self.allowed_special, disallowed_special=()
+            )
+        except Exception:  # e.g. tiktoken's regex stack overflow on pathological input: use HF
+            return None
+        return ids.astype(np.int64)
+
+    def encode_batch(self, texts: Sequence[str], keys: Optional[np.ndarray] = None) -> List[np.ndarray]:
+        out: List[Optional[np.ndarray]] = [self._encode_one(t) for t in texts]
+        need_hf = [i for i, ids in enumerate(out) if ids is None]
+        check = []
+        if keys is not None:
+            check = [i for i in range(len(texts)) if out[i] is not None
+                     and int(keys[i]) & SPOT_CHECK_MASK == 0]
+        if need_hf or check:
+            ref = self.hf.encode_batch([texts[i] for i in need_hf + check])
+            for i, ids in zip(need_hf, ref):
+                out[i] = ids
+            for i, ids in zip(check, ref[len(need_hf):]):
+                if not np.array_equal(out[i], ids):
+                    self.spot_mismatches += 1
+                    out[i] = ids
+            self.routed_docs += len(need_hf)
+            self.spot_checked += len(check)
+        return out  # type: ignore[return-value]
+
+    def token_id(self, token: str) -> Optional[int]:
+        return self.hf.token_id(token)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.hf.decode(ids)
+
+
+def load_backend(spec: BackendSpec) -> Backend:
+    """Build the backend a spec describes (in the calling process)."""
+    if spec.kind == "hf":
+        return HFBackend(spec.path, spec.special_tokens_in_text, spec.hf_threads)
+    if spec.kind == "sentencepiece":
+        return SentencePieceBackend(spec.path)
+    if spec.kind == "tiktoken":
+        return TiktokenBackend(spec)
+    raise ValueError(f"backend kind={spec.kind!r}: expected hf, sentencepiece or tiktoken")
+
+
+def special_token_ids(backend: Backend, tokens: Sequence[str], field: str) -> List[int]:
+    """Ids of special-token strings; a missing one is a ValueError naming the recipe field."""
+    ids = []
+    for tok in tokens:
+        i = backend.token_id(tok)
+        if i is None:
+            raise ValueError(f"{field}={tok!r}: not a token of this tokenizer")
+        ids.append(i)
+    return ids
+
+
+def vocab_counts(backend: Backend) -> Dict[str, int]:
+    """Small summary for the report."""
+    return {"vocab_size": int(backend.vocab_size)}

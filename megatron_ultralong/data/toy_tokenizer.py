@@ -1,0 +1,194 @@
+"""Small tokenizers of Llama-3's kind, trained on the fly, for tests, benchmarks and the demo.
+
+Nothing here downloads anything. `train_llama3_style_tokenizer` trains a byte-level BPE with the
+Llama-3 pre-tokenizer split regex and then rewrites it the way Llama-3's own `tokenizer.json` was
+made: Meta's tokenizer is a tiktoken BPE (ranks), and transformers' `TikTokenConverter` turned the
+ranks into a `tokenizer.json` whose merges are *every* split of a token into two vocab tokens,
+ordered by the merged token's rank, with `ignore_merges: true`. A tokenizer built that way is the
+shape the tiktoken fast path (`tiktoken_path.py`) can prove equivalent; the plain HF-trained
+tokenizer (`llama3_style=False`) is not (its merges are not closed under splitting), which is what
+the fallback tests use.
+"""
+from __future__ import annotations
+
+import json
+from typing import Dict, Iterable, List, Sequence, Tuple
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+# Llama-3 / 3.1 pre-tokenizer split regex (tokenizer.json `pre_tokenizer.pretokenizers[0]`), the
+# same pattern as Meta's tiktoken `pat_str` (../shared/reference/DATA_AND_EVAL.md §A4).
+LLAMA3_SPLIT_REGEX = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|"
+    r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+# The Llama-3.1 special tokens that matter to data preparation, in Llama-3's order after the BPE
+# ranks (base + i). The 256 reserved tokens of the real tokenizer are left out to keep files small.
+LLAMA3_SPECIAL_TOKENS = (
+    "<|begin_of_text|>",
+    "<|end_of_text|>",
+    "<|reserved_special_token_0|>",
+    "<|reserved_special_token_1|>",
+    "<|finetune_right_pad_id|>",
+    "<|step_id|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eom_id|>",
+    "<|eot_id|>",
+    "<|python_tag|>",
+)
+
+
+def bytes_to_unicode() -> Dict[int, str]:
+    """GPT-2's reversible byte -> printable character map used by byte-level BPE vocabularies."""
+    visible = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
+    chars = list(visible)
+    n = 0
+    for b in range(256):
+        if b not in visible:
+            visible.append(b)
+            chars.append(256 + n)
+            n += 1
+    return dict(zip(visible, (chr(c) for c in chars)))
+
+
+def _train_plain(texts: Iterable[str], vocab_size: int) -> Tokenizer:
+    tok = Tokenizer(models.BPE(ignore_merges=True))
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(
+                pattern=_regex(LLAMA3_SPLIT_REGEX), behavior="isolated", invert=False
+            ),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=2,
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        special_tokens=[],
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    return tok
+
+
+def _regex(pattern: str):
+    from tokenizers import Regex
+
+    return Regex(pattern)
+
+
+def _ranked_tokens(tok: Tokenizer) -> List[bytes]:
+    """Token byte strings in rank order: the 256 bytes first, then merged tokens by creation."""
+    byte_of = {ch: b for b, ch in bytes_to_unicode().items()}
+    vocab = tok.get_vocab(with_added_tokens=False)
+    by_id = sorted(vocab.items(), key=lambda kv: kv[1])
+    ranked = [bytes([b]) for b in range(256)]
+    seen = set(ranked)
+    for token, _ in by_id:
+        raw = bytes(byte_of[c] for c in token)
+        if raw not in seen:
+            seen.add(raw)
+            ranked.append(raw)
+    return ranked
+
+
+def _tiktoken_style_json(ranked: Sequence[bytes], special_tokens: Sequence[str]) -> str:
+    """tokenizer.json as transformers' TikTokenConverter writes it from tiktoken ranks."""
+    enc = bytes_to_unicode()
+
+    def to_str(raw: bytes) -> str:
+        return "".join(enc[b] for b in raw)
+
+    rank = {tok: i for i, tok in enumerate(ranked)}
+    merges: List[Tuple[int, int, int]] = []
+    for tok, r in rank.items():
+        local = [
+            (rank[tok[:i]], rank[tok[i:]], r)
+            for i in range(1, len(tok))
+            if tok[:i] in rank and tok[i:] in rank
+        ]
+        merges.extend(sorted(local))
+    merges.sort(key=lambda m: m[2])
+    base = len(ranked)
+    data = {
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": [
+            {
+                "id": base + i,
+                "content": s,
+                "single_word": False,
+                "lstrip": False,
+                "rstrip": False,
+                "normalized": False,
+                "special": True,
+            }
+            for i, s in enumerate(special_tokens)
+        ],
+        "normalizer": None,
+        "pre_tokenizer": {
+            "type": "Sequence",
+            "pretokenizers": [
+                {
+                    "type": "Split",
+                    "pattern": {"Regex": LLAMA3_SPLIT_REGEX},
+                    "behavior": "Isolated",
+                    "invert": False,
+                },
+                {
+                    "type": "ByteLevel",
+                    "add_prefix_space": False,
+                    "trim_offsets": True,
+                    "use_regex": False,
+                },
+            ],
+        },
+        "post_processor": None,
+        "decoder": {
+            "type": "ByteLevel",
+            "add_prefix_space": True,
+            "trim_offsets": True,
+            "use_regex": True,
+        },
+        "model": {
+            "type": "BPE",
+            "dropout": None,
+            "unk_token": None,
+            "continuing_subword_prefix": None,
+            "end_of_word_suffix": None,
+            "fuse_unk": False,
+            "byte_fallback": False,
+            "ignore_merges": True,
+            "vocab": {to_str(t): i for i, t in enumerate(ranked)},
+            "merges": [[to_str(ranked[a]), to_str(ranked[b])] for a, b, _ in merges],
+        },
+    }
+    return json.dumps(data, ensure_ascii=False)
+
+
+def train_llama3_style_tokenizer(
+    texts: Iterable[str],
+    vocab_size: int,
+    special_tokens: Sequence[str] = LLAMA3_SPECIAL_TOKENS,
+    llama3_style: bool = True,
+) -> str:
+    """Train a byte-level BPE on `texts`; returns the tokenizer.json text.
+
+    llama3_style=True rewrites it as Llama-3's file is laid out (ranks == ids, merges closed under
+    splitting, specials after the ranks); False returns the plain HF-trained file, with the same
+    regex and special tokens appended, which the tiktoken fast path must refuse.
+    """
+    plain = _train_plain(texts, vocab_size)
+    if llama3_style:
+        return _tiktoken_style_json(_ranked_tokens(plain), special_tokens)
+    plain.add_special_tokens(list(special_tokens))
+    return plain.to_str()
