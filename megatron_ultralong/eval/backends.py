@@ -1,0 +1,134 @@
+"""Model backends for evaluation: what a task runner needs from a model, and the HF implementation.
+
+A backend answers three questions about a token sequence, all greedy and deterministic:
+- `next_token_logits(ids)`: logits for the token after `ids`, [V] float32;
+- `generate(ids, max_new_tokens, stop_ids)`: greedy continuation (argmax every step);
+- `token_losses(ids)`: per-position next-token NLL, [n - 1] float32 (perplexity by position).
+
+`is_writer` says whether this process writes results (False on all but one rank of a distributed
+Megatron backend, whose methods are collectives that every rank calls with the same ids).
+The Megatron backend lives in `megatron_backend.py`.
+"""
+from __future__ import annotations
+
+from typing import Optional, Protocol, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+class Backend(Protocol):
+    """What the NIAH / RULER / perplexity runners call."""
+
+    is_writer: bool
+
+    def next_token_logits(self, ids: Sequence[int]) -> Tensor:
+        """Logits [V] (float32) of the token following `ids`."""
+        ...
+
+    def generate(self, ids: Sequence[int], max_new_tokens: int, stop_ids: Sequence[int] = ()) -> list[int]:
+        """Greedy continuation of `ids`: at most max_new_tokens ids, ending at the first stop id
+        (which is included)."""
+        ...
+
+    def token_losses(self, ids: Sequence[int]) -> Tensor:
+        """NLL of ids[i + 1] given ids[: i + 1] for i in [0, n - 1): float32 [n - 1]."""
+        ...
+
+
+def check_prompt(ids: Sequence[int], vocab_size: int) -> Tensor:
+    """ids as a LongTensor [1, n]; ValueError for an empty prompt or ids outside the vocabulary."""
+    t = torch.as_tensor(list(ids), dtype=torch.long)
+    if t.numel() == 0:
+        raise ValueError("empty prompt")
+    if int(t.min()) < 0 or int(t.max()) >= vocab_size:
+        raise ValueError(
+            f"prompt token id range [{int(t.min())}, {int(t.max())}] is outside the model's vocabulary "
+            f"[0, {vocab_size}); tokenizer and model do not match"
+        )
+    return t[None]
+
+
+class HFBackend:
+    """A transformers causal LM (`LlamaForCausalLM` or any `*ForCausalLM`) on CPU or GPU.
+
+    Long prompts are prefilled in chunks of `prefill_chunk` tokens through the KV cache, and only
+    the last position's logits are materialized (`logits_to_keep=1`): a 128K prompt would otherwise
+    need a [128K, V] logits tensor (64 GiB at V=128K fp32). The attention itself is whatever the
+    model was loaded with (SDPA by default; eager attention OOMs long before 128K, RULER #105).
+    """
+
+    is_writer = True
+
+    def __init__(self, model: torch.nn.Module, prefill_chunk: int = 4096, loss_chunk: int = 1024):
+        if prefill_chunk < 1 or loss_chunk < 1:
+            raise ValueError(f"prefill_chunk={prefill_chunk}, loss_chunk={loss_chunk}: expected >= 1")
+        self.model = model.eval()
+        self.prefill_chunk = prefill_chunk
+        self.loss_chunk = loss_chunk
+        self.vocab_size = int(model.config.vocab_size)
+        self.device = next(model.parameters()).device
+
+    @classmethod
+    def from_pretrained(cls, path: str, dtype: Optional[torch.dtype] = None, device: Optional[str] = None,
+                        **kwargs) -> "HFBackend":
+        """Load an HF model directory (config.json + weights); `--model` in error messages."""
+        from transformers import AutoModelForCausalLM
+
+        try:
+            model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=dtype, local_files_only=True)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"--model={path!r}: cannot load an HF causal LM from it ({e})") from e
+        dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        return cls(model.to(dev), **kwargs)
+
+    def _new_cache(self):
+        from transformers import DynamicCache
+
+        return DynamicCache()
+
+    @torch.no_grad()
+    def _prefill(self, ids: Tensor, cache) -> Tensor:
+        """Run ids [1, n] through the cache in chunks; returns the last position's logits [V]."""
+        logits = None
+        for start in range(0, ids.shape[1], self.prefill_chunk):
+            chunk = ids[:, start : start + self.prefill_chunk].to(self.device)
+            out = self.model(input_ids=chunk, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            logits = out.logits[0, -1]
+        return logits.float()
+
+    def next_token_logits(self, ids: Sequence[int]) -> Tensor:
+        return self._prefill(check_prompt(ids, self.vocab_size), self._new_cache()).cpu()
+
+    @torch.no_grad()
+    def generate(self, ids: Sequence[int], max_new_tokens: int, stop_ids: Sequence[int] = ()) -> list[int]:
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={max_new_tokens}: expected >= 1")
+        cache = self._new_cache()
+        logits = self._prefill(check_prompt(ids, self.vocab_size), cache)
+        out: list[int] = []
+        stops = set(stop_ids)
+        while True:
+            token = int(logits[: self.vocab_size].argmax())
+            out.append(token)
+            if token in stops or len(out) == max_new_tokens:
+                return out
+            step = torch.tensor([[token]], device=self.device)
+            logits = self.model(input_ids=step, past_key_values=cache, use_cache=True).logits[0, -1].float()
+
+    @torch.no_grad()
+    def token_losses(self, ids: Sequence[int]) -> Tensor:
+        t = check_prompt(ids, self.vocab_size)
+        if t.shape[1] < 2:
+            raise ValueError("token_losses needs at least 2 tokens")
+        cache = self._new_cache()
+        losses = []
+        for start in range(0, t.shape[1] - 1, self.loss_chunk):
+            chunk = t[:, start : start + self.loss_chunk].to(self.device)
+            targets = t[0, start + 1 : start + 1 + chunk.shape[1]].to(self.device)
+            logits = self.model(input_ids=chunk, past_key_values=cache, use_cache=True).logits[0].float()
+            # The last chunk's final position has no target when it ends at the sequence end.
+            logits = logits[: targets.shape[0]]
+            losses.append(F.cross_entropy(logits, targets, reduction="none").cpu())
+        return torch.cat(losses)

@@ -1,0 +1,88 @@
+"""RULER-style synthetic tasks at several lengths: per-task, per-length scores (DATA_AND_EVAL.md §B2).
+
+Scores are RULER's: string_match_all per sample (fraction of expected strings present), averaged
+and reported in percent, per task and length, plus the mean over tasks per length. RULER's
+"effective length" rule (largest length whose mean beats Llama-2-7B's 85.6 at 4K) is reported too,
+with the threshold as an argument since it only means something for real models.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional, Sequence
+
+from megatron_ultralong.eval.backends import Backend
+from megatron_ultralong.eval.haystack import Haystack
+from megatron_ultralong.eval.niah import check_grid, run_sample
+from megatron_ultralong.eval.report import save_line_plot, write_json
+from megatron_ultralong.eval.tasks import RULER_TASKS, make_sample
+from megatron_ultralong.eval.tokenizer import EvalTokenizer
+
+RULER_THRESHOLD = 85.6  # Llama-2-7B's 4K average, RULER's bar for "effective length"
+
+
+def effective_length(lengths: Sequence[int], means: Sequence[float], threshold: float) -> Optional[int]:
+    """Largest length L such that every length up to L scores above `threshold` (None if the first
+    length already fails)."""
+    best = None
+    for length, mean in sorted(zip(lengths, means)):
+        if mean <= threshold:
+            break
+        best = length
+    return best
+
+
+def run_ruler(
+    backend: Backend,
+    tokenizer: EvalTokenizer,
+    lengths: Sequence[int],
+    out_dir: Optional[str],
+    tasks: Sequence[str] = RULER_TASKS,
+    samples_per_length: int = 4,
+    seed: int = 0,
+    max_new_tokens: Optional[int] = None,
+    threshold: float = RULER_THRESHOLD,
+    log: bool = True,
+) -> dict:
+    """Score every task at every length; writes ruler_results.json and ruler_scores.png to out_dir
+    (writer rank only). Returns {"scores": {task: {length: percent}}, "mean": {length: percent},
+    "effective_length": int | None, "samples": [...]}. max_new_tokens overrides each task's budget."""
+    check_grid(lengths, [0.0])
+    unknown = [t for t in tasks if t not in RULER_TASKS]
+    if unknown or not tasks:
+        raise ValueError(f"--tasks {list(tasks)}: expected a non-empty subset of {RULER_TASKS}")
+    if samples_per_length < 1:
+        raise ValueError(f"--samples {samples_per_length}: expected >= 1")
+    haystacks: dict[str, Haystack] = {}
+    scores: dict[str, dict[int, float]] = {t: {} for t in tasks}
+    records = []
+    for length in lengths:
+        for task in tasks:
+            total = 0.0
+            for k in range(samples_per_length):
+                sample = make_sample(task, tokenizer, int(length), seed * 1_000_003 + k, haystacks)
+                if max_new_tokens is not None:
+                    sample = type(sample)(sample.task, sample.prompt, sample.answers, max_new_tokens, sample.scorer)
+                rec = run_sample(backend, tokenizer, sample)
+                records.append(rec)
+                total += rec["score"]
+            scores[task][int(length)] = 100.0 * total / samples_per_length
+            if log and backend.is_writer:
+                print(f"[ruler] length {length:>8} {task:<16} {scores[task][int(length)]:6.1f}", flush=True)
+    means = {int(n): sum(scores[t][int(n)] for t in tasks) / len(tasks) for n in lengths}
+    result = {
+        "tasks": list(tasks),
+        "lengths": [int(n) for n in lengths],
+        "samples_per_length": samples_per_length,
+        "scores": scores,
+        "mean": means,
+        "threshold": threshold,
+        "effective_length": effective_length(list(means), list(means.values()), threshold),
+        "samples": records,
+    }
+    if out_dir is not None and backend.is_writer:
+        result["json_path"] = write_json(os.path.join(out_dir, "ruler_results.json"), result)
+        series = {t: (list(scores[t]), list(scores[t].values())) for t in tasks}
+        series["mean"] = (list(means), list(means.values()))
+        result["plot_path"] = save_line_plot(os.path.join(out_dir, "ruler_scores.png"), series,
+                                             "Context length (tokens)", "Score (%)", "RULER-style tasks")
+    return result

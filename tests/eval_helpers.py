@@ -1,0 +1,68 @@
+"""Tiny tokenizer and tiny Llama for the evaluation tests (nothing downloads).
+
+The tokenizer is a byte-level BPE trained in well under a second on the shipped haystack text and
+the task templates, with digits split one per token (so passkeys are several tokens, as with real
+tokenizers) and <s> / </s> as BOS / EOS.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+
+from megatron_ultralong.eval.haystack import NOISE_SENTENCE, haystack_text
+from megatron_ultralong.eval.tasks import NIAH_NEEDLE, NIAH_PREFIX, NIAH_SUFFIX, VT_PREFIX, VT_SUFFIX
+
+VOCAB_SIZE = 400
+
+
+def train_tiny_tokenizer(vocab_size: int = VOCAB_SIZE):
+    """A `PreTrainedTokenizerFast` (byte-level BPE, individual digits, <s>/</s>)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    texts = [haystack_text("essay"), NOISE_SENTENCE, NIAH_PREFIX, NIAH_NEEDLE, NIAH_SUFFIX, VT_PREFIX, VT_SUFFIX,
+             "What is the pass key? The pass key is 0123456789. Remember it."]
+    tok.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
+
+
+def tiny_llama(vocab_size: int, seed: int = 0, rope_scaling: Optional[dict] = None,
+               max_position_embeddings: int = 4096):
+    """A random 2-layer GQA Llama (fp32, eval mode) with random norm weights."""
+    import transformers
+
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(
+        vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, intermediate_size=64, rope_theta=10000.0,
+        rope_scaling=rope_scaling, max_position_embeddings=max_position_embeddings, bos_token_id=0,
+        eos_token_id=1, tie_word_embeddings=False, attn_implementation="sdpa",
+    )
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+            else:
+                p.mul_(10.0)  # sharper logits: greedy argmax far from ties
+    return model
+
+
+def save_tiny_hf(directory: str, vocab_size: int = VOCAB_SIZE) -> tuple[str, str]:
+    """Write the tiny tokenizer and model to directory/{tokenizer,model}; returns both paths."""
+    tok = train_tiny_tokenizer(vocab_size)
+    tok_dir, model_dir = os.path.join(directory, "tokenizer"), os.path.join(directory, "model")
+    tok.save_pretrained(tok_dir)
+    tiny_llama(len(tok)).save_pretrained(model_dir)
+    return tok_dir, model_dir
