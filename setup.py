@@ -37,6 +37,7 @@ setup(
         "console_scripts": [
             "mu-demo=megatron_ultralong.demo:main",
             "mu-train=megatron_ultralong.training.cli:main",
+            "mu-convert=megatron_ultralong.convert.cli:main",
         ],
     },
     classifiers=[

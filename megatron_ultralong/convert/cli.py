@@ -115,10 +115,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parse_dtype(args.dtype)
         if args.direction == "mcore-to-hf":
             parse_size(args.max_shard_size)
+        if os.path.exists(args.dst) and not args.overwrite:
+            raise FileExistsError(f"{args.dst} already exists (pass --overwrite to replace it)")
         cfg = source_config(args)
         check_parallel_fits(cfg, args.tp, args.pp)
         rope = rope_override(args, cfg)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:
         print(f"mu-convert: error: {e}", file=sys.stderr)
         return 2
     if "WORLD_SIZE" in os.environ:  # torchrun

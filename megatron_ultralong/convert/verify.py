@@ -57,40 +57,36 @@ def prompt_ids(hf_dir: Union[str, os.PathLike], cfg: LlamaConfig, text: str = DE
 
 
 def megatron_logits(model: UltraLongGPTModel, tokens: Tensor, runtime: Runtime) -> Optional[Tensor]:
-    """Full logits [b, s, vocab] of the whole (pipelined) model on global rank 0; None elsewhere.
+    """Full fp32 logits [b, s, vocab] of the whole (pipelined) model on global rank 0; None elsewhere.
 
-    Collective over the PP group that holds global rank 0 and every TP group (other PP groups,
-    i.e. other DP replicas, run their forward too and drop the result)."""
+    Collective: every rank calls it with the same tokens [b, s]. Other PP groups (DP replicas) run
+    their forward too and drop the result."""
     pp, tp = runtime.pg_collection.pp, runtime.pg_collection.tp
     cfg = model.model_config
     dtype = next(model.parameters()).dtype
     b, s = tokens.shape
     tokens = tokens.to(runtime.device)
     positions = torch.arange(s, device=runtime.device)[None].expand(b, -1)
+    logits = None
     with torch.no_grad():
         if pp.rank() > 0:
             hidden = torch.empty(s, b, cfg.hidden_size, dtype=dtype, device=runtime.device)
             dist.recv(hidden, src=dist.get_global_rank(pp, pp.rank() - 1))
             model.set_input_tensor(hidden)
-        out = model(tokens, positions, None)
+        out = model(tokens, positions, None)  # [s, b, H] on inner stages, [b, s, V_pad/TP] on the last
         if pp.rank() < pp.size() - 1:
             dist.send(out.contiguous(), dst=dist.get_global_rank(pp, pp.rank() + 1))
-            return None
-        logits = gather_tp_logits(out, tp, cfg.vocab_size).float()  # [b, s, vocab]
-    if pp.size() == 1:
-        return logits if runtime.rank == 0 else None
-    holds_rank0 = dist.get_global_rank(pp, 0) == 0
-    if holds_rank0 and tp.rank() == 0:
-        dist.send(logits.contiguous(), dst=0)
-    return None
-
-
-def receive_logits(runtime: Runtime, shape: tuple[int, int, int]) -> Tensor:
-    """On global rank 0 with PP > 1: the logits its pipeline's last stage sends."""
-    pp = runtime.pg_collection.pp
-    buf = torch.empty(shape, dtype=torch.float32, device=runtime.device)
-    dist.recv(buf, src=dist.get_global_rank(pp, pp.size() - 1))
-    return buf
+        else:
+            logits = gather_tp_logits(out, tp, cfg.vocab_size).float()
+    if pp.size() > 1 and dist.get_global_rank(pp, 0) == 0:
+        # Only the pipeline holding rank 0 ships its result there (TP rank 0 of its last stage).
+        last = dist.get_global_rank(pp, pp.size() - 1)
+        if runtime.rank == 0:
+            logits = torch.empty(b, s, cfg.vocab_size, dtype=torch.float32, device=runtime.device)
+            dist.recv(logits, src=last)
+        elif runtime.rank == last:
+            dist.send(logits.contiguous(), dst=0)
+    return logits if runtime.rank == 0 else None
 
 
 def hf_logits(hf_dir: Union[str, os.PathLike], tokens: Tensor, dtype: torch.dtype,
@@ -131,8 +127,6 @@ def verify_against_hf(
     logits = megatron_logits(model, tokens, runtime)
     if runtime.rank != 0:
         return None
-    if logits is None:
-        logits = receive_logits(runtime, (1, tokens.shape[1], cfg.vocab_size))
     dtype = next(model.parameters()).dtype
     ref = hf_logits(hf_dir, tokens, dtype, hf_config)
     logits = logits.cpu()
