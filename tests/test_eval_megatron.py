@@ -42,42 +42,43 @@ def _prompts(vocab: int):
     return [torch.randint(2, vocab, (n,), generator=g).tolist() for n in PROMPT_LENGTHS]
 
 
-def _compare_to_hf(rank, world_size, cp_comm_type):
+def _compare_to_hf(tok, hf, cp, cp_comm_type):
     from megatron_ultralong.eval import HFBackend
-    from megatron_ultralong.runtime import shutdown_runtime
 
-    tok, hf = _models()
     ref = HFBackend(hf, prefill_chunk=50, loss_chunk=40)
-    backend, _ = _megatron_backend(hf, cp=world_size, cp_comm_type=cp_comm_type)
+    backend, rt = _megatron_backend(hf, cp=cp, cp_comm_type=cp_comm_type)
     for ids in _prompts(tok.vocab_size):
         logits = backend.next_token_logits(ids)
         full = hf(torch.tensor([ids])).logits[0, -1].detach()
-        torch.testing.assert_close(logits, full, rtol=0, atol=1e-4, msg=f"cp={world_size} n={len(ids)}")
+        torch.testing.assert_close(logits, full, rtol=0, atol=1e-4, msg=f"cp={cp} {cp_comm_type} n={len(ids)}")
         assert backend.generate(ids, NEW_TOKENS) == ref.generate(ids, NEW_TOKENS)
         torch.testing.assert_close(backend.token_losses(ids), ref.token_losses(ids), rtol=0, atol=1e-4)
+    return backend, rt
+
+
+def _cp1(rank, world_size):
+    from megatron_ultralong.runtime import shutdown_runtime
+
+    tok, hf = _models()
+    _compare_to_hf(tok, hf, 1, "p2p")
     shutdown_runtime()
 
 
 def test_megatron_backend_matches_hf_at_cp1():
-    run_distributed(_compare_to_hf, world_size=1, args=("p2p",))
+    run_distributed(_cp1, world_size=1)
 
 
-def test_cp2_prefill_matches_hf_ring():
-    run_distributed(_compare_to_hf, world_size=2, args=("p2p",))
-
-
-def test_cp2_prefill_matches_hf_all_gather():
-    run_distributed(_compare_to_hf, world_size=2, args=("all_gather",))
-
-
-def _niah_from_checkpoint(rank, world_size, out_dir):
+def _cp2(rank, world_size, out_dir):
+    """Ring and all-gather CP prefill vs HF, then NIAH from a checkpoint saved and loaded at CP=2
+    (one spawn for all three: process start-up dominates on 2 cores)."""
     from megatron_ultralong.convert.checkpoint import save_megatron_checkpoint
     from megatron_ultralong.eval import run_niah
     from megatron_ultralong.eval.megatron_backend import MegatronBackend
     from megatron_ultralong.runtime import shutdown_runtime
 
     tok, hf = _models()
-    backend, rt = _megatron_backend(hf, cp=world_size)
+    _compare_to_hf(tok, hf, world_size, "all_gather")
+    backend, rt = _compare_to_hf(tok, hf, world_size, "p2p")
     ckpt = os.path.join(out_dir, "ckpt")
     save_megatron_checkpoint(backend.model, ckpt)
     loaded = MegatronBackend.from_checkpoint(ckpt, rt)
@@ -86,10 +87,10 @@ def _niah_from_checkpoint(rank, world_size, out_dir):
     shutdown_runtime()
 
 
-def test_megatron_niah_end_to_end_from_checkpoint_cp2(tmp_path):
+def test_cp2_prefill_matches_hf_and_niah_runs_from_a_checkpoint(tmp_path):
     from megatron_ultralong.eval import HFBackend, run_niah
 
-    run_distributed(_niah_from_checkpoint, world_size=2, args=(str(tmp_path),))
+    run_distributed(_cp2, world_size=2, args=(str(tmp_path),))
     with open(tmp_path / "megatron" / "niah_results.json") as f:
         got = json.load(f)
     assert os.path.getsize(tmp_path / "megatron" / "niah_heatmap.png") > 1000
