@@ -1,0 +1,92 @@
+"""Bad input: by default the first bad record fails the build naming file and line; with
+skip_bad every bad record is skipped and counted by reason. Nothing is dropped silently."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from data_helpers import corpus_records, make_recipe
+
+from megatron_ultralong.data.builder import build_dataset
+from megatron_ultralong.data.cli import main as cli_main
+from megatron_ultralong.data.readers import BadInputError
+
+GOOD = [json.dumps(r, ensure_ascii=False).encode() for r in corpus_records(6, seed=8)]
+
+# (raw line, reason); each is placed as line 4 of a file of good lines.
+CASES = [
+    (b'{"text": "unterminated', "malformed JSON"),
+    (b'["a", "list"]', "malformed JSON"),
+    (b'{"domain": "web"}', "missing field"),
+    (b'{"text": 42, "domain": "web"}', "missing field"),
+    (b'{"text": "no domain here"}', "missing field"),
+    (b'{"text": "caf\xe9 latin-1 bytes", "domain": "web"}', "non-UTF-8"),
+    (b'{"text": "lone \\ud800 surrogate", "domain": "web"}', "non-UTF-8"),
+    (b'{"text": "", "domain": "web"}', "empty text"),
+    (b'{"text": "  \\n\\t ", "domain": "web"}', "empty text"),
+    (b'{"text": "fine text", "domain": "poetry"}', "unknown domain"),
+]
+DOMAINS = {"domains": {"web": {}, "code": {}, "books": {}}}
+
+
+def _file(tmp_path, bad_line: bytes, name: str = "in.jsonl") -> str:
+    lines = GOOD[:3] + [bad_line] + GOOD[3:] + [b""]  # trailing blank line: counted, not an error
+    path = tmp_path / name
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    return str(path)
+
+
+@pytest.mark.parametrize("line, reason", CASES, ids=[f"{r}-{i}" for i, (_, r) in enumerate(CASES)])
+def test_bad_record_fails_naming_file_and_line(tmp_path, line, reason):
+    path = _file(tmp_path, line)
+    with pytest.raises(BadInputError) as err:
+        build_dataset(make_recipe([path], str(tmp_path / "ds"), upsampling=DOMAINS), progress=False)
+    assert f"{path}:4: {reason}" in str(err.value)
+    assert "--skip-bad" in str(err.value)
+    assert not (tmp_path / "ds.bin").exists() and not (tmp_path / "ds.idx").exists()
+
+
+def test_skip_bad_counts_every_reason(tmp_path):
+    paths = [_file(tmp_path, line, f"in{i}.jsonl") for i, (line, _) in enumerate(CASES)]
+    report = build_dataset(make_recipe(paths, str(tmp_path / "ds"), upsampling=DOMAINS,
+                                       skip_bad=True), progress=False)
+    expected = {}
+    for _, reason in CASES:
+        expected[reason] = expected.get(reason, 0) + 1
+    assert report["skipped"]["by_reason"] == expected
+    assert report["skipped"]["total"] == len(CASES)
+    assert report["input"]["documents"] == len(CASES) * len(GOOD)
+    assert report["input"]["records"] == len(CASES) * (len(GOOD) + 1)
+    assert report["input"]["blank_lines"] == len(CASES)
+    assert report["output"]["documents"] == len(CASES) * len(GOOD)
+    assert any(e.startswith(paths[0] + ":4: malformed JSON") for e in report["skipped"]["examples"])
+    md = (tmp_path / "ds.stats.md").read_text()
+    assert "unknown domain: 1" in md and "empty text: 2" in md
+
+
+def test_parquet_bad_rows_are_named_by_row(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": ["ok text", None, "more text", ""],
+                             "domain": ["web", "web", None, "web"]}), tmp_path / "p.parquet")
+    path = str(tmp_path / "p.parquet")
+    with pytest.raises(BadInputError, match=f"{path}:row 2: missing field"):
+        build_dataset(make_recipe([path], str(tmp_path / "ds")), progress=False)
+    report = build_dataset(make_recipe([path], str(tmp_path / "ds"), skip_bad=True), progress=False)
+    assert report["skipped"]["by_reason"] == {"missing field": 2, "empty text": 1}
+    assert report["output"]["documents"] == 1
+
+
+def test_cli_reports_bad_input_and_exits_nonzero(tmp_path, capsys):
+    path = _file(tmp_path, CASES[0][0])
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(json.dumps({"inputs": [path], "tokenizer": {"path": make_recipe(
+        [path], "x").tokenizer.path, "fast_path": "off"}, "output": {"prefix": str(tmp_path / "ds")},
+        "workers": 0}))
+    assert cli_main(["--config", str(recipe), "--no-progress"]) == 2
+    assert f"{path}:4: malformed JSON" in capsys.readouterr().err
+    assert cli_main(["--config", str(recipe), "--no-progress", "--skip-bad"]) == 0
+    out = capsys.readouterr().out
+    assert "skipped 1 record(s)" in out and "tokenizer backend: hf" in out
+    assert (tmp_path / "ds.idx").exists()
