@@ -16,7 +16,7 @@ import json
 import os
 import random
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
@@ -67,8 +67,10 @@ def save_train_checkpoint(
     consumed_samples: int,
     config_dict: dict,
     use_cuda: bool,
+    side_files: Sequence[str | os.PathLike] = (),
 ) -> Path:
-    """Collective: every rank calls it. `model` is the unwrapped UltraLongGPTModel stage."""
+    """Collective: every rank calls it. `model` is the unwrapped UltraLongGPTModel stage.
+    side_files (the tokenizer of the starting checkpoint) travel with the weights to HF export."""
     final = Path(save_dir) / f"iter_{step:07d}"
     tmp = begin_atomic_dir(final, overwrite=True)
     rank = _rank()
@@ -77,7 +79,7 @@ def save_train_checkpoint(
         (tmp / "rng").mkdir()
     if dist.is_initialized():
         dist.barrier()
-    save_megatron_checkpoint(model, tmp / "model", extra={"step": step}, overwrite=True)
+    save_megatron_checkpoint(model, tmp / "model", extra={"step": step}, side_files=side_files, overwrite=True)
     optimizer.save(str(tmp / "optimizer"), model.sharded_state_dict())
     torch.save(_rng_state(use_cuda), tmp / "rng" / f"rank_{rank:05d}.pt")
     if rank == 0:

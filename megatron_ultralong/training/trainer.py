@@ -138,16 +138,23 @@ class Trainer:
             self.tb = SummaryWriter(cfg.train.tensorboard_dir)
 
     def _load_initial_weights(self, model) -> None:
+        """Weights from an HF or Megatron checkpoint; its tokenizer files ride along to our saves."""
         m = self.cfg.model
+        self.side_files: list = []
         if m.hf_checkpoint:
             from megatron_ultralong.convert.hf_io import HFCheckpointReader
             from megatron_ultralong.convert.hf_to_mcore import load_hf_into_model
 
-            load_hf_into_model(model, HFCheckpointReader(m.hf_checkpoint), self.model_cfg, self.rt, progress=False)
+            reader = HFCheckpointReader(m.hf_checkpoint)
+            load_hf_into_model(model, reader, self.model_cfg, self.rt, progress=False)
+            self.side_files = list(reader.side_files())
         elif m.megatron_checkpoint:
-            from megatron_ultralong.convert.checkpoint import load_megatron_checkpoint
+            from megatron_ultralong.convert.checkpoint import SIDE_DIR, load_megatron_checkpoint
 
             load_megatron_checkpoint(model, m.megatron_checkpoint)
+            side = os.path.join(m.megatron_checkpoint, SIDE_DIR)
+            if os.path.isdir(side):
+                self.side_files = sorted(os.path.join(side, f) for f in os.listdir(side))
 
     def _log_text(self, text: str) -> None:
         if self.is_logger:
@@ -221,7 +228,7 @@ class Trainer:
     def save(self) -> None:
         save_train_checkpoint(
             self.cfg.train.save, self.step, self.model, self.optimizer, self.scheduler,
-            self.consumed, to_dict(self.cfg), self.rt.is_cuda,
+            self.consumed, to_dict(self.cfg), self.rt.is_cuda, self.side_files,
         )
         self._log_text(f"[train] saved {self.cfg.train.save}/iter_{self.step:07d}")
 
