@@ -1,0 +1,165 @@
+"""Command lines `mu-eval-niah`, `mu-eval-ruler`, `mu-eval-ppl` (tools/eval_*.py).
+
+--model is an HF directory (config.json + weights; one process, CPU or GPU) or a Megatron
+checkpoint written by the plugin (torch_dist model dir, a training iter_XXXXXXX/ dir or a save dir
+with `latest`); a Megatron checkpoint runs under torchrun with TP x CP processes:
+
+    mu-eval-niah --model hf_export/ --lengths 4096 8192 --depths 0 0.5 1 --out results/
+    torchrun --nproc-per-node 8 -m megatron_ultralong.eval.cli niah --model ckpt/1m --cp 8 \
+        --tokenizer hf_export/ --lengths 1048576 --depths 0 0.25 0.5 0.75 1 --out results/
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Optional
+
+import torch
+
+from megatron_ultralong.eval.tasks import RULER_TASKS
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="HF model directory or Megatron checkpoint")
+    parser.add_argument("--tokenizer", help="HF tokenizer directory or tokenizer.json (default: --model)")
+    parser.add_argument("--out", required=True, help="output directory (JSON and PNG)")
+    parser.add_argument("--tp", type=int, default=1, help="Megatron: tensor-parallel size")
+    parser.add_argument("--cp", type=int, default=1, help="Megatron: context-parallel size (prefill split)")
+    parser.add_argument("--cp-comm-type", default="p2p", choices=["p2p", "all_gather", "a2a"])
+    parser.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: the checkpoint's")
+
+
+def _backend(args: argparse.Namespace):
+    """(backend, tokenizer, runtime or None) from the common flags."""
+    from megatron_ultralong.eval.megatron_backend import resolve_megatron_checkpoint
+    from megatron_ultralong.eval.tokenizer import EvalTokenizer
+
+    dtype = None if args.dtype is None else getattr(torch, args.dtype)
+    megatron_dir = resolve_megatron_checkpoint(args.model)
+    if megatron_dir is None:
+        if not os.path.isfile(os.path.join(args.model, "config.json")):
+            raise ValueError(f"--model={args.model!r}: neither an HF directory (config.json) nor a Megatron checkpoint")
+        if args.tp != 1 or args.cp != 1:
+            raise ValueError("--tp/--cp apply to Megatron checkpoints; an HF model runs in one process")
+        from megatron_ultralong.eval.backends import HFBackend
+
+        tokenizer = EvalTokenizer.from_path(args.tokenizer or args.model)
+        return HFBackend.from_pretrained(args.model, dtype=dtype, device=args.device), tokenizer, None
+    if args.tokenizer is None:
+        raise ValueError("--tokenizer is required with a Megatron checkpoint (it holds no tokenizer)")
+    tokenizer = EvalTokenizer.from_path(args.tokenizer)
+    from megatron_ultralong.eval.megatron_backend import MegatronBackend, init_eval_runtime
+
+    runtime = init_eval_runtime(args.tp, args.cp, args.cp_comm_type, args.device)
+    return MegatronBackend.from_checkpoint(str(megatron_dir), runtime, dtype), tokenizer, runtime
+
+
+def _niah(args, backend, tokenizer) -> str:
+    from megatron_ultralong.eval.niah import NiahConfig, run_niah
+
+    cfg = NiahConfig(haystack=args.haystack, samples_per_cell=args.samples, max_new_tokens=args.max_new_tokens,
+                     snap_to_sentence=not args.no_snap, seed=args.seed, scorer=args.scorer)
+    res = run_niah(backend, tokenizer, args.lengths, args.depths, args.out, cfg)
+    return f"NIAH mean score {100 * res.mean_score:.1f}%; heatmap: {res.heatmap_path}; results: {res.json_path}"
+
+
+def _ruler(args, backend, tokenizer) -> str:
+    from megatron_ultralong.eval.ruler import run_ruler
+
+    res = run_ruler(backend, tokenizer, args.lengths, args.out, args.tasks, args.samples, args.seed)
+    return f"RULER mean by length {json.dumps(res['mean'])}; results: {res.get('json_path')}"
+
+
+def _read_documents(path: str, tokenizer) -> list[list[int]]:
+    """Plain text (one document) or JSONL with a "text" field per line -> token ids per document."""
+    if not os.path.isfile(path):
+        raise ValueError(f"--documents={path!r}: no such file")
+    with open(path, encoding="utf-8") as f:
+        if not path.endswith(".jsonl"):
+            return [tokenizer.encode(f.read())]
+        docs = []
+        for i, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    docs.append(tokenizer.encode(json.loads(line)["text"]))
+                except (json.JSONDecodeError, KeyError, TypeError) as e:
+                    raise ValueError(f"--documents={path!r} line {i}: expected JSON with a 'text' field ({e})") from e
+        return docs
+
+
+def _ppl(args, backend, tokenizer) -> str:
+    from megatron_ultralong.eval.perplexity import loss_by_position
+
+    docs = [d for d in _read_documents(args.documents, tokenizer) if len(d) >= args.seq_len]
+    if not docs:
+        raise ValueError(f"--documents={args.documents!r}: no document has --seq-len {args.seq_len} tokens")
+    res = loss_by_position(backend, docs, args.seq_len, args.buckets, args.log_buckets, args.out)
+    return f"loss by bucket {[round(x, 3) for x in res['mean_loss']]}; results: {res.get('json_path')}"
+
+
+def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    niah = sub.add_parser("niah", help="needle-in-a-haystack grid -> niah_results.json, niah_heatmap.png")
+    niah.add_argument("--lengths", type=int, nargs="+", required=True, help="prompt lengths in tokens")
+    niah.add_argument("--depths", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0],
+                      help="needle depths as fractions of the haystack")
+    niah.add_argument("--haystack", default="essay", choices=["essay", "noise"])
+    niah.add_argument("--samples", type=int, default=1, help="prompts per cell")
+    niah.add_argument("--max-new-tokens", type=int, default=16)
+    niah.add_argument("--scorer", default="all", choices=["all", "part", "exact"])
+    niah.add_argument("--no-snap", action="store_true", help="insert at the exact depth, not a sentence end")
+    ruler = sub.add_parser("ruler", help="RULER-style tasks -> ruler_results.json, ruler_scores.png")
+    ruler.add_argument("--lengths", type=int, nargs="+", required=True)
+    ruler.add_argument("--tasks", nargs="+", default=list(RULER_TASKS), choices=RULER_TASKS)
+    ruler.add_argument("--samples", type=int, default=4, help="samples per task and length")
+    ppl = sub.add_parser("ppl", help="loss by position -> ppl_by_position.json/.png")
+    ppl.add_argument("--documents", required=True, help="a text file (one document) or JSONL with 'text'")
+    ppl.add_argument("--seq-len", type=int, required=True, help="tokens evaluated per document")
+    ppl.add_argument("--buckets", type=int, default=8)
+    ppl.add_argument("--log-buckets", action="store_true", help="log-spaced position buckets")
+    for p in (niah, ruler, ppl):
+        _common(p)
+        p.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def main(argv: Optional[list[str]] = None, command: Optional[str] = None) -> None:
+    """`command` pre-selects a subcommand (the mu-eval-* entry points)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if command is not None:
+        argv = [command] + argv
+    args = build_parser().parse_args(argv)
+    runtime = None
+    try:
+        backend, tokenizer, runtime = _backend(args)
+        message = {"niah": _niah, "ruler": _ruler, "ppl": _ppl}[args.command](args, backend, tokenizer)
+    except ValueError as e:
+        print(f"mu-eval-{args.command}: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    finally:
+        if runtime is not None:
+            from megatron_ultralong.runtime import shutdown_runtime
+
+            shutdown_runtime()
+    if backend.is_writer:
+        print(message)
+
+
+def niah_main() -> None:
+    main(command="niah")
+
+
+def ruler_main() -> None:
+    main(command="ruler")
+
+
+def ppl_main() -> None:
+    main(command="ppl")
+
+
+if __name__ == "__main__":
+    main()

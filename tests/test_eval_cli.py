@@ -1,0 +1,57 @@
+"""The mu-eval-* command lines on a tiny HF model saved to disk; bad flags give errors naming them."""
+import json
+
+import pytest
+
+from eval_helpers import save_tiny_hf
+from megatron_ultralong.eval.cli import main
+
+
+@pytest.fixture(scope="module")
+def hf_dirs(tmp_path_factory):
+    return save_tiny_hf(str(tmp_path_factory.mktemp("hf")))
+
+
+def test_niah_cli_writes_results_and_heatmap(hf_dirs, tmp_path, capsys):
+    tok_dir, model_dir = hf_dirs
+    main(["--model", model_dir, "--tokenizer", tok_dir, "--out", str(tmp_path), "--lengths", "200", "260",
+          "--depths", "0", "1", "--max-new-tokens", "3", "--device", "cpu"], command="niah")
+    out = capsys.readouterr().out
+    assert str(tmp_path / "niah_heatmap.png") in out
+    with open(tmp_path / "niah_results.json") as f:
+        data = json.load(f)
+    assert data["lengths"] == [200, 260] and len(data["samples"]) == 4
+    assert all(s["generated_tokens"] <= 3 for s in data["samples"])
+
+
+def test_ruler_and_ppl_cli(hf_dirs, tmp_path):
+    tok_dir, model_dir = hf_dirs
+    main(["--model", model_dir, "--tokenizer", tok_dir, "--out", str(tmp_path), "--lengths", "700",
+          "--tasks", "vt", "niah_multivalue", "--samples", "1", "--device", "cpu"], command="ruler")
+    with open(tmp_path / "ruler_results.json") as f:
+        assert set(json.load(f)["scores"]) == {"vt", "niah_multivalue"}
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text(json.dumps({"text": "The grass is green. " * 40}) + "\n")
+    main(["--model", model_dir, "--tokenizer", tok_dir, "--out", str(tmp_path), "--documents", str(docs),
+          "--seq-len", "100", "--buckets", "4", "--device", "cpu"], command="ppl")
+    with open(tmp_path / "ppl_by_position.json") as f:
+        assert sum(json.load(f)["tokens"]) == 99
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--model", "/nonexistent"], "--model='/nonexistent': no such file"),
+    (["--tokenizer", "/nonexistent/tok"], "--tokenizer='/nonexistent/tok'"),
+    (["--cp", "2"], "--tp/--cp apply to Megatron checkpoints"),
+    (["--lengths", "5"], "context length 5 is too short"),
+    (["--depths", "2"], "--depths [2.0]"),
+])
+def test_bad_flags_exit_2_naming_the_flag(hf_dirs, tmp_path, capsys, flags, message):
+    tok_dir, model_dir = hf_dirs
+    base = {"--model": model_dir, "--tokenizer": tok_dir, "--out": str(tmp_path), "--lengths": "200",
+            "--depths": "0.5", "--device": "cpu"}
+    for flag, value in zip(flags[::2], flags[1::2]):
+        base[flag] = value
+    with pytest.raises(SystemExit) as e:
+        main([x for kv in base.items() for x in kv], command="niah")
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
