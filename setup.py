@@ -38,6 +38,9 @@ setup(
             "mu-demo=megatron_ultralong.demo:main",
             "mu-train=megatron_ultralong.training.cli:main",
             "mu-convert=megatron_ultralong.convert.cli:main",
+            "mu-eval-niah=megatron_ultralong.eval.cli:niah_main",
+            "mu-eval-ruler=megatron_ultralong.eval.cli:ruler_main",
+            "mu-eval-ppl=megatron_ultralong.eval.cli:ppl_main",
         ],
     },
     classifiers=[
