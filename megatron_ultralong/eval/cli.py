@@ -48,9 +48,16 @@ def _backend(args: argparse.Namespace):
 
         tokenizer = EvalTokenizer.from_path(args.tokenizer or args.model)
         return HFBackend.from_pretrained(args.model, dtype=dtype, device=args.device), tokenizer, None
-    if args.tokenizer is None:
-        raise ValueError("--tokenizer is required with a Megatron checkpoint (it holds no tokenizer)")
-    tokenizer = EvalTokenizer.from_path(args.tokenizer)
+    tokenizer_path = args.tokenizer
+    if tokenizer_path is None:
+        # Checkpoints started from an HF model carry its tokenizer files (convert/checkpoint.py).
+        from megatron_ultralong.convert.checkpoint import SIDE_DIR
+
+        side = megatron_dir / SIDE_DIR
+        if not (side / "tokenizer.json").is_file() and not (side / "tokenizer_config.json").is_file():
+            raise ValueError(f"--tokenizer is required: the Megatron checkpoint has no tokenizer in {side}")
+        tokenizer_path = str(side)
+    tokenizer = EvalTokenizer.from_path(tokenizer_path)
     from megatron_ultralong.eval.megatron_backend import MegatronBackend, init_eval_runtime
 
     runtime = init_eval_runtime(args.tp, args.cp, args.cp_comm_type, args.device)
