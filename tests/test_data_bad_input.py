@@ -90,3 +90,13 @@ def test_cli_reports_bad_input_and_exits_nonzero(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "skipped 1 record(s)" in out and "tokenizer backend: hf" in out
     assert (tmp_path / "ds.idx").exists()
+
+
+def test_nested_domain_field(tmp_path):
+    records = [{"text": r["text"], "meta": {"set": r["domain"]}} for r in corpus_records(6, seed=8)]
+    path = tmp_path / "n.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    report = build_dataset(make_recipe([str(path)], str(tmp_path / "ds"), domain_field="meta.set"),
+                           progress=False)
+    assert sum(report["source"][d]["docs"] for d in report["source"] if d != "_all") == 6
+    assert set(report["source"]) - {"_all"} == {r["meta"]["set"] for r in records}

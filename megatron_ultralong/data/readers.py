@@ -16,8 +16,6 @@ import os
 from dataclasses import dataclass, field
 from typing import IO, Iterator, List, Optional, Sequence, Tuple
 
-import numpy as np
-
 from megatron_ultralong.data.recipe import BuildRecipe, InputSpec
 
 BAD_REASONS = ("malformed JSON", "missing field", "non-UTF-8", "empty text", "unknown domain")
@@ -231,11 +229,19 @@ def parse_batch(
             continue
         domain = batch.fixed_domain
         if domain is None:
-            domain = record.get(domain_field, _MISSING) if domain_field else _MISSING
-        _validate(out, batch.source, number, record.get(text_field, _MISSING), domain,
+            domain = get_field(record, domain_field) if domain_field else _MISSING
+        _validate(out, batch.source, number, get_field(record, text_field), domain,
                   known_domains, fields)
     return out
 
 
-def keys_array(keys: List[int]) -> np.ndarray:
-    return np.asarray(keys, dtype=np.uint64)
+def get_field(record: dict, name: str) -> object:
+    """record[name], or a nested lookup for dotted names ("meta.redpajama_set_name")."""
+    if name in record:
+        return record[name]
+    node: object = record
+    for part in name.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return _MISSING
+        node = node[part]
+    return node

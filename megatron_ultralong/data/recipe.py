@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 import yaml
 
@@ -243,10 +243,11 @@ class BuildRecipe:
     """Output prefix and report settings."""
 
     text_field: str = "text"
-    """Record field holding the document text."""
+    """Record field holding the document text (a dotted name reads a nested field)."""
 
     domain_field: Optional[str] = "domain"
-    """Record field holding the domain; None means every input must set `domain`."""
+    """Record field holding the domain, e.g. "meta.redpajama_set_name" (dotted: nested); None
+    means every input must set `domain`."""
 
     separator: SeparatorConfig = SeparatorConfig()
     """Separator and BOS/EOS policy."""
@@ -349,7 +350,3 @@ def recipe_to_dict(recipe: BuildRecipe) -> Dict[str, Any]:
     """Plain-data form of a recipe (for the stats report)."""
     return dataclasses.asdict(recipe)
 
-
-def list_fields(cls: type) -> List[str]:
-    """Field names of a recipe section, for docs and error hints."""
-    return [f.name for f in dataclasses.fields(cls)]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Protocol, Sequence
+from typing import List, Optional, Protocol, Sequence
 
 import numpy as np
 
@@ -185,7 +185,3 @@ def special_token_ids(backend: Backend, tokens: Sequence[str], field: str) -> Li
         ids.append(i)
     return ids
 
-
-def vocab_counts(backend: Backend) -> Dict[str, int]:
-    """Small summary for the report."""
-    return {"vocab_size": int(backend.vocab_size)}

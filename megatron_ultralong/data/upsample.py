@@ -21,7 +21,7 @@ met in expectation; the report gives the realised count (relative error ~ 1/sqrt
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 
@@ -176,8 +176,3 @@ def max_copies(plans: Sequence[DomainPlan]) -> int:
     """Upper bound on copies of any document (ceil of the largest weight)."""
     return int(max((np.ceil(max(p.weights)) for p in plans), default=0))
 
-
-def describe_policy(cfg: UpsampleConfig, domain: Optional[str] = None) -> str:
-    short, long = cfg.policy(domain or "")
-    return (f"short(<{cfg.short_threshold}) x{short:g}, medium x1, "
-            f"long(>={cfg.long_threshold}) x{long:g}")
