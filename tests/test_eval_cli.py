@@ -55,3 +55,16 @@ def test_bad_flags_exit_2_naming_the_flag(hf_dirs, tmp_path, capsys, flags, mess
         main([x for kv in base.items() for x in kv], command="niah")
     assert e.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_megatron_checkpoint_paths_are_resolved(tmp_path):
+    from megatron_ultralong.eval.megatron_backend import resolve_megatron_checkpoint
+
+    model_dir = tmp_path / "iter_0000010" / "model"
+    model_dir.mkdir(parents=True)
+    (model_dir / "metadata.json").write_text("{}")
+    assert resolve_megatron_checkpoint(str(model_dir)) == model_dir
+    assert resolve_megatron_checkpoint(str(tmp_path / "iter_0000010")) == model_dir
+    assert resolve_megatron_checkpoint(str(tmp_path)) is None  # an HF-style or unrelated directory
+    with pytest.raises(ValueError, match="--model='/nonexistent'"):
+        resolve_megatron_checkpoint("/nonexistent")
