@@ -24,13 +24,13 @@ def _models():
     return EvalTokenizer.wrap(tok), tiny_llama(len(tok))
 
 
-def _megatron_backend(hf, cp: int, cp_comm_type: str = "p2p"):
+def _megatron_backend(hf, cp: int, cp_comm_type: str = "p2p", tp: int = 1):
     from megatron_ultralong.convert.model_weights import load_hf_weights
     from megatron_ultralong.eval.megatron_backend import MegatronBackend
     from megatron_ultralong.model import LlamaConfig, build_model
     from megatron_ultralong.runtime import ParallelConfig, init_runtime
 
-    rt = init_runtime(ParallelConfig(context_parallel=cp, cp_comm_type=cp_comm_type), device="cpu")
+    rt = init_runtime(ParallelConfig(tensor_parallel=tp, context_parallel=cp, cp_comm_type=cp_comm_type), device="cpu")
     cfg = LlamaConfig.from_hf(hf.config)
     model = build_model(cfg, rt)
     load_hf_weights(model, cfg, hf.state_dict().__getitem__, rt.pg_collection.tp)
@@ -42,15 +42,15 @@ def _prompts(vocab: int):
     return [torch.randint(2, vocab, (n,), generator=g).tolist() for n in PROMPT_LENGTHS]
 
 
-def _compare_to_hf(tok, hf, cp, cp_comm_type):
+def _compare_to_hf(tok, hf, cp, cp_comm_type, tp=1):
     from megatron_ultralong.eval import HFBackend
 
     ref = HFBackend(hf, prefill_chunk=50, loss_chunk=40)
-    backend, rt = _megatron_backend(hf, cp=cp, cp_comm_type=cp_comm_type)
+    backend, rt = _megatron_backend(hf, cp=cp, cp_comm_type=cp_comm_type, tp=tp)
     for ids in _prompts(tok.vocab_size):
         logits = backend.next_token_logits(ids)
         full = hf(torch.tensor([ids])).logits[0, -1].detach()
-        torch.testing.assert_close(logits, full, rtol=0, atol=1e-4, msg=f"cp={cp} {cp_comm_type} n={len(ids)}")
+        torch.testing.assert_close(logits, full, rtol=0, atol=1e-4, msg=f"tp={tp} cp={cp} {cp_comm_type} n={len(ids)}")
         assert backend.generate(ids, NEW_TOKENS) == ref.generate(ids, NEW_TOKENS)
         torch.testing.assert_close(backend.token_losses(ids), ref.token_losses(ids), rtol=0, atol=1e-4)
     return backend, rt
@@ -69,14 +69,15 @@ def test_megatron_backend_matches_hf_at_cp1():
 
 
 def _cp2(rank, world_size, out_dir):
-    """Ring and all-gather CP prefill vs HF, then NIAH from a checkpoint saved and loaded at CP=2
-    (one spawn for all three: process start-up dominates on 2 cores)."""
+    """TP=2 (vocab-parallel logits gathered), ring and all-gather CP prefill vs HF, then NIAH from a
+    checkpoint saved and loaded at CP=2 (one spawn for all: process start-up dominates on 2 cores)."""
     from megatron_ultralong.convert.checkpoint import save_megatron_checkpoint
     from megatron_ultralong.eval import run_niah
     from megatron_ultralong.eval.megatron_backend import MegatronBackend
     from megatron_ultralong.runtime import shutdown_runtime
 
     tok, hf = _models()
+    _compare_to_hf(tok, hf, 1, "p2p", tp=world_size)
     _compare_to_hf(tok, hf, world_size, "all_gather")
     backend, rt = _compare_to_hf(tok, hf, world_size, "p2p")
     ckpt = os.path.join(out_dir, "ckpt")
@@ -87,7 +88,7 @@ def _cp2(rank, world_size, out_dir):
     shutdown_runtime()
 
 
-def test_cp2_prefill_matches_hf_and_niah_runs_from_a_checkpoint(tmp_path):
+def test_tp2_and_cp2_match_hf_and_niah_runs_from_a_checkpoint(tmp_path):
     from megatron_ultralong.eval import HFBackend, run_niah
 
     run_distributed(_cp2, world_size=2, args=(str(tmp_path),))
