@@ -1,8 +1,8 @@
 """Megatron-Core `torch_dist` checkpoint -> HF Llama directory (safetensors shards, config.json with
 the model's RoPE, tokenizer files), at any TP/PP.
 
-Each rank builds its stage, megatron-core loads (and reshards) the checkpoint into it, and
-`model_weights.export_hf_weights` gathers every weight over TP, splits fused tensors back into HF's
+Each rank builds its stage without touching its memory, megatron-core loads (and reshards) the
+checkpoint into it one transformer layer at a time, and `model_weights.export_hf_weights` gathers every weight over TP, splits fused tensors back into HF's
 q/k/v and gate/up and truncates the vocab padding. One writer per PP stage (TP, DP and CP rank 0)
 streams its tensors into bounded shards; global rank 0 numbers the shards in stage order and writes
 the index. The exported `config.json` carries the RoPE the model was trained with (e.g. yarn after
@@ -11,17 +11,21 @@ context extension), which is the failure MEGATRON.md §5 #11 reports for other c
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Optional, Union
 
 import torch
 import torch.distributed as dist
+from megatron.core import dist_checkpointing
+from megatron.core.dist_checkpointing.validation import StrictHandling
 from tqdm import tqdm
 
 from megatron_ultralong.convert.checkpoint import (
     SIDE_DIR,
     begin_atomic_dir,
+    check_compatible,
     finish_atomic_dir,
     load_megatron_checkpoint,
     read_checkpoint_info,
@@ -42,29 +46,73 @@ def is_stage_writer(runtime: Runtime) -> bool:
     return all(g is None or g.rank() == 0 for g in (pgs.tp, getattr(pgs, "cp", None), getattr(pgs, "dp", None)))
 
 
+def param_groups(model: UltraLongGPTModel) -> list[list[str]]:
+    """This stage's state-dict names, one group per transformer layer, in model order: the unit
+    `write_hf_stage` loads, exports and frees at a time. The embedding joins the first layer's
+    group and the final norm / output layer the last one's, so every PP stage has the same number
+    of groups (megatron's load is collective over all ranks: the calls must line up)."""
+    layers: dict[str, list[str]] = {}
+    before, after = [], []
+    for name in model.state_dict():
+        m = re.match(r"decoder\.layers\.(\d+)\.", name)
+        if m:
+            layers.setdefault(m.group(1), []).append(name)
+        else:
+            (after if layers else before).append(name)
+    groups = list(layers.values()) or [[]]
+    groups[0] = before + groups[0]
+    groups[-1] = groups[-1] + after
+    return groups
+
+
 def write_hf_stage(
     model: UltraLongGPTModel,
     cfg: LlamaConfig,
     runtime: Runtime,
+    checkpoint: Path,
     out_dir: Path,
     dtype: torch.dtype,
     max_shard_size: Union[int, str],
     progress: bool = True,
 ) -> tuple[list[tuple[str, list[str]]], int]:
-    """Export this stage into temporary shards in out_dir (collective over TP). Returns
-    (shards, bytes) written by this rank; empty on non-writer ranks."""
+    """Load this stage from `checkpoint` one layer at a time, export it into temporary shards in
+    out_dir and free each layer after export (collective over the default group).
+
+    The model must come from `build_stage` (uninitialised weights are never touched, so they take
+    no resident memory): resident weights stay ~one layer plus the shard buffer. The model's
+    weights are released afterwards. Returns (shards, bytes) written by this rank; empty on
+    non-writer ranks."""
     writer_rank = is_stage_writer(runtime)
     pp_rank = runtime.pg_collection.pp.rank()
     writer = HFCheckpointWriter(out_dir, max_shard_size, prefix=f"pp{pp_rank:04d}-")
     n = len(stage_hf_names(model, cfg, export=True))
     bar = tqdm(total=n, desc=f"megatron -> hf (stage {pp_rank})", unit="tensor",
                disable=not progress or not writer_rank)
+    params = model.state_dict(keep_vars=True)
     with torch.no_grad():
-        # Every TP rank iterates (the gathers are collective); only the writer keeps the tensors.
-        for name, tensor in export_hf_weights(model, cfg, runtime.pg_collection.tp, dtype):
-            if writer_rank:
-                writer.add(name, tensor)
-            bar.update(1)
+        for group in param_groups(model):
+            # Megatron loads (and reshards) just these keys; the rest of the checkpoint is not read.
+            sharded = {k: v for k, v in model.sharded_state_dict().items() if k in group}
+            # A piece loads part of each stacked `decoder.layers.*` tensor by design: skip the
+            # whole-tensor access check (load_megatron_checkpoint keeps it).
+            state = dist_checkpointing.load(sharded, str(checkpoint), validate_access_integrity=False,
+                                            strict=StrictHandling.ASSUME_OK_UNEXPECTED)
+            model.load_state_dict(state, strict=False)
+            del sharded, state
+            group_storages = {params[n].untyped_storage().data_ptr() for n in group
+                              if isinstance(params[n], torch.Tensor)}
+            for name, tensor in export_hf_weights(model, cfg, runtime.pg_collection.tp, dtype, only=group):
+                if writer_rank:
+                    # A weight exported as is (norms, TP=1 linears) is a view of the parameter that
+                    # is freed below while the writer may still buffer it: give it its own bytes.
+                    if tensor.untyped_storage().data_ptr() in group_storages:
+                        tensor = tensor.clone()
+                    writer.add(name, tensor)
+                bar.update(1)
+            for name in group:
+                # Free the layer (views elsewhere die with it; the model is not used afterwards).
+                if isinstance(params[name], torch.Tensor):  # skips `_extra_state` entries
+                    params[name].detach().untyped_storage().resize_(0)
     if writer_rank:
         writer.flush()
     bar.close()
@@ -94,11 +142,12 @@ def convert_mcore_to_hf(
     info = read_checkpoint_info(mcore_dir)
     cfg = with_rope(info.model_config, rope)
     check_parallel_fits(cfg, runtime.parallel.tensor_parallel, runtime.parallel.pipeline_parallel)
+    check_compatible(cfg, info.model_config, mcore_dir)
     model = build_stage(cfg, runtime, info.torch_dtype, info.vocab_divisible_by)
-    load_megatron_checkpoint(model, mcore_dir)
     out_dtype = dtype or info.torch_dtype
     tmp = begin_atomic_dir(out_dir, overwrite)
-    shards, nbytes = write_hf_stage(model, cfg, runtime, tmp, out_dtype, max_shard_size, progress)
+    shards, nbytes = write_hf_stage(model, cfg, runtime, mcore_dir, tmp, out_dtype, max_shard_size, progress)
+    del model
     gathered: list = [None] * (dist.get_world_size() if dist.is_initialized() else 1)
     record = (runtime.pg_collection.pp.rank(), shards, nbytes)
     if dist.is_initialized():
@@ -115,5 +164,9 @@ def convert_mcore_to_hf(
             for f in sorted(side.iterdir()):
                 shutil.copy2(f, tmp / f.name)
     finish_atomic_dir(tmp, out_dir)
-    report = verify_against_hf(model, runtime, out_dir) if verify else None
+    report = None
+    if verify:  # the export freed the weights: load the whole stage again
+        model = build_stage(cfg, runtime, info.torch_dtype, info.vocab_divisible_by)
+        load_megatron_checkpoint(model, mcore_dir)
+        report = verify_against_hf(model, runtime, out_dir)
     return out_dir, report

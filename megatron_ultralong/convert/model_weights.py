@@ -6,7 +6,7 @@ at a time, so a caller that fetches HF tensors lazily (safetensors memory maps) 
 """
 from __future__ import annotations
 
-from typing import Callable, Iterator, Optional
+from typing import Callable, Container, Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -109,12 +109,16 @@ def export_hf_weights(
     cfg: LlamaConfig,
     tp_group: Optional[dist.ProcessGroup] = None,
     dtype: Optional[torch.dtype] = None,
+    only: Optional[Container[str]] = None,
 ) -> Iterator[tuple[str, Tensor]]:
     """Yield (HF name, full tensor) for this PP stage's weights, gathered over TP (collective:
-    every TP rank must iterate). Vocab padding is truncated; tied models emit no lm_head."""
+    every TP rank must iterate). Vocab padding is truncated; tied models emit no lm_head.
+    only: restrict to these Megatron (local state-dict) names, to export a stage in pieces."""
     tp_size = dist.get_world_size(tp_group) if tp_group is not None else 1
     for name, param, rule, layer in _stage_params(model):
         if rule.megatron == "output_layer.weight" and cfg.tie_word_embeddings:
+            continue
+        if only is not None and name not in only:
             continue
         local = param.detach()
         if tp_size > 1 and rule.kind != "replicated":
