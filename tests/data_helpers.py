@@ -61,7 +61,8 @@ def make_recipe(inputs: Any, prefix: str, **sections: Any) -> BuildRecipe:
     """
     raw: Dict[str, Any] = {
         "inputs": inputs,
-        "tokenizer": {"path": tokenizer_path(), "verify_docs": 64},
+        "tokenizer": {"path": tokenizer_path(), "verify_docs": 64,
+                      "proof_cache_dir": os.path.join(_TMP, "proof_cache")},
         "output": {"prefix": prefix},
         "workers": 0,
     }

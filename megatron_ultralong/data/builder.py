@@ -56,7 +56,7 @@ def choose_backend(recipe: BuildRecipe, sample: List[str]) -> Tuple[BackendSpec,
         info.update(backend="hf", fast_path_reasons=["tokenizer.fast_path='off'"])
         return hf_spec, info
     t0 = time.perf_counter()
-    proof = prove_equivalence(tok.path, tok.special_tokens_in_text, sample)
+    proof = prove_equivalence(tok.path, tok.special_tokens_in_text, sample, tok.proof_cache_dir)
     info["proof_seconds"] = round(time.perf_counter() - t0, 2)
     if not proof.ok:
         if tok.fast_path == "require":
@@ -152,7 +152,7 @@ def _build(recipe, files, outputs, pool, progress, t_start) -> Dict[str, Any]:
 
     # 3. Stage 2: per (domain, length class) totals -> sampling plan.
     pool_prefix = pool.path(".bin")[: -len(".bin")]
-    pool_ds, lengths, pointers, doms, keys, tokens = _open_pool(pool_prefix, pool, dtype)
+    pool_ds, lengths, pointers, doms, keys = _open_pool(pool_prefix, pool)
     itemsize = np.dtype(dtype).itemsize
     extra = len(prefix_ids) + len(suffix_ids)
     totals = upsample.ClassTotals.zeros(len(domains))
@@ -169,22 +169,26 @@ def _build(recipe, files, outputs, pool, progress, t_start) -> Dict[str, Any]:
     weights = upsample.weight_table(plans)
     bar = _progress_bar(progress, "write")
     t_write = time.perf_counter()
-    for sweep in range(upsample.max_copies(plans)):
-        for s in range(0, len(lengths), CHUNK_DOCS):
-            ln, dm = lengths[s:s + CHUNK_DOCS].astype(np.int64), doms[s:s + CHUNK_DOCS]
-            starts = pointers[s:s + CHUNK_DOCS] // itemsize
-            copies = upsample.copies_per_document(keys[s:s + CHUNK_DOCS], dm, ln, weights, cfg)
-            if sweep == 0:
-                after.add(dm, ln, copies)
-            for i in np.nonzero(copies > sweep)[0]:
-                doc = tokens[starts[i]:starts[i] + ln[i]]
-                step = cfg.max_doc_tokens or max(1, len(doc))
-                for p in range(0, len(doc), step):
-                    out.add_document_parts((prefix_ids, doc[p:p + step], suffix_ids))
-            bar.update(out.tokens_written - bar.n)
+    # Document tokens are read with plain file reads, not through an mmap: mapped pages would
+    # count in this process's RSS and make it grow with the pool (page cache serves both anyway).
+    with open(pool.path(".bin"), "rb", buffering=0) as pool_bin:
+        for sweep in range(upsample.max_copies(plans)):
+            for s in range(0, len(lengths), CHUNK_DOCS):
+                ln, dm = lengths[s:s + CHUNK_DOCS].astype(np.int64), doms[s:s + CHUNK_DOCS]
+                starts = pointers[s:s + CHUNK_DOCS]
+                copies = upsample.copies_per_document(keys[s:s + CHUNK_DOCS], dm, ln, weights, cfg)
+                if sweep == 0:
+                    after.add(dm, ln, copies)
+                for i in np.nonzero(copies > sweep)[0]:
+                    doc = np.frombuffer(os.pread(pool_bin.fileno(), int(ln[i]) * itemsize,
+                                                 int(starts[i])), dtype=dtype)
+                    step = cfg.max_doc_tokens or max(1, len(doc))
+                    for p in range(0, len(doc), step):
+                        out.add_document_parts((prefix_ids, doc[p:p + step], suffix_ids))
+                bar.update(out.tokens_written - bar.n)
     bar.close()
     out.finalize(outputs.path(".idx"))
-    del pool_ds, lengths, pointers, doms, keys, tokens
+    del pool_ds, lengths, pointers, doms, keys
 
     # 5. Report.
     n_out_docs = len(out.sequence_lengths)
@@ -216,17 +220,16 @@ def _build(recipe, files, outputs, pool, progress, t_start) -> Dict[str, Any]:
     return report
 
 
-def _open_pool(prefix: str, pool: AtomicOutputs, dtype) -> Tuple[Any, ...]:
-    """Pool arrays, all memory-mapped (nothing per document is copied into memory): lengths and
-    pointers through megatron-core's own reader, domain ids, keys and tokens as raw files."""
+def _open_pool(prefix: str, pool: AtomicOutputs) -> Tuple[Any, ...]:
+    """Per-document pool arrays, memory-mapped (nothing per document is copied into memory):
+    lengths and byte pointers through megatron-core's own reader, domain ids and keys raw."""
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
     def mm(path: str, dt) -> np.ndarray:
         return np.memmap(path, dtype=dt, mode="r") if os.path.getsize(path) else np.zeros(0, dt)
 
+    doms, keys = mm(pool.path(".dom"), np.uint16), mm(pool.path(".key"), np.uint64)
     if not os.path.getsize(pool.path(".bin")):
-        empty = np.zeros(0, np.int64)
-        return None, empty, empty, mm(pool.path(".dom"), np.uint16), mm(pool.path(".key"), np.uint64), empty
+        return None, np.zeros(0, np.int32), np.zeros(0, np.int64), doms, keys
     ds = IndexedDataset(prefix, mmap=True)
-    return (ds, ds.sequence_lengths, ds.index.sequence_pointers, mm(pool.path(".dom"), np.uint16),
-            mm(pool.path(".key"), np.uint64), mm(pool.path(".bin"), dtype))
+    return ds, ds.sequence_lengths, ds.index.sequence_pointers, doms, keys

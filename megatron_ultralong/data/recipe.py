@@ -71,6 +71,10 @@ class TokenizerConfig:
     verify_docs: int = 512
     """Corpus documents also encoded by HF and compared before the fast path is trusted."""
 
+    proof_cache_dir: Optional[str] = "~/.cache/megatron_ultralong"
+    """Where the fast-path proof's code-point sweep result is kept (keyed by the tokenizer file's
+    sha256 and the library versions); null re-runs the sweep every time."""
+
     def __post_init__(self) -> None:
         if not self.path:
             _fail("tokenizer.path", self.path, "is required")

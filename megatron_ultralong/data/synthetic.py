@@ -81,10 +81,13 @@ class SyntheticText:
 
 
 def generate_records(
-    n_docs: int, seed: int = 0, domains: Sequence[DomainShape] = DEFAULT_DOMAINS
+    n_docs: int, seed: int = 0, domains: Sequence[DomainShape] = DEFAULT_DOMAINS,
+    lexicon_size: int = 5000,
 ) -> Iterator[Dict[str, str]]:
-    """Yield `n_docs` records {"text", "domain"}; the same seed gives the same records."""
-    text = SyntheticText(seed)
+    """Yield `n_docs` records {"text", "domain"}; the same seed gives the same records.
+
+    A 500K-word lexicon gives enough distinct pairs to train a ~100K-token BPE."""
+    text = SyntheticText(seed, lexicon_size)
     rng = random.Random(seed + 1)
     cum = []
     total = 0.0

@@ -33,6 +33,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -228,20 +229,25 @@ def _sweep(hf, encoding, chunk: int = 4096, limit: int = 1000) -> Tuple[List[int
     than `limit` are found: past that the fast path is refused anyway)."""
     cps = [c for lo, hi in SWEPT_RANGES for c in range(lo, hi) if not 0xD800 <= c <= 0xDFFF]
     groups = [cps[i:i + chunk] for i in range(0, len(cps), chunk)]
-    texts = ["".join(SWEEP_CONTEXT.format(c=chr(c)) for c in g) for g in groups]
-    ref = hf.encode_batch(texts, add_special_tokens=False)
     bad: List[int] = []
-    for group, text, r in zip(groups, texts, ref):
-        if encoding.encode_ordinary(text) == r.ids:
-            continue
-        # Narrow the failing chunk down to code points (batched: chunks can fail by the hundred).
-        singles = [SWEEP_CONTEXT.format(c=chr(c)) for c in group]
-        ref_singles = hf.encode_batch(singles, add_special_tokens=False)
-        fast_singles = encoding.encode_ordinary_batch(singles, num_threads=1)
-        bad += [c for c, r1, f1 in zip(group, ref_singles, fast_singles) if r1.ids != f1]
+    for start in range(0, len(groups), 8):  # 8 chunks per HF batch: parallel, memory bounded
+        batch = groups[start:start + 8]
+        texts = ["".join(SWEEP_CONTEXT.format(c=chr(c)) for c in g) for g in batch]
+        ref = hf.encode_batch(texts, add_special_tokens=False)
+        for group, text, r in zip(batch, texts, ref):
+            if encoding.encode_ordinary(text) != r.ids:
+                bad += _narrow(hf, encoding, group)
         if len(bad) > limit:
             break
     return bad, len(cps)
+
+
+def _narrow(hf, encoding, group: Sequence[int]) -> List[int]:
+    """The code points of a failing sweep chunk whose own context differs (batched)."""
+    singles = [SWEEP_CONTEXT.format(c=chr(c)) for c in group]
+    ref = hf.encode_batch(singles, add_special_tokens=False)
+    fast = encoding.encode_ordinary_batch(singles, num_threads=1)
+    return [c for c, r, f in zip(group, ref, fast) if r.ids != f]
 
 
 @functools.lru_cache(maxsize=8)
@@ -259,13 +265,49 @@ def _structure_and_sweep(path: str, digest: str) -> Tuple[Optional[Tuple[str, ..
     return None, tuple(bad), swept
 
 
-def prove_equivalence(path: str, special_tokens_in_text: str, sample_texts: Sequence[str] = ()) -> Proof:
-    """Decide whether the tiktoken path may replace HF for this tokenizer.json (module doc)."""
+def _sweep_key(digest: str) -> str:
+    """Cache key: the file, both libraries' versions, and what the sweep checks."""
+    import tiktoken
+    import tokenizers
+
+    what = repr((digest, tokenizers.__version__, tiktoken.__version__, SWEPT_RANGES, SWEEP_CONTEXT))
+    return hashlib.sha256(what.encode()).hexdigest()[:32]
+
+
+def _cached_structure_and_sweep(path: str, digest: str, cache_dir: Optional[str]):
+    """`_structure_and_sweep`, with its result kept as a small JSON file in `cache_dir` (the sweep
+    costs seconds to tens of seconds; the result only depends on the key's inputs)."""
+    if not cache_dir:
+        return _structure_and_sweep(path, digest)
+    cache = os.path.join(os.path.expanduser(cache_dir), f"tiktoken_proof_{_sweep_key(digest)}.json")
+    try:
+        with open(cache, encoding="utf-8") as f:
+            reasons, bad, swept = json.load(f)
+        return (tuple(reasons) if reasons is not None else None), tuple(bad), swept
+    except (OSError, ValueError):
+        pass
+    result = _structure_and_sweep(path, digest)
+    os.makedirs(os.path.dirname(cache), exist_ok=True)
+    tmp = f"{cache}.{os.getpid()}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump([result[0], list(result[1]), result[2]], f)
+    os.replace(tmp, cache)
+    return result
+
+
+def prove_equivalence(
+    path: str, special_tokens_in_text: str, sample_texts: Sequence[str] = (),
+    cache_dir: Optional[str] = None,
+) -> Proof:
+    """Decide whether the tiktoken path may replace HF for this tokenizer.json (module doc).
+
+    `cache_dir` keeps the structure + sweep result across runs; probes and corpus documents are
+    always compared afresh."""
     from tokenizers import Tokenizer
 
     with open(path, "rb") as f:
         digest = hashlib.sha256(f.read()).hexdigest()
-    reasons, bad_cps, swept = _structure_and_sweep(path, digest)
+    reasons, bad_cps, swept = _cached_structure_and_sweep(path, digest, cache_dir)
     if reasons is not None:
         return Proof(ok=False, reasons=reasons)
     if len(bad_cps) > 1000:
