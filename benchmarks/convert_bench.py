@@ -3,12 +3,13 @@
     .venv/bin/python benchmarks/convert_bench.py --workdir /tmp/convert_bench [--preset llama3.2-1b]
 
 Generates a random bf16 checkpoint of the preset's shape with safetensors directly (no transformers
-init: minutes saved), sharded like HF's, then runs as separate processes, each measured with
-wait4's rusage (peak RSS of that process tree, wall clock):
+init: minutes saved), sharded like HF's, then runs as separate processes, each measured:
   1. baseline: transformers `AutoModelForCausalLM.from_pretrained` + a full `state_dict()` copy
      (what a naive converter holds);
   2. `tools/convert_checkpoint.py hf-to-mcore` (1 process, TP=PP=1);
-  3. `tools/convert_checkpoint.py mcore-to-hf` (1 process).
+  3. `tools/convert_checkpoint.py mcore-to-hf` (its default: 2 processes, see cli.py).
+Peak RSS is reported for the largest process (wait4's ru_maxrss) and summed over the process tree
+(sampled from /proc every 50 ms).
 Prints a markdown table; --keep leaves the generated checkpoints (default: deleted).
 """
 from __future__ import annotations
@@ -20,6 +21,7 @@ import platform
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -61,17 +63,49 @@ def generate(preset: str, out: Path, shard_size: str) -> tuple[int, int]:
     return params, largest
 
 
-def measure(cmd: list[str]) -> tuple[float, float]:
-    """(wall seconds, peak RSS GiB) of cmd and its children; raises if it fails."""
+def _tree_rss_kib(root: int) -> int:
+    """Sum of VmRSS over root and all its descendants (from /proc)."""
+    parent, rss = {}, {}
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/status") as f:
+                fields = dict(line.split(":", 1) for line in f if ":" in line)
+        except OSError:
+            continue
+        parent[int(d)] = int(fields["PPid"])
+        rss[int(d)] = int(fields.get("VmRSS", "0 kB").split()[0])
+    total = 0
+    for pid in rss:
+        p = pid
+        while p in parent and p != root and p > 1:
+            p = parent[p]
+        total += rss[pid] if p == root else 0
+    return total
+
+
+def measure(cmd: list[str]) -> tuple[float, float, float]:
+    """(wall s, peak RSS GiB of the largest process (wait4), peak sum of RSS over the process tree
+    GiB (sampled every 50 ms)) of cmd; raises if it fails."""
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    out = proc.stdout.read()
-    _, status, usage = os.wait4(proc.pid, 0)
+    out: list[str] = []
+    reader = threading.Thread(target=lambda: out.append(proc.stdout.read()), daemon=True)
+    reader.start()
+    peak_sum = 0
+    while True:
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+            break
+        peak_sum = max(peak_sum, _tree_rss_kib(proc.pid))
+        time.sleep(0.05)
     wall = time.perf_counter() - start
+    reader.join()
     if os.waitstatus_to_exitcode(status) != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed:\n{out[-3000:]}")
-    return wall, usage.ru_maxrss / 2**20  # ru_maxrss is KiB on Linux
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{''.join(out)[-3000:]}")
+    return wall, usage.ru_maxrss / 2**20, peak_sum / 2**20  # KiB -> GiB
 
 
 def main() -> None:
@@ -93,7 +127,10 @@ def main() -> None:
         rows = [
             ("baseline: transformers from_pretrained + state_dict copy", measure([py, "-c", BASELINE, str(hf)])),
             ("hf-to-mcore (1 process)", measure(tool + ["hf-to-mcore", str(hf), str(mc), "--no-progress"])),
-            ("mcore-to-hf (1 process)", measure(tool + ["mcore-to-hf", str(mc), str(back), "--no-progress"])),
+            ("mcore-to-hf (default: 2 processes, 1 idle replica)",
+             measure(tool + ["mcore-to-hf", str(mc), str(back), "--no-progress"])),
+            ("mcore-to-hf, --max-shard-size 500MB",
+             measure(tool + ["mcore-to-hf", str(mc), str(back) + "_500", "--no-progress", "--max-shard-size", "500MB"])),
         ]
         same = json.loads((hf / "config.json").read_text())["rope_scaling"] == \
             json.loads((back / "config.json").read_text())["rope_scaling"]
@@ -104,11 +141,11 @@ def main() -> None:
           f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB RAM, torch {torch.__version__}")
     print(f"model: {args.preset} shape, {params / 1e9:.2f}B params, {size / 2**30:.2f} GiB bf16 safetensors, "
           f"largest tensor {largest / 2**30:.2f} GiB (generated in {gen_s:.0f} s); rope_scaling kept: {same}")
-    base_rss = rows[0][1][1]
-    print("| step | wall (s) | peak RSS (GiB) | RSS vs baseline |")
-    print("|---|---|---|---|")
-    for name, (wall, rss) in rows:
-        print(f"| {name} | {wall:.1f} | {rss:.2f} | {rss / base_rss:.2f}x |")
+    base = rows[0][1][2]
+    print("| step | wall (s) | peak RSS, largest process (GiB) | peak RSS, all processes (GiB) | vs baseline |")
+    print("|---|---|---|---|---|")
+    for name, (wall, rss, total) in rows:
+        print(f"| {name} | {wall:.1f} | {rss:.2f} | {total:.2f} | {total / base:.2f}x |")
 
 
 if __name__ == "__main__":

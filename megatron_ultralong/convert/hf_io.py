@@ -148,10 +148,15 @@ class HFCheckpointWriter:
         nbytes = tensor.numel() * tensor.element_size()
         if self._buffer and self._buffer_bytes + nbytes > self.max_shard_bytes:
             self.flush()
-        # safetensors needs contiguous tensors that own their bytes (no shared storage).
+        # Kept as given (views included, no copy); `_own_storage` fixes up shared storage at write.
         self._buffer[name] = tensor.detach().contiguous().cpu()
         self._buffer_bytes += nbytes
         self.total_bytes += nbytes
+
+    def buffered_storages(self) -> set[int]:
+        """data_ptr of every storage the not-yet-written buffer references (callers must keep
+        those alive until the next flush)."""
+        return {t.untyped_storage().data_ptr() for t in self._buffer.values()}
 
     def flush(self) -> None:
         if not self._buffer:

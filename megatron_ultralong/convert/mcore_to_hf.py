@@ -89,30 +89,43 @@ def write_hf_stage(
     bar = tqdm(total=n, desc=f"megatron -> hf (stage {pp_rank})", unit="tensor",
                disable=not progress or not writer_rank)
     params = model.state_dict(keep_vars=True)
+    # megatron-core marks the shards a rank does not request as living on "rank + 1 mod world"
+    # (strategies/torch.py `sharded_tensor_to_torch_sharded_tensor`), which needs a world of >= 2
+    # to load part of a stacked `decoder.layers.*` tensor. In a 1-process world the stage is loaded
+    # whole instead (resident memory = the model); `mu-convert` therefore runs >= 2 processes.
+    streaming = dist.is_initialized() and dist.get_world_size() > 1
+    # DP / CP replicas hold the same weights as their DP/CP rank 0: they take part in the collective
+    # loads with nothing requested (the condition is uniform within a TP group, so export's TP
+    # gathers still line up).
+    replica = not all(g is None or g.rank() == 0 for g in (getattr(runtime.pg_collection, "dp", None),
+                                                           getattr(runtime.pg_collection, "cp", None)))
+    groups = param_groups(model) if streaming else [list(params)]
+    pending: list[torch.Tensor] = []
     with torch.no_grad():
-        for group in param_groups(model):
+        for group in groups:
             # Megatron loads (and reshards) just these keys; the rest of the checkpoint is not read.
-            sharded = {k: v for k, v in model.sharded_state_dict().items() if k in group}
             # A piece loads part of each stacked `decoder.layers.*` tensor by design: skip the
             # whole-tensor access check (load_megatron_checkpoint keeps it).
-            state = dist_checkpointing.load(sharded, str(checkpoint), validate_access_integrity=False,
+            wanted = () if replica else group
+            sharded = {k: v for k, v in model.sharded_state_dict().items() if k in wanted}
+            state = dist_checkpointing.load(sharded, str(checkpoint), validate_access_integrity=not streaming,
                                             strict=StrictHandling.ASSUME_OK_UNEXPECTED)
+            del sharded
+            if replica:
+                continue
             model.load_state_dict(state, strict=False)
-            del sharded, state
-            group_storages = {params[n].untyped_storage().data_ptr() for n in group
-                              if isinstance(params[n], torch.Tensor)}
+            del state
             for name, tensor in export_hf_weights(model, cfg, runtime.pg_collection.tp, dtype, only=group):
                 if writer_rank:
-                    # A weight exported as is (norms, TP=1 linears) is a view of the parameter that
-                    # is freed below while the writer may still buffer it: give it its own bytes.
-                    if tensor.untyped_storage().data_ptr() in group_storages:
-                        tensor = tensor.clone()
                     writer.add(name, tensor)
                 bar.update(1)
-            for name in group:
-                # Free the layer (views elsewhere die with it; the model is not used afterwards).
-                if isinstance(params[name], torch.Tensor):  # skips `_extra_state` entries
-                    params[name].detach().untyped_storage().resize_(0)
+            pending.extend(params[n] for n in group if isinstance(params[n], torch.Tensor))  # not `_extra_state`
+            # Free the layer's weights, except those the writer still buffers as views (norms and
+            # TP=1 linears are exported as is): they go once their shard is written.
+            buffered = writer.buffered_storages()
+            for p in [p for p in pending if p.untyped_storage().data_ptr() not in buffered]:
+                p.detach().untyped_storage().resize_(0)
+            pending = [p for p in pending if p.untyped_storage().data_ptr() in buffered]
     if writer_rank:
         writer.flush()
     bar.close()
