@@ -29,6 +29,9 @@ tests/test_runtime.py fails if megatron-core changes under one of them:
    optimizers create CUDA tensors; a CPU run reduces gradients with `TorchDataParallel` and steps
    torch AdamW, behind the interface the training loop uses on both devices
    (training/optimizer.py; GPU runs use megatron-core's DDP and distributed optimizer).
+8. Tied embeddings across pipeline stages. megatron-core copies the last stage's output weight to
+   CUDA (`weight.data.cuda()` in LanguageModule.setup_embeddings_and_output_layer) to sync it with
+   the first stage's embedding; on CPU a tied model with pipeline_parallel > 1 is refused.
 """
 from __future__ import annotations
 
@@ -130,7 +133,10 @@ def init_runtime(
 
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29511")
+        if "MASTER_PORT" not in os.environ:
+            if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+                raise ValueError("WORLD_SIZE > 1 but MASTER_PORT is unset: launch with torchrun")
+            os.environ["MASTER_PORT"] = str(_free_port())  # a lone process: any free port
         dist.init_process_group(
             backend="nccl" if use_cuda else "gloo",
             rank=int(os.environ.get("RANK", "0")),
@@ -160,6 +166,14 @@ def init_runtime(
     )
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def seed_everything(seed: int, use_cuda: bool) -> None:
     """Same seed on every rank (accommodation 5): CPU init then slices identical master weights."""
     random.seed(seed)
@@ -185,12 +199,17 @@ def megatron_config_overrides(device: torch.device) -> dict:
     )
 
 
-def check_device_support(parallel: ParallelConfig, device: torch.device) -> None:
-    """Refuse what megatron-core cannot do on this device (accommodation 6), naming the flag."""
+def check_device_support(parallel: ParallelConfig, device: torch.device, tied_embeddings: bool = False) -> None:
+    """Refuse what megatron-core cannot do on this device (accommodations 6 and 8), naming the flag."""
     if device.type != "cuda" and parallel.sequence_parallel:
         raise ValueError(
             "sequence_parallel=True is GPU-only: megatron-core's sequence-parallel gathers allocate "
             "on torch.cuda.current_device()"
+        )
+    if device.type != "cuda" and tied_embeddings and parallel.pipeline_parallel > 1:
+        raise ValueError(
+            "tie_word_embeddings with pipeline_parallel > 1 is GPU-only: megatron-core syncs the "
+            "last stage's copy of the embedding through .cuda()"
         )
 
 

@@ -32,6 +32,16 @@ def test_sequence_parallel_refused_on_cpu_while_megatron_gathers_on_cuda():
         check_device_support(ParallelConfig(tensor_parallel=2, sequence_parallel=True), torch.device("cpu"))
 
 
+def test_tied_embeddings_across_pipeline_stages_refused_on_cpu():
+    # Accommodation 8: megatron-core moves the last stage's embedding copy with .cuda().
+    from megatron.core.models.common.language_module.language_module import LanguageModule
+
+    assert ".cuda()" in inspect.getsource(LanguageModule.setup_embeddings_and_output_layer)
+    with pytest.raises(ValueError, match=r"tie_word_embeddings with pipeline_parallel > 1 is GPU-only"):
+        check_device_support(ParallelConfig(pipeline_parallel=2), torch.device("cpu"), tied_embeddings=True)
+    check_device_support(ParallelConfig(pipeline_parallel=2), torch.device("cpu"), tied_embeddings=False)
+
+
 def test_megatron_core_attention_still_needs_replacing():
     # Accommodation 4: megatron-core's own DotProductAttention refuses CP > 1.
     from megatron.core.transformer.dot_product_attention import DotProductAttention

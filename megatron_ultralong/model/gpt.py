@@ -28,7 +28,7 @@ from megatron_ultralong.model.config import LlamaConfig
 from megatron_ultralong.model.layer_spec import get_ultralong_layer_spec
 from megatron_ultralong.model.output import chunked_lm_loss
 from megatron_ultralong.rope.embedding import RotaryAngles
-from megatron_ultralong.runtime import Runtime, megatron_config_overrides
+from megatron_ultralong.runtime import Runtime, check_device_support, megatron_config_overrides
 
 # Megatron pads the vocabulary to a multiple of this x TP (Megatron-LM's default).
 DEFAULT_VOCAB_DIVISIBLE_BY = 128
@@ -64,6 +64,7 @@ def to_transformer_config(
         raise ValueError(
             f"pipeline_parallel={p.pipeline_parallel} does not divide num_layers={model.num_layers}"
         )
+    check_device_support(p, runtime.device, model.tie_word_embeddings)
     attention_factor = RotaryAngles(model.rope, model.head_dim).attention_factor
     softmax_scale = None
     if attention_factor != 1.0:
@@ -88,6 +89,8 @@ def to_transformer_config(
         params_dtype=params_dtype,
         bf16=params_dtype == torch.bfloat16,
         fp16=params_dtype == torch.float16,
+        # Activations sent between pipeline stages have the parameters' dtype.
+        pipeline_dtype=params_dtype if p.pipeline_parallel > 1 else None,
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=p.pipeline_parallel,
         context_parallel_size=p.context_parallel,
