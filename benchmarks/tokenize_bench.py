@@ -113,6 +113,7 @@ def run(kind: str, corpus: str, tok: str, prefix: str, workers: int) -> dict:
                prefix, "--workers", str(workers)]
     else:
         cmd = [sys.executable, __file__, "--child", kind, corpus, tok, prefix, str(workers)]
+    load_before = os.getloadavg()[0]
     start = time.time()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
     peak = _TreeRss(proc.pid)
@@ -126,7 +127,10 @@ def run(kind: str, corpus: str, tok: str, prefix: str, workers: int) -> dict:
     result = json.loads(stdout.strip().splitlines()[-1])
     result.update(kind=kind, wall_s=round(wall, 2), tokens_per_s=result["tokens"] / wall,
                   peak_tree_rss_mb=round(peak.peak_kb / 1024, 1),
-                  peak_tree_anon_mb=round(peak.peak_anon_kb / 1024, 1))
+                  peak_tree_anon_mb=round(peak.peak_anon_kb / 1024, 1),
+                  # Other work on the machine skews every number; the 1-minute load average
+                  # before and after each run says how much (2 cores: above ~2 is contention).
+                  loadavg_1m=[round(load_before, 2), round(os.getloadavg()[0], 2)])
     print(json.dumps(result), flush=True)
     return result
 

@@ -130,8 +130,11 @@ def _parquet_batches(path: str, spec: InputSpec, recipe: BuildRecipe) -> Iterato
     names = set(pf.schema_arrow.names)
     wanted = [c for c in (recipe.text_field, recipe.domain_field) if c and c in names]
     row = 1
-    # Row groups are read in slices sized from the file's average row size, to bound memory.
-    avg = max(1, pf.metadata.serialized_size // max(1, pf.metadata.num_rows)) if pf.metadata.num_rows else 1
+    # Rows are read in slices sized from the file's average uncompressed row size (row-group
+    # metadata), so a work item holds about `batch_bytes` of text whatever the row-group size.
+    meta = pf.metadata
+    data_bytes = sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups))
+    avg = data_bytes // max(1, meta.num_rows)
     rows_per_batch = max(1, min(MAX_LINES_PER_BATCH, recipe.batch_bytes // max(avg, 256)))
     for table in pf.iter_batches(batch_size=rows_per_batch, columns=wanted or None):
         n = table.num_rows

@@ -119,7 +119,8 @@ class TiktokenBackend:
         from megatron_ultralong.data.tiktoken_path import build_encoding, read_tokenizer_json
 
         self.hf = HFBackend(spec.path, spec.special_tokens_in_text, spec.hf_threads)
-        self.encoding = build_encoding(read_tokenizer_json(spec.path))
+        # The main process proved this file (merge closure included) before choosing this backend.
+        self.encoding = build_encoding(read_tokenizer_json(spec.path), check_merges=False)
         self.vocab_size = self.hf.vocab_size
         self.allowed_special = "all" if spec.special_tokens_in_text == "special" else set()
         self.route = re.compile(f"[{spec.hf_only_chars}]") if spec.hf_only_chars else None
