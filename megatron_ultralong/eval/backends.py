@@ -77,7 +77,7 @@ class HFBackend:
         from transformers import AutoModelForCausalLM
 
         try:
-            model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=dtype, local_files_only=True)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
         except (OSError, ValueError) as e:
             raise ValueError(f"--model={path!r}: cannot load an HF causal LM from it ({e})") from e
         dev = device or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -109,7 +109,7 @@ class MegatronBackend:
 
     def _decoder_hidden(self, local_ids: Tensor, positions: Tensor) -> Tensor:
         """Final-norm hidden states [n_pad/cp, 1, H]: GPTModel.forward without the output layer
-        (tests/test_eval_megatron.py pins this against the model's own logits)."""
+        (pinned against transformers' logits by tests/test_eval_megatron.py)."""
         m = self.model
         pre = m._preprocess(input_ids=local_ids, position_ids=positions)
         return m.decoder(hidden_states=pre[0], attention_mask=None, rotary_pos_emb=pre[1],
