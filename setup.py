@@ -15,6 +15,8 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["megatron_ultralong", "megatron_ultralong.*"]),
+    # The evaluation haystack text ships inside the package.
+    package_data={"megatron_ultralong.eval": ["data/*.txt"]},
     install_requires=[
         "torch>=2.6",
         # 0.16.x is the newest line for Python 3.10/3.11; 0.17+ (Python 3.12) is supported too.
