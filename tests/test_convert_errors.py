@@ -115,6 +115,13 @@ def test_cli_round_trip_with_verify_and_failure_leaves_no_output(hf_dir, tmp_pat
     assert "argmax agreement = 100.00%" in r.stdout, r.stdout
     assert {"metadata.json", "ultralong_checkpoint.json", "config.json", "common.pt"} <= {p.name for p in mc.iterdir()}
     assert (mc / "hf_files" / "generation_config.json").is_file()
+    # Back to HF with the defaults: one process (the layer-by-layer load needs no second rank).
+    r = _cli("mcore-to-hf", mc, tmp_path / "hf_back", "--verify", "--no-progress")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "argmax agreement = 100.00%" in r.stdout, r.stdout
+    back = load_file(tmp_path / "hf_back" / "model.safetensors")
+    source = {k: v for f in hf_dir.glob("*.safetensors") for k, v in load_file(f).items()}
+    assert back.keys() == source.keys() and all(torch.equal(back[k], v) for k, v in source.items())
     # A damaged checkpoint fails mid-conversion: the error surfaces and no output directory appears.
     broken = _copy(mc, tmp_path / "broken")
     shard = next(broken.glob("__1_*.distcp"))
@@ -126,36 +133,60 @@ def test_cli_round_trip_with_verify_and_failure_leaves_no_output(hf_dir, tmp_pat
 
 
 def test_shard_writer_and_reader_round_trip(tmp_path):
-    from megatron_ultralong.convert.hf_io import HFCheckpointReader, HFCheckpointWriter, finish_hf_shards, parse_size
+    from megatron_ultralong.convert.hf_io import HFCheckpointReader, parse_size
+    from megatron_ultralong.convert.hf_shards import HFShardWriter, finish_hf_shards
 
     assert parse_size("2GB") == 2 * 10**9 and parse_size("500MiB") == 500 * 2**20 and parse_size(7) == 7
     tensors = {f"t{i}": torch.randn(100, 10 + i) for i in range(5)}
     base = torch.randn(20, 10)
-    tensors["view"] = base[5:10]  # a view into a larger storage must be written as its own bytes
-    w = HFCheckpointWriter(tmp_path, max_shard_bytes=9000)
-    for k, v in tensors.items():
-        w.add(k, v)
-    w.flush()
+    tensors["view"] = base[5:10]  # a view into a larger storage: only its own bytes are written
+    tensors["strided"] = base.t()  # non-contiguous
+    tensors["bf16"] = torch.randn(7, 3).to(torch.bfloat16)  # odd byte count, then nothing after it
+    w = HFShardWriter(tmp_path, [(k, v.dtype, v.shape) for k, v in tensors.items()], max_shard_bytes=9000)
+    for k in reversed(list(tensors)):  # any arrival order: each tensor goes to its planned range
+        w.add(k, tensors[k])
+    with pytest.raises(ValueError, match="written twice"):
+        w.add("t0", tensors["t0"])
+    w.close()
     finish_hf_shards(tmp_path, w.shards, w.total_bytes)
     (tmp_path / "config.json").write_text("{}")
     index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) == len(w.shards) > 1
+    assert index["metadata"]["total_size"] == sum(v.numel() * v.element_size() for v in tensors.values())
     assert all(os.path.getsize(tmp_path / f) < 9000 + 4096 for f in set(index["weight_map"].values()))
+    # safetensors' own reader (header, offsets, alignment) and ours agree with what went in.
+    from_safetensors = {k: v for f in set(index["weight_map"].values()) for k, v in load_file(tmp_path / f).items()}
     reader = HFCheckpointReader(tmp_path)
-    assert reader.names() == sorted(tensors)
+    assert reader.names() == sorted(tensors) == sorted(from_safetensors)
     for k, v in tensors.items():
         assert torch.equal(reader.get(k), v) and reader.shape(k) == tuple(v.shape)
-    with pytest.raises(ValueError, match="written twice"):
-        w.add("t0", tensors["t0"])
+        assert torch.equal(from_safetensors[k], v) and from_safetensors[k].dtype == v.dtype
     # One shard: a plain model.safetensors, no index.
     single = tmp_path / "single"
     single.mkdir()
-    w = HFCheckpointWriter(single, "1GB")
+    w = HFShardWriter(single, [("a", torch.float32, (3,))], "1GB")
     w.add("a", torch.ones(3))
-    w.flush()
+    w.close()
     finish_hf_shards(single, w.shards, w.total_bytes)
     assert sorted(p.name for p in single.iterdir()) == ["model.safetensors"]
     assert torch.equal(load_file(single / "model.safetensors")["a"], torch.ones(3))
+
+
+def test_shard_writer_refuses_what_was_not_planned(tmp_path):
+    from megatron_ultralong.convert.hf_shards import HFShardWriter
+
+    w = HFShardWriter(tmp_path, [("a", torch.float32, (2, 3)), ("b", torch.float32, (4,))], "1GB")
+    with pytest.raises(ValueError, match=r"'c' is not part of this export's plan"):
+        w.add("c", torch.ones(1))
+    with pytest.raises(ValueError, match=r"'a': got torch.bfloat16 \(2, 3\), planned torch.float32 \(2, 3\)"):
+        w.add("a", torch.ones(2, 3, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match=r"'a': got torch.float32 \(3, 2\)"):
+        w.add("a", torch.ones(3, 2))
+    w.add("a", torch.ones(2, 3))
+    with pytest.raises(ValueError, match=r"1 planned tensor\(s\) were never written, first 'b'"):
+        w.close()
+    with pytest.raises(ValueError, match="planned twice"):
+        HFShardWriter(tmp_path, [("a", torch.float32, (1,)), ("a", torch.float32, (1,))])
 
 
 def test_checkpoint_info_and_compatibility(tmp_path):

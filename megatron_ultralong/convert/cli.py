@@ -5,10 +5,10 @@
     mu-convert mcore-to-hf MCORE_DIR HF_DIR [--tp 1] [--dtype bf16] [--max-shard-size 2GB] [--verify]
 
 Processes: under torchrun (WORLD_SIZE set) every rank runs the conversion itself; otherwise the tool
-spawns `--nproc` (default TP x PP; at least 2 for mcore-to-hf, whose layer-by-layer load needs a
-world of >= 2) local gloo processes. The Megatron checkpoint is TP/PP-agnostic,
-so --tp/--pp only split the work and memory. Inputs are checked in the parent (config, tensor names
-and shapes, TP/PP divisibility) before any process starts.
+runs `--nproc` (default TP x PP = 1) local gloo processes. The Megatron checkpoint is TP/PP-agnostic,
+so --tp/--pp only split the work across processes; memory is bounded by the largest tensor either
+way (both directions stream). Inputs are checked in the parent (config, tensor names and shapes,
+TP/PP divisibility) before any process starts.
 """
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("dst", metavar=dst.upper(), help="output directory (written atomically)")
         s.add_argument("--tp", type=int, default=1, help="tensor-parallel size used for the conversion")
         s.add_argument("--pp", type=int, default=1, help="pipeline-parallel size used for the conversion")
-        s.add_argument("--nproc", type=int, default=None, help="local processes to spawn (default TP*PP; mcore-to-hf: at least 2)")
+        s.add_argument("--nproc", type=int, default=None, help="local processes to run (default TP*PP)")
         s.add_argument("--dtype", default=None, help="fp32|bf16|fp16 (default: keep the input's)")
         s.add_argument("--rope-yarn-target", type=int, default=None,
                        help="replace the RoPE with YaRN for this context length (e.g. 1048576)")
@@ -128,10 +128,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         run_conversion(args, rope)
         return 0
     nproc = args.nproc or args.tp * args.pp
-    if args.direction == "mcore-to-hf" and args.nproc is None and nproc == 1:
-        # Layer-by-layer loading needs a world of >= 2 (mcore_to_hf.write_hf_stage): the second
-        # rank is a DP replica that requests nothing, so the resident weights stay ~one layer.
-        nproc = 2
     if nproc % (args.tp * args.pp):
         print(f"mu-convert: error: --nproc {nproc} is not a multiple of --tp * --pp = {args.tp * args.pp}",
               file=sys.stderr)

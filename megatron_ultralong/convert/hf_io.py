@@ -1,11 +1,11 @@
-"""Streaming I/O for Hugging Face checkpoints: safetensors shards read through memory maps, written
-in bounded shards with `model.safetensors.index.json`, config and tokenizer files copied through.
+"""Reading Hugging Face checkpoints tensor by tensor (safetensors shards through memory maps, with or
+without `model.safetensors.index.json`), plus the config, dtype and size helpers both directions use.
+Writing shards is `hf_shards.py`.
 
 Memory: safetensors maps a whole file per `safe_open` handle and keeps touched pages resident until
 the handle closes (measured: a 512 MiB tensor stays in RSS after `del tensor` while the handle
 lives). `HFCheckpointReader.get` therefore opens the shard per call and drops the handle, so only the
-tensors the caller still holds are resident. `HFCheckpointWriter` buffers at most `max_shard_bytes`
-before it writes a shard.
+tensors the caller still holds are resident.
 """
 from __future__ import annotations
 
@@ -17,7 +17,6 @@ from typing import Optional, Union
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import Tensor
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -67,7 +66,7 @@ class HFCheckpointReader:
                 for name in f.keys():
                     sl = f.get_slice(name)
                     self._shapes[name] = tuple(sl.get_shape())
-                    self._dtypes[name] = _ST_DTYPES[sl.get_dtype()]
+                    self._dtypes[name] = ST_DTYPES[sl.get_dtype()]
         missing = sorted(n for n, file in self.weight_map.items() if n not in self._shapes)
         if missing:
             raise ValueError(
@@ -115,88 +114,11 @@ class HFCheckpointReader:
         return [self.path / n for n in TOKENIZER_FILES if (self.path / n).is_file()]
 
 
-_ST_DTYPES = {
+ST_DTYPES = {  # safetensors header dtype names -> torch dtypes
     "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
     "BOOL": torch.bool,
 }
-
-
-class HFCheckpointWriter:
-    """Write tensors into safetensors shards of at most `max_shard_bytes` (a single larger tensor
-    gets a shard of its own), then name them `model-0000k-of-0000n.safetensors` with an index.
-
-    Shards are written under a temporary name as soon as they fill (bounded memory); `finish`
-    renames them and writes the index. Call `finish` once, after the last `add`.
-    """
-
-    def __init__(self, out_dir: Union[str, os.PathLike], max_shard_bytes: Union[int, str] = "1GB",
-                 prefix: str = ""):
-        self.out_dir = Path(out_dir)
-        self.max_shard_bytes = parse_size(max_shard_bytes)
-        self.prefix = prefix
-        """Distinguishes the temporary shard names of several writers (e.g. one per PP stage)."""
-        self._buffer: dict[str, Tensor] = {}
-        self._buffer_bytes = 0
-        self.shards: list[tuple[str, list[str]]] = []
-        """(temporary file name, tensor names) of every written shard, in order."""
-        self.total_bytes = 0
-
-    def add(self, name: str, tensor: Tensor) -> None:
-        if name in self._buffer or any(name in names for _, names in self.shards):
-            raise ValueError(f"tensor {name!r} written twice")
-        nbytes = tensor.numel() * tensor.element_size()
-        if self._buffer and self._buffer_bytes + nbytes > self.max_shard_bytes:
-            self.flush()
-        # Kept as given (views included, no copy); `_own_storage` fixes up shared storage at write.
-        self._buffer[name] = tensor.detach().contiguous().cpu()
-        self._buffer_bytes += nbytes
-        self.total_bytes += nbytes
-
-    def buffered_storages(self) -> set[int]:
-        """data_ptr of every storage the not-yet-written buffer references (callers must keep
-        those alive until the next flush)."""
-        return {t.untyped_storage().data_ptr() for t in self._buffer.values()}
-
-    def flush(self) -> None:
-        if not self._buffer:
-            return
-        file = f"{self.prefix}part-{len(self.shards):05d}.safetensors.tmp"
-        save_file(_own_storage(self._buffer), str(self.out_dir / file), metadata={"format": "pt"})
-        self.shards.append((file, list(self._buffer)))
-        self._buffer, self._buffer_bytes = {}, 0
-
-
-def finish_hf_shards(out_dir: Union[str, os.PathLike], shards: list[tuple[str, list[str]]],
-                     total_bytes: int) -> dict[str, str]:
-    """Rename temporary shards (from one or several writers, in order) to HF's names and write the
-    index (or a single `model.safetensors`). Returns the weight map."""
-    out_dir = Path(out_dir)
-    if len(shards) == 1:
-        os.replace(out_dir / shards[0][0], out_dir / SINGLE_FILE)
-        return {n: SINGLE_FILE for n in shards[0][1]}
-    weight_map: dict[str, str] = {}
-    for k, (tmp, names) in enumerate(shards):
-        final = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
-        os.replace(out_dir / tmp, out_dir / final)
-        weight_map.update({n: final for n in names})
-    index = {"metadata": {"total_size": total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
-    with open(out_dir / INDEX_FILE, "w", encoding="utf-8") as f:
-        json.dump(index, f, indent=2)
-        f.write("\n")
-    return weight_map
-
-
-def _own_storage(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
-    """safetensors refuses tensors that share storage or are views into a larger one: clone those."""
-    seen: set[int] = set()
-    out = {}
-    for name, t in tensors.items():
-        ptr = t.untyped_storage().data_ptr()
-        whole = t.untyped_storage().nbytes() == t.numel() * t.element_size()
-        out[name] = t if whole and ptr not in seen else t.clone()
-        seen.add(ptr)
-    return out
 
 
 def write_hf_config(out_dir: Union[str, os.PathLike], config: dict) -> None:

@@ -1,12 +1,15 @@
 """Megatron-Core `torch_dist` checkpoint -> HF Llama directory (safetensors shards, config.json with
 the model's RoPE, tokenizer files), at any TP/PP.
 
-Each rank builds its stage without touching its memory, megatron-core loads (and reshards) the
-checkpoint into it one transformer layer at a time, and `model_weights.export_hf_weights` gathers every weight over TP, splits fused tensors back into HF's
-q/k/v and gate/up and truncates the vocab padding. One writer per PP stage (TP, DP and CP rank 0)
-streams its tensors into bounded shards; global rank 0 numbers the shards in stage order and writes
-the index. The exported `config.json` carries the RoPE the model was trained with (e.g. yarn after
-context extension), which is the failure MEGATRON.md §5 #11 reports for other converters.
+Each rank builds its stage without touching its memory and loads (and reshards) the checkpoint into
+it one transformer layer at a time through megatron-core's `dist_checkpointing.load` with a local,
+collective-free read (`chunk_load.ChunkLoadStrategy`), so one process suffices; then
+`model_weights.export_hf_weights` gathers every weight over TP, splits fused tensors back into HF's
+q/k/v and gate/up and truncates the vocab padding, and the layer is freed. One writer per PP stage
+(TP, DP and CP rank 0) writes its tensors straight into planned safetensors shards
+(`hf_shards.HFShardWriter`); global rank 0 numbers the shards in stage order and writes the index.
+The exported `config.json` carries the RoPE the model was trained with (e.g. yarn after context
+extension), which is the failure MEGATRON.md §5 #11 reports for other converters.
 """
 from __future__ import annotations
 
@@ -30,9 +33,12 @@ from megatron_ultralong.convert.checkpoint import (
     load_megatron_checkpoint,
     read_checkpoint_info,
 )
-from megatron_ultralong.convert.hf_io import HFCheckpointWriter, dtype_name, finish_hf_shards, write_hf_config
-from megatron_ultralong.convert.hf_to_mcore import build_stage, check_parallel_fits, with_rope
-from megatron_ultralong.convert.model_weights import export_hf_weights, stage_hf_names
+from megatron_ultralong.convert.chunk_load import ChunkLoadStrategy
+from megatron_ultralong.convert.heap import release_freed_memory
+from megatron_ultralong.convert.hf_io import dtype_name, write_hf_config
+from megatron_ultralong.convert.hf_shards import HFShardWriter, finish_hf_shards
+from megatron_ultralong.convert.hf_to_mcore import build_stage, check_parallel_fits, expected_hf_shapes, with_rope
+from megatron_ultralong.convert.model_weights import export_hf_weights, stage_hf_names, stage_params
 from megatron_ultralong.model.config import LlamaConfig
 from megatron_ultralong.model.gpt import UltraLongGPTModel
 from megatron_ultralong.rope import RopeConfig
@@ -40,28 +46,26 @@ from megatron_ultralong.convert.verify import VerifyReport, verify_against_hf
 from megatron_ultralong.runtime import Runtime
 
 
-def is_stage_writer(runtime: Runtime) -> bool:
-    """The one rank per PP stage that writes its tensors: TP, CP and DP rank 0."""
+def is_replica(runtime: Runtime) -> bool:
+    """DP / CP replicas hold the same weights as their DP/CP rank 0, which exports them."""
     pgs = runtime.pg_collection
-    return all(g is None or g.rank() == 0 for g in (pgs.tp, getattr(pgs, "cp", None), getattr(pgs, "dp", None)))
+    return not all(g is None or g.rank() == 0 for g in (getattr(pgs, "dp", None), getattr(pgs, "cp", None)))
 
 
 def param_groups(model: UltraLongGPTModel) -> list[list[str]]:
-    """This stage's state-dict names, one group per transformer layer, in model order: the unit
-    `write_hf_stage` loads, exports and frees at a time. The embedding joins the first layer's
-    group and the final norm / output layer the last one's, so every PP stage has the same number
-    of groups (megatron's load is collective over all ranks: the calls must line up)."""
-    layers: dict[str, list[str]] = {}
-    before, after = [], []
-    for name in model.state_dict():
+    """This stage's weight names (no `_extra_state`) in model order, grouped into the units
+    `write_hf_stage` loads, exports and frees at a time: what comes before the transformer layers
+    (the embedding), each layer, and what comes after them (final norm, output layer)."""
+    groups: list[list[str]] = []
+    current, seen_layer = None, False
+    for name, _, _, _ in stage_params(model):
         m = re.match(r"decoder\.layers\.(\d+)\.", name)
-        if m:
-            layers.setdefault(m.group(1), []).append(name)
-        else:
-            (after if layers else before).append(name)
-    groups = list(layers.values()) or [[]]
-    groups[0] = before + groups[0]
-    groups[-1] = groups[-1] + after
+        seen_layer = seen_layer or m is not None
+        key = m.group(1) if m else ("after" if seen_layer else "before")
+        if key != current:
+            groups.append([])
+            current = key
+        groups[-1].append(name)
     return groups
 
 
@@ -75,60 +79,48 @@ def write_hf_stage(
     max_shard_size: Union[int, str],
     progress: bool = True,
 ) -> tuple[list[tuple[str, list[str]]], int]:
-    """Load this stage from `checkpoint` one layer at a time, export it into temporary shards in
-    out_dir and free each layer after export (collective over the default group).
+    """Load this stage from `checkpoint` one layer at a time, write it into temporary shards in
+    out_dir and free each layer once written (collective over the TP group only: TP ranks gather).
 
     The model must come from `build_stage` (uninitialised weights are never touched, so they take
-    no resident memory): resident weights stay ~one layer plus the shard buffer. The model's
-    weights are released afterwards. Returns (shards, bytes) written by this rank; empty on
-    non-writer ranks."""
-    writer_rank = is_stage_writer(runtime)
+    no resident memory): resident weights stay about one layer. Reads go through
+    `ChunkLoadStrategy` (this rank's chunks only, no collective), writes through `HFShardWriter`
+    (straight to disk, nothing buffered). The model's weights are released afterwards. Returns
+    (shards, bytes) written by this rank; empty except on TP rank 0 of DP/CP rank 0."""
+    if is_replica(runtime):
+        return [], 0
+    tp = runtime.pg_collection.tp
     pp_rank = runtime.pg_collection.pp.rank()
-    writer = HFCheckpointWriter(out_dir, max_shard_size, prefix=f"pp{pp_rank:04d}-")
-    n = len(stage_hf_names(model, cfg, export=True))
-    bar = tqdm(total=n, desc=f"megatron -> hf (stage {pp_rank})", unit="tensor",
-               disable=not progress or not writer_rank)
+    shapes = expected_hf_shapes(cfg)
+    names = stage_hf_names(model, cfg, export=True)
+    writer = HFShardWriter(out_dir, [(n, dtype, shapes[n]) for n in names], max_shard_size,
+                           prefix=f"pp{pp_rank:04d}-") if tp.rank() == 0 else None
+    bar = tqdm(total=len(names), desc=f"megatron -> hf (stage {pp_rank})", unit="tensor",
+               disable=not progress or writer is None)
+    strategy = ChunkLoadStrategy()
     params = model.state_dict(keep_vars=True)
-    # megatron-core marks the shards a rank does not request as living on "rank + 1 mod world"
-    # (strategies/torch.py `sharded_tensor_to_torch_sharded_tensor`), which needs a world of >= 2
-    # to load part of a stacked `decoder.layers.*` tensor. In a 1-process world the stage is loaded
-    # whole instead (resident memory = the model); `mu-convert` therefore runs >= 2 processes.
-    streaming = dist.is_initialized() and dist.get_world_size() > 1
-    # DP / CP replicas hold the same weights as their DP/CP rank 0: they take part in the collective
-    # loads with nothing requested (the condition is uniform within a TP group, so export's TP
-    # gathers still line up).
-    replica = not all(g is None or g.rank() == 0 for g in (getattr(runtime.pg_collection, "dp", None),
-                                                           getattr(runtime.pg_collection, "cp", None)))
-    groups = param_groups(model) if streaming else [list(params)]
-    pending: list[torch.Tensor] = []
     with torch.no_grad():
-        for group in groups:
-            # Megatron loads (and reshards) just these keys; the rest of the checkpoint is not read.
-            # A piece loads part of each stacked `decoder.layers.*` tensor by design: skip the
-            # whole-tensor access check (load_megatron_checkpoint keeps it).
-            wanted = () if replica else group
-            sharded = {k: v for k, v in model.sharded_state_dict().items() if k in wanted}
-            state = dist_checkpointing.load(sharded, str(checkpoint), validate_access_integrity=not streaming,
+        for group in param_groups(model):
+            # megatron's load (factories applied and merged back) of just these keys, read locally.
+            sharded = {k: v for k, v in model.sharded_state_dict().items() if k in group}
+            state = dist_checkpointing.load(sharded, str(checkpoint), sharded_strategy=strategy,
+                                            validate_access_integrity=False,
                                             strict=StrictHandling.ASSUME_OK_UNEXPECTED)
             del sharded
-            if replica:
-                continue
             model.load_state_dict(state, strict=False)
             del state
-            for name, tensor in export_hf_weights(model, cfg, runtime.pg_collection.tp, dtype, only=group):
-                if writer_rank:
+            for name, tensor in export_hf_weights(model, cfg, tp, dtype, only=group):
+                if writer is not None:
                     writer.add(name, tensor)
                 bar.update(1)
-            pending.extend(params[n] for n in group if isinstance(params[n], torch.Tensor))  # not `_extra_state`
-            # Free the layer's weights, except those the writer still buffers as views (norms and
-            # TP=1 linears are exported as is): they go once their shard is written.
-            buffered = writer.buffered_storages()
-            for p in [p for p in pending if p.untyped_storage().data_ptr() not in buffered]:
-                p.detach().untyped_storage().resize_(0)
-            pending = [p for p in pending if p.untyped_storage().data_ptr() in buffered]
-    if writer_rank:
-        writer.flush()
+                del tensor
+            for name in group:
+                params[name].detach().untyped_storage().resize_(0)  # written: free the layer
+            release_freed_memory()
     bar.close()
+    if writer is None:
+        return [], 0
+    writer.close()
     return writer.shards, writer.total_bytes
 
 

@@ -1,8 +1,9 @@
 """Move weights between an HF Llama state (name -> tensor) and a built `UltraLongGPTModel` stage.
 
-Driven by the model: every parameter of this rank's stage and TP shard is looked up in the key map,
-assembled from the HF tensor(s) it is made of, sharded for this TP rank and copied in. One tensor
-at a time, so a caller that fetches HF tensors lazily (safetensors memory maps) streams.
+Driven by the model: every parameter of this rank's stage and TP shard is looked up in the key map
+and assembled from the HF tensor(s) it is made of, sharded for this TP rank (`hf_param_data`), then
+copied in (`load_hf_weights`) or handed straight to a checkpoint writer (hf-to-mcore). One tensor at
+a time, so a caller that fetches HF tensors lazily (safetensors memory maps) streams.
 """
 from __future__ import annotations
 
@@ -27,8 +28,8 @@ from megatron_ultralong.convert.key_map import (
 from megatron_ultralong.model.config import LlamaConfig
 
 
-def _stage_params(model: nn.Module) -> Iterator[tuple[str, Tensor, KeyRule, Optional[int]]]:
-    """(local name, tensor, rule, global layer index) for every weight of this stage."""
+def stage_params(model: nn.Module) -> Iterator[tuple[str, Tensor, KeyRule, Optional[int]]]:
+    """(local name, parameter, rule, global layer index) for every weight of this stage."""
     local_to_global = {
         j: layer.layer_number - 1 for j, layer in enumerate(getattr(model.decoder, "layers", []))
     }
@@ -51,11 +52,60 @@ def stage_hf_names(model: nn.Module, cfg: LlamaConfig, export: bool = False) -> 
     """The HF tensor names this rank's stage is made of: what `load_hf_weights` reads, or with
     export=True what `export_hf_weights` yields (a tied output layer is not exported)."""
     names = []
-    for _, _, rule, layer in _stage_params(model):
+    for _, _, rule, layer in stage_params(model):
         if export and rule.megatron == "output_layer.weight" and cfg.tie_word_embeddings:
             continue
         names.extend(_hf_source_names(rule, layer, cfg))
     return names
+
+
+def hf_param_data(
+    name: str,
+    param: Tensor,
+    rule: KeyRule,
+    layer: Optional[int],
+    cfg: LlamaConfig,
+    get_hf_tensor: Callable[[str], Tensor],
+    tp_rank: int = 0,
+    tp_size: int = 1,
+) -> Tensor:
+    """This TP rank's data for the Megatron parameter `name` (shape and dtype of `param`, which is
+    only looked at), assembled from the HF tensor(s) it is made of: fused, vocab-padded, TP-sliced.
+
+    Returns a contiguous tensor that owns its storage. Each HF tensor is cast to the parameter's
+    dtype as it arrives (fusing and padding are copies, so the result is bit-identical to casting
+    at the end), and intermediates are dropped early: about twice the parameter's bytes at peak.
+    """
+    sources = _hf_source_names(rule, layer, cfg)
+    try:
+        tensors = [get_hf_tensor(n).to(param.dtype) for n in sources]
+    except KeyError as e:
+        raise ValueError(f"HF checkpoint is missing {e.args[0]!r} (needed for {name})") from None
+    if rule.kind == "qkv":
+        full = fuse_qkv(*tensors, cfg)
+    elif rule.kind == "fc1":
+        full = fuse_fc1(*tensors, cfg)
+    elif rule.kind == "vocab":
+        (full,) = tensors
+        if tuple(full.shape) != (cfg.vocab_size, cfg.hidden_size):
+            raise ValueError(
+                f"{sources[0]}: shape {tuple(full.shape)} does not match the config's "
+                f"({cfg.vocab_size}, {cfg.hidden_size})"
+            )
+        full = pad_vocab(full, param.shape[0] * tp_size)
+    else:
+        (full,) = tensors
+    del tensors
+    local = shard_tp(rule.kind, full, tp_rank, tp_size)
+    if local.shape != param.shape:
+        raise ValueError(
+            f"{name}: HF tensor(s) {sources} give shape {tuple(local.shape)} on TP rank "
+            f"{tp_rank}, the model expects {tuple(param.shape)}"
+        )
+    if local.untyped_storage().nbytes() != local.numel() * local.element_size():
+        # A TP slice is a view into `full`: copy it out so the rest of `full` is freed now.
+        local = local.clone(memory_format=torch.contiguous_format)
+    return local
 
 
 def load_hf_weights(
@@ -73,34 +123,9 @@ def load_hf_weights(
     tp_size = dist.get_world_size(tp_group) if tp_group is not None else 1
     read: list[str] = []
     with torch.no_grad():
-        for name, param, rule, layer in _stage_params(model):
-            sources = _hf_source_names(rule, layer, cfg)
-            try:
-                tensors = [get_hf_tensor(n) for n in sources]
-            except KeyError as e:
-                raise ValueError(f"HF checkpoint is missing {e.args[0]!r} (needed for {name})") from None
-            read.extend(sources)
-            if rule.kind == "qkv":
-                full = fuse_qkv(*tensors, cfg)
-            elif rule.kind == "fc1":
-                full = fuse_fc1(*tensors, cfg)
-            elif rule.kind == "vocab":
-                (full,) = tensors
-                if tuple(full.shape) != (cfg.vocab_size, cfg.hidden_size):
-                    raise ValueError(
-                        f"{sources[0]}: shape {tuple(full.shape)} does not match the config's "
-                        f"({cfg.vocab_size}, {cfg.hidden_size})"
-                    )
-                full = pad_vocab(full, param.shape[0] * tp_size)
-            else:
-                (full,) = tensors
-            local = shard_tp(rule.kind, full, tp_rank, tp_size)
-            if local.shape != param.shape:
-                raise ValueError(
-                    f"{name}: HF tensor(s) {sources} give shape {tuple(local.shape)} on TP rank "
-                    f"{tp_rank}, the model expects {tuple(param.shape)}"
-                )
-            param.copy_(local.to(param.dtype))
+        for name, param, rule, layer in stage_params(model):
+            param.copy_(hf_param_data(name, param, rule, layer, cfg, get_hf_tensor, tp_rank, tp_size))
+            read.extend(_hf_source_names(rule, layer, cfg))
     return read
 
 
@@ -115,7 +140,7 @@ def export_hf_weights(
     every TP rank must iterate). Vocab padding is truncated; tied models emit no lm_head.
     only: restrict to these Megatron (local state-dict) names, to export a stage in pieces."""
     tp_size = dist.get_world_size(tp_group) if tp_group is not None else 1
-    for name, param, rule, layer in _stage_params(model):
+    for name, param, rule, layer in stage_params(model):
         if rule.megatron == "output_layer.weight" and cfg.tie_word_embeddings:
             continue
         if only is not None and name not in only:
