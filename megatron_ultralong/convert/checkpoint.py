@@ -28,7 +28,7 @@ import os
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -41,7 +41,7 @@ from megatron.core.dist_checkpointing.strategies.torch import (
     mcore_to_pyt_state_dict,
 )
 from megatron.core.dist_checkpointing.validation import StrictHandling
-from torch import nn
+from torch import Tensor, nn
 
 from megatron_ultralong.model.config import LlamaConfig
 from megatron_ultralong.model.gpt import DEFAULT_VOCAB_DIVISIBLE_BY
@@ -100,28 +100,52 @@ class CheckpointInfo:
         )
 
 
+Materialize = Callable[[Tensor], Tensor]
+"""Called with each model tensor (or a view of one) right before it is written; returns the data
+to write in its place (same shape and dtype)."""
+
+
 class SyncTorchDistSaveStrategy(TorchDistSaveShardedStrategy):
     """megatron-core's `torch_dist` save with torch's synchronous writer (no CUDA, no fork).
 
     Same backend name and version, so `metadata.json` and the loader are megatron's own.
+    materialize: see `Materialize`; with it the model's own tensors are used for their shapes only.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, materialize: Optional[Materialize] = None) -> None:
         super().__init__("torch_dist", 1, keep_only_main_replica=True, thread_count=1)
+        self.materialize = materialize
 
     def save(self, sharded_state_dict, checkpoint_dir: Path) -> None:
         state, _, _ = _replace_state_dict_keys_with_sharded_keys(sharded_state_dict, True)
         pyt_state = mcore_to_pyt_state_dict(state, False)
-        dcp.save(
-            pyt_state,
-            storage_writer=dcp.FileSystemWriter(str(checkpoint_dir), thread_count=1),
-            planner=MCoreSavePlanner(dedup_replicated_tensors=False, flatten_state_dict=False),
-        )
+        kwargs = dict(dedup_replicated_tensors=False, flatten_state_dict=False)
+        planner = MCoreSavePlanner(**kwargs) if self.materialize is None else \
+            _MaterializingSavePlanner(self.materialize, **kwargs)
+        # thread_count=1: torch's writer resolves (materialises) the next tensor only after writing
+        # the last (`_SerialCpuLoader`; with CUDA present `_OverlappingCpuLoader` runs at most
+        # `per_thread_copy_ahead` = 10 MB ahead), so each materialised tensor is freed once written.
+        dcp.save(pyt_state, storage_writer=dcp.FileSystemWriter(str(checkpoint_dir), thread_count=1), planner=planner)
 
 
-def save_strategy_for(device: torch.device):
-    """megatron-core's default on GPU; the synchronous CPU writer elsewhere."""
-    return TorchDistSaveShardedStrategy("torch_dist", 1) if device.type == "cuda" else SyncTorchDistSaveStrategy()
+class _MaterializingSavePlanner(MCoreSavePlanner):
+    """megatron's save planner (same plan, keys and metadata) whose tensor data comes from a
+    `Materialize` hook when the writer asks for it."""
+
+    def __init__(self, materialize: Materialize, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self._materialize = materialize
+
+    def resolve_data(self, write_item):
+        data = super().resolve_data(write_item)
+        return self._materialize(data) if isinstance(data, Tensor) else data
+
+
+def save_strategy_for(device: torch.device, materialize: Optional[Materialize] = None):
+    """megatron-core's default on GPU; the synchronous CPU writer elsewhere or to materialise."""
+    if device.type == "cuda" and materialize is None:
+        return TorchDistSaveShardedStrategy("torch_dist", 1)
+    return SyncTorchDistSaveStrategy(materialize)
 
 
 def _rank() -> int:
@@ -180,6 +204,7 @@ def save_megatron_checkpoint(
     extra: Optional[dict[str, Any]] = None,
     side_files: Sequence[str | os.PathLike] = (),
     overwrite: bool = False,
+    materialize: Optional[Materialize] = None,
 ) -> Path:
     """Save this rank's model stage into a `torch_dist` checkpoint at `path` (collective: every
     rank of the default group calls it). Returns the final path.
@@ -188,6 +213,8 @@ def save_megatron_checkpoint(
     `model.model_config`. Only the main replica of each shard is written (DP ranks dedup).
     side_files (tokenizer files...) are copied into `<path>/hf_files/` and come back out on export.
     overwrite: replace an existing `path` (atomically, after the new checkpoint is complete).
+    materialize: produce each tensor's data as it is written (`Materialize`), so a model whose
+    weights were never filled can be saved with one weight in memory at a time (hf-to-mcore).
     """
     path = Path(path)
     cfg = model_config or model.model_config
@@ -195,7 +222,7 @@ def save_megatron_checkpoint(
     json.dumps(info.extra)  # fail before writing anything if extras are not JSON
     tmp = begin_atomic_dir(path, overwrite)
     device = next(model.parameters()).device
-    dist_checkpointing.save(model.sharded_state_dict(), str(tmp), sharded_strategy=save_strategy_for(device))
+    dist_checkpointing.save(model.sharded_state_dict(), str(tmp), sharded_strategy=save_strategy_for(device, materialize))
     if _rank() == 0:
         _write_json(tmp / INFO_FILE, info.to_json())
         _write_json(tmp / HF_CONFIG_FILE, cfg.to_hf(torch_dtype=info.params_dtype))

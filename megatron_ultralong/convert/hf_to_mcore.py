@@ -1,10 +1,12 @@
 """HF Llama (safetensors) -> Megatron-Core `torch_dist` checkpoint, at any TP/PP.
 
-Every rank builds its own model stage (its PP layers, its TP shard) without random init, pulls the
-HF tensors it needs one at a time from the shards' memory maps (`model_weights.load_hf_weights`:
-fuse, pad vocab, slice for TP), and the checkpoint is written with megatron-core's
-`dist_checkpointing` (`checkpoint.save_megatron_checkpoint`). The result is TP/PP-agnostic: the
-TP/PP used here only splits the work and the memory across processes.
+Every rank builds its own model stage (its PP layers, its TP shard) without random init and without
+ever filling it: the stage gives megatron-core's `dist_checkpointing` its keys, shapes and sharding
+(`checkpoint.save_megatron_checkpoint`), and `HFStageSource` hands the writer each parameter's data
+when it is about to be written, built from the HF shards' memory maps (`model_weights.hf_param_data`:
+fuse, pad vocab, slice for TP) and freed once written. Resident weights stay about one parameter
+(twice the largest tensor at peak), whatever the model's size. The result is TP/PP-agnostic: the
+TP/PP used here only splits the work across processes.
 
 Context extension happens here in the UltraLong recipe: `rope` replaces the HF RoPE (e.g.
 `yarn_for_context_length(1 << 20, beta_fast=4)`) and `max_position_embeddings` follows it.
@@ -16,13 +18,15 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 from tqdm import tqdm
 
-from megatron_ultralong.convert.checkpoint import save_megatron_checkpoint
+from megatron_ultralong.convert.checkpoint import load_megatron_checkpoint, save_megatron_checkpoint
+from megatron_ultralong.convert.heap import release_freed_memory
 from megatron_ultralong.convert.hf_io import HFCheckpointReader, dtype_name
 from megatron_ultralong.convert.key_map import expected_hf_names
-from megatron_ultralong.convert.model_weights import load_hf_weights, stage_hf_names
+from megatron_ultralong.convert.model_weights import hf_param_data, load_hf_weights, stage_hf_names, stage_params
 from megatron_ultralong.model.config import LlamaConfig
 from megatron_ultralong.model.gpt import DEFAULT_VOCAB_DIVISIBLE_BY, UltraLongGPTModel, build_model
 from megatron_ultralong.rope import RopeConfig
@@ -157,6 +161,44 @@ def load_hf_into_model(
     bar.close()
 
 
+class HFStageSource:
+    """The `materialize` hook of `save_megatron_checkpoint` for an unfilled stage: given a model
+    parameter (or a view of one: megatron saves SwiGLU's fc1 as its [gate; up] halves), returns the
+    same view of that parameter's data built from the HF checkpoint.
+
+    The last parameter built is kept until another one is asked for, so the views of one
+    parameter, which the writer asks for one after the other, build it once.
+    """
+
+    def __init__(self, model: UltraLongGPTModel, reader: HFCheckpointReader, cfg: LlamaConfig,
+                 runtime: Runtime, progress: bool = True):
+        self._params = {p.untyped_storage().data_ptr(): (name, p, rule, layer)
+                        for name, p, rule, layer in stage_params(model)}
+        self._reader, self._cfg = reader, cfg
+        tp = runtime.pg_collection.tp
+        self._tp_rank, self._tp_size = dist.get_rank(tp), dist.get_world_size(tp)
+        self._last: Optional[tuple[int, Tensor]] = None
+        self._bar = tqdm(total=len(self._params), desc="hf -> megatron", unit="param",
+                         disable=not progress or runtime.rank != 0)
+
+    def __call__(self, view: Tensor) -> Tensor:
+        ptr = view.untyped_storage().data_ptr()
+        if ptr not in self._params:
+            raise RuntimeError(f"asked to write a tensor that is no parameter of this stage (shape {tuple(view.shape)})")
+        name, param, rule, layer = self._params[ptr]
+        if self._last is None or self._last[0] != ptr:
+            self._last = None  # drop the previous parameter (freed once the writer is done with it)
+            release_freed_memory()
+            data = hf_param_data(name, param, rule, layer, self._cfg, self._reader.get, self._tp_rank, self._tp_size)
+            self._last = (ptr, data)
+            self._bar.update(1)
+        return self._last[1].as_strided(view.shape, view.stride(), view.storage_offset() - param.storage_offset())
+
+    def close(self) -> None:
+        self._last = None
+        self._bar.close()
+
+
 def convert_hf_to_mcore(
     hf_dir: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -172,9 +214,10 @@ def convert_hf_to_mcore(
     """Convert an HF Llama directory into a Megatron `torch_dist` checkpoint (collective).
 
     dtype: weights' dtype in the checkpoint (default: the HF checkpoint's). rope: replaces the HF
-    RoPE (context extension at import). verify: compare the loaded model with transformers on a
-    short prompt (report on rank 0; with a new RoPE the reference runs with it too). Tokenizer /
-    generation files are carried in `<out>/hf_files/`. Returns (checkpoint path, report or None).
+    RoPE (context extension at import). verify: load the written checkpoint back (megatron's
+    loader, the whole stage in memory) and compare it with transformers on a short prompt (report
+    on rank 0; with a new RoPE the reference runs with it too). Tokenizer / generation files are
+    carried in `<out>/hf_files/`. Returns (checkpoint path, report or None).
     """
     reader = HFCheckpointReader(hf_dir)
     cfg = model_config_from_hf(reader.config, str(reader.path / "config.json"), rope)
@@ -182,14 +225,16 @@ def convert_hf_to_mcore(
     check_parallel_fits(cfg, runtime.parallel.tensor_parallel, runtime.parallel.pipeline_parallel)
     dtype = dtype or hf_checkpoint_dtype(reader)
     model = build_stage(cfg, runtime, dtype, vocab_divisible_by)
-    load_hf_into_model(model, reader, cfg, runtime, progress)
+    source = HFStageSource(model, reader, cfg, runtime, progress)
+    extra = {"converted_from": str(Path(hf_dir).resolve()), "source_dtype": dtype_name(hf_checkpoint_dtype(reader))}
+    try:
+        path = save_megatron_checkpoint(model, out_dir, vocab_divisible_by=vocab_divisible_by, extra=extra,
+                                        side_files=reader.side_files(), overwrite=overwrite, materialize=source)
+    finally:
+        source.close()
     report = None
-    if verify:
+    if verify:  # what was written, read back through megatron's loader, against transformers
+        load_megatron_checkpoint(model, path)
         override = cfg.to_hf(dtype_name(dtype)) if rope is not None else None
         report = verify_against_hf(model, runtime, reader.path, hf_config=override)
-    side = reader.side_files()
-    extra = {"converted_from": str(Path(hf_dir).resolve()), "source_dtype": dtype_name(hf_checkpoint_dtype(reader))}
-    path = save_megatron_checkpoint(model, out_dir, vocab_divisible_by=vocab_divisible_by, extra=extra,
-                                    side_files=side, overwrite=overwrite)
     return path, report
-
