@@ -187,6 +187,8 @@ def test_shard_writer_refuses_what_was_not_planned(tmp_path):
         w.close()
     with pytest.raises(ValueError, match="planned twice"):
         HFShardWriter(tmp_path, [("a", torch.float32, (1,)), ("a", torch.float32, (1,))])
+    with pytest.raises(ValueError, match=r"'f' \(torch.float32\) would start at misaligned byte 6"):
+        HFShardWriter(tmp_path, [("h", torch.bfloat16, (3,)), ("f", torch.float32, (2,))])
 
 
 def test_checkpoint_info_and_compatibility(tmp_path):

@@ -62,6 +62,10 @@ class HFShardWriter:
             if not plans or (plans[-1] and used + nbytes > limit):
                 plans.append({})
                 used = 0
+            if used % torch.empty((), dtype=dtype).element_size():
+                # safetensors' own writer sorts by alignment; we keep the caller's order instead.
+                raise ValueError(f"tensor {name!r} ({dtype}) would start at misaligned byte {used} of its "
+                                 "shard: plan larger dtypes first")
             plans[-1][name] = {"dtype": _ST_NAMES[dtype], "shape": list(shape), "data_offsets": [used, used + nbytes]}
             self._where[name] = (len(plans) - 1, used, dtype, shape)
             used += nbytes
