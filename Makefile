@@ -21,7 +21,7 @@ $(STAMP): requirements.lock setup.py
 	@touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m megatron_ultralong.demo --out demo_out
+	$(PY) examples/demo.py --out demo_out
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

@@ -37,8 +37,7 @@ setup(
     },
     entry_points={
         "console_scripts": [
-            "mu-demo=megatron_ultralong.demo:main",
-            "mu-build-dataset=megatron_ultralong.data.cli:main",
+            "mu-build-dataset=megatron_ultralong.data.build.cli:main",
             "mu-train=megatron_ultralong.training.cli:main",
             "mu-convert=megatron_ultralong.convert.cli:main",
             "mu-eval-niah=megatron_ultralong.eval.cli:niah_main",

@@ -50,7 +50,7 @@ import megatron_ultralong.convert.cli, megatron_ultralong.convert.hf_to_mcore, m
 from megatron_ultralong.convert.cli import _free_port
 import os
 os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-from megatron_ultralong.runtime import ParallelConfig, init_runtime
+from megatron_ultralong.parallel.runtime import ParallelConfig, init_runtime
 init_runtime(ParallelConfig(1, 1), device="cpu")
 """
 

@@ -30,10 +30,12 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
+# Demo/test assets (examples/toydata) are not part of the installed package.
+sys.path.insert(0, os.path.join(ROOT, "examples"))
 
 
 def _write_corpus(path: str, mb: float, seed: int) -> int:
-    from megatron_ultralong.data.synthetic import generate_records
+    from toydata.corpus import generate_records
 
     target, written = int(mb * 1e6), 0
     with open(path, "w", encoding="utf-8") as f:
@@ -50,8 +52,8 @@ def prepare(out: str, mb: float, vocab: int) -> dict:
     """Corpus N (seed 1), corpus 2N (N + another N, seed 2), tokenizer trained on seed-0 text."""
     import random
 
-    from megatron_ultralong.data.synthetic import SyntheticText
-    from megatron_ultralong.data.toy_tokenizer import train_llama3_style_tokenizer
+    from toydata.corpus import SyntheticText
+    from toydata.tokenizer import train_llama3_style_tokenizer
 
     os.makedirs(out, exist_ok=True)
     paths = {k: os.path.join(out, f"corpus_{k}.jsonl") for k in ("N", "2N")}
@@ -88,8 +90,8 @@ def _child(kind: str, corpus: str, tok: str, prefix: str, workers: int) -> dict:
         for i in range(0, len(texts), 1000):
             tokens += sum(len(e.ids) for e in hf.encode_batch(texts[i:i + 1000], add_special_tokens=False))
         return {"tokens": tokens, "seconds": time.time() - start}
-    from megatron_ultralong.data.builder import build_dataset
-    from megatron_ultralong.data.recipe import recipe_from_dict
+    from megatron_ultralong.data.build.builder import build_dataset
+    from megatron_ultralong.data.build.recipe import recipe_from_dict
 
     start = time.time()
     report = build_dataset(recipe_from_dict({

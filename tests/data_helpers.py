@@ -11,9 +11,9 @@ import tempfile
 from types import SimpleNamespace
 from typing import Any, Dict, List
 
-from megatron_ultralong.data.recipe import BuildRecipe, recipe_from_dict
-from megatron_ultralong.data.synthetic import generate_records
-from megatron_ultralong.data.toy_tokenizer import train_llama3_style_tokenizer
+from megatron_ultralong.data.build.recipe import BuildRecipe, recipe_from_dict
+from toydata.corpus import generate_records
+from toydata.tokenizer import train_llama3_style_tokenizer
 
 _TMP = tempfile.mkdtemp(prefix="mu_data_tests_")
 atexit.register(shutil.rmtree, _TMP, ignore_errors=True)

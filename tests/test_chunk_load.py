@@ -34,8 +34,8 @@ def _body(rank, world_size, root):
     from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
     from megatron.core.dist_checkpointing.validation import StrictHandling
 
-    from megatron_ultralong.convert.checkpoint import SyncTorchDistSaveStrategy
-    from megatron_ultralong.convert.chunk_load import ChunkLoadStrategy
+    from megatron_ultralong.checkpoint.torch_dist import SyncTorchDistSaveStrategy
+    from megatron_ultralong.checkpoint.chunk_load import ChunkLoadStrategy
 
     sharded, stack, vocab = _saved_state()
     dist_checkpointing.save(sharded, root, sharded_strategy=SyncTorchDistSaveStrategy())

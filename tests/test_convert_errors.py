@@ -192,7 +192,7 @@ def test_shard_writer_refuses_what_was_not_planned(tmp_path):
 
 
 def test_checkpoint_info_and_compatibility(tmp_path):
-    from megatron_ultralong.convert.checkpoint import CheckpointInfo, check_compatible, read_checkpoint_info
+    from megatron_ultralong.checkpoint.torch_dist import CheckpointInfo, check_compatible, read_checkpoint_info
     from megatron_ultralong.model import PRESETS
     from megatron_ultralong.rope import yarn_for_context_length
 

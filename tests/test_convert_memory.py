@@ -63,7 +63,7 @@ def _convert_both_ways(rank, world_size, root):
     from megatron_ultralong.convert.hf_to_mcore import convert_hf_to_mcore
     from megatron_ultralong.convert.mcore_to_hf import convert_mcore_to_hf
     from megatron_ultralong.model.config import LlamaConfig
-    from megatron_ultralong.runtime import ParallelConfig, init_runtime
+    from megatron_ultralong.parallel.runtime import ParallelConfig, init_runtime
 
     # 12 layers of 13 MiB + two 16 MiB vocab matrices: 188 MiB of weights, largest tensor 16 MiB.
     cfg = LlamaConfig(vocab_size=8192, hidden_size=512, num_layers=12, num_attention_heads=8, num_kv_heads=2,

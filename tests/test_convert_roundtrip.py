@@ -21,7 +21,7 @@ TOL = 1e-5
 
 
 def _load_model(path, rt):
-    from megatron_ultralong.convert.checkpoint import load_megatron_checkpoint, read_checkpoint_info
+    from megatron_ultralong.checkpoint.torch_dist import load_megatron_checkpoint, read_checkpoint_info
     from megatron_ultralong.convert.hf_to_mcore import build_stage
 
     info = read_checkpoint_info(path)
@@ -62,7 +62,7 @@ def _layout(rank, world_size, tp, pp, root, src_layout, tag):
     """Import every case here; reload a checkpoint written at `src_layout`; export it and re-import."""
     from megatron_ultralong.convert.hf_to_mcore import convert_hf_to_mcore
     from megatron_ultralong.convert.mcore_to_hf import convert_mcore_to_hf
-    from megatron_ultralong.runtime import ParallelConfig, init_runtime
+    from megatron_ultralong.parallel.runtime import ParallelConfig, init_runtime
 
     rt = init_runtime(ParallelConfig(tensor_parallel=tp, pipeline_parallel=pp), device="cpu")
     ref = torch.load(f"{root}/ref.pt")

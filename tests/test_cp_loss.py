@@ -6,7 +6,7 @@ import torch
 import torch.distributed as dist
 from dist_utils import run_distributed
 
-from megatron_ultralong.data.cp_shard import shard_tensor
+from megatron_ultralong.parallel.cp_layout import shard_tensor
 from megatron_ultralong.training.loss import reduce_loss_over_dp_cp, token_cross_entropy
 
 DP, CP, SEQ, VOCAB = 2, 2, 8, 11

@@ -48,9 +48,9 @@ def _loss_and_grads(model, batch, dp_cp_group, packed_seq_params=None):
 def _model_body(rank: int, world: int) -> None:
     from megatron.core.packed_seq_params import PackedSeqParams
 
-    from megatron_ultralong.data.cp_shard import shard_batch
+    from megatron_ultralong.parallel.cp_layout import shard_batch
     from megatron_ultralong.model import PRESETS, build_model
-    from megatron_ultralong.runtime import ParallelConfig, init_runtime
+    from megatron_ultralong.parallel.runtime import ParallelConfig, init_runtime
 
     cfg = PRESETS["tiny"]
     batch = _batch()

@@ -6,7 +6,7 @@ import torch
 import torch.distributed as dist
 from dist_utils import run_distributed
 
-from megatron_ultralong.data.cp_shard import (
+from megatron_ultralong.parallel.cp_layout import (
     gather_tensor,
     local_positions,
     local_ranges,

@@ -21,9 +21,9 @@ from data_helpers import (
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 from tokenizers import Tokenizer
 
-from megatron_ultralong.data import indexed as indexed_mod
-from megatron_ultralong.data.builder import build_dataset
-from megatron_ultralong.data.readers import BadInputError
+from megatron_ultralong.data.build import indexed as indexed_mod
+from megatron_ultralong.data.build.builder import build_dataset
+from megatron_ultralong.data.build.readers import BadInputError
 
 SEP = "<s>"
 

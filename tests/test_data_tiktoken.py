@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from data_helpers import corpus_records, make_recipe, tokenizer_path, write_jsonl
 
-from megatron_ultralong.data import tiktoken_path
-from megatron_ultralong.data.builder import build_dataset
-from megatron_ultralong.data.tiktoken_path import PROBE_TEXTS, prove_equivalence, structural_check
-from megatron_ultralong.data.tokenizer_backends import BackendSpec, HFBackend, TiktokenBackend
+from megatron_ultralong.data.build import tiktoken_path
+from megatron_ultralong.data.build.builder import build_dataset
+from megatron_ultralong.data.build.tiktoken_path import PROBE_TEXTS, prove_equivalence, structural_check
+from megatron_ultralong.data.build.tokenizer_backends import BackendSpec, HFBackend, TiktokenBackend
 
 HARD_TEXTS = list(PROBE_TEXTS) + [
     "<|begin_of_text|><|end_of_text|><|eot_id|>glued<|start_header_id|>user<|end_header_id|>\n\n",

@@ -28,7 +28,7 @@ def _megatron_backend(hf, cp: int, cp_comm_type: str = "p2p", tp: int = 1):
     from megatron_ultralong.convert.model_weights import load_hf_weights
     from megatron_ultralong.eval.megatron_backend import MegatronBackend
     from megatron_ultralong.model import LlamaConfig, build_model
-    from megatron_ultralong.runtime import ParallelConfig, init_runtime
+    from megatron_ultralong.parallel.runtime import ParallelConfig, init_runtime
 
     rt = init_runtime(ParallelConfig(tensor_parallel=tp, context_parallel=cp, cp_comm_type=cp_comm_type), device="cpu")
     cfg = LlamaConfig.from_hf(hf.config)
@@ -57,7 +57,7 @@ def _compare_to_hf(tok, hf, cp, cp_comm_type, tp=1):
 
 
 def _cp1(rank, world_size):
-    from megatron_ultralong.runtime import shutdown_runtime
+    from megatron_ultralong.parallel.runtime import shutdown_runtime
 
     tok, hf = _models()
     _compare_to_hf(tok, hf, 1, "p2p")
@@ -71,10 +71,10 @@ def test_megatron_backend_matches_hf_at_cp1():
 def _cp2(rank, world_size, out_dir):
     """TP=2 (vocab-parallel logits gathered), ring and all-gather CP prefill vs HF, then NIAH from a
     checkpoint saved and loaded at CP=2 (one spawn for all: process start-up dominates on 2 cores)."""
-    from megatron_ultralong.convert.checkpoint import save_megatron_checkpoint
+    from megatron_ultralong.checkpoint.torch_dist import save_megatron_checkpoint
     from megatron_ultralong.eval import run_niah
     from megatron_ultralong.eval.megatron_backend import MegatronBackend
-    from megatron_ultralong.runtime import shutdown_runtime
+    from megatron_ultralong.parallel.runtime import shutdown_runtime
 
     tok, hf = _models()
     _compare_to_hf(tok, hf, 1, "p2p", tp=world_size)

@@ -42,7 +42,7 @@ def _hf_model(rope, kv, tied):
 def _compare(rank, world_size, out_dir):
     from megatron_ultralong.convert.model_weights import export_hf_weights, load_hf_weights
     from megatron_ultralong.model import LlamaConfig, build_model, gather_tp_logits
-    from megatron_ultralong.runtime import ParallelConfig, init_runtime
+    from megatron_ultralong.parallel.runtime import ParallelConfig, init_runtime
 
     rt = init_runtime(ParallelConfig(tensor_parallel=world_size))
     tp = rt.pg_collection.tp
@@ -100,7 +100,7 @@ def test_logits_loss_and_grads_match_hf_tp1_and_tp2(tmp_path):
 
 def test_tp_that_does_not_divide_heads_is_refused():
     from megatron_ultralong.model import PRESETS, to_transformer_config
-    from megatron_ultralong.runtime import ParallelConfig, Runtime
+    from megatron_ultralong.parallel.runtime import ParallelConfig, Runtime
 
     rt = Runtime(device=torch.device("cpu"), rank=0, world_size=3, parallel=ParallelConfig(tensor_parallel=3),
                  data_parallel_size=1, pg_collection=None)

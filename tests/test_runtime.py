@@ -1,6 +1,6 @@
 """The runtime layer's accommodations of megatron-core's CUDA assumptions, pinned.
 
-Each test names the accommodation in megatron_ultralong/runtime.py it guards. If megatron-core
+Each test names the accommodation in megatron_ultralong/parallel/runtime.py it guards. If megatron-core
 changes under one (a new release), the test fails and says what to revisit.
 """
 import inspect
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from dist_utils import run_distributed
-from megatron_ultralong.runtime import ParallelConfig, check_device_support
+from megatron_ultralong.parallel.runtime import ParallelConfig, check_device_support
 
 
 def test_parallel_config_checks():
@@ -64,7 +64,7 @@ def _pins(rank, world_size):
 
     from megatron_ultralong.model import PRESETS, build_model
     from megatron_ultralong.rope import yarn_for_context_length
-    from megatron_ultralong.runtime import init_runtime
+    from megatron_ultralong.parallel.runtime import init_runtime
 
     rt = init_runtime(ParallelConfig())
     cfg = PRESETS["tiny"].replace(rope=yarn_for_context_length(1 << 16, original_max_position_embeddings=8192))
@@ -100,6 +100,6 @@ def test_megatron_ddp_still_allocates_grad_buffers_on_cuda():
 
 def test_cp_comm_types_match_the_attention_table():
     from megatron_ultralong.attention.core_attention import CP_ATTENTION
-    from megatron_ultralong.runtime import CP_COMM_TYPES
+    from megatron_ultralong.parallel.runtime import CP_COMM_TYPES
 
     assert set(CP_ATTENTION) == set(CP_COMM_TYPES)

@@ -6,7 +6,7 @@ import pytest
 from sft_helpers import conversation, hf_tokenizer, tokenizer_json
 from tokenizers import Tokenizer
 
-from megatron_ultralong.data.sft_chat import ChatFormat, ChatTokenizer, chat_segments, render_chat, validate_messages
+from megatron_ultralong.data.samples.chat import ChatFormat, ChatTokenizer, chat_segments, render_chat, validate_messages
 
 TEMPLATES = {"llama3.1": "llama3.1_chat_template.jinja", "llama3": "llama3_chat_template.jinja"}
 CASES = {

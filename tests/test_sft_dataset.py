@@ -9,7 +9,7 @@ import torch
 from sft_helpers import conversation, hf_tokenizer, write_jsonl, write_tokenizer
 from test_sft_chat import _tagged
 
-from megatron_ultralong.data.sft import SFTDataConfig, SFTDataset, build_sft_dataset, pack_greedy
+from megatron_ultralong.data.samples.sft import SFTDataConfig, SFTDataset, build_sft_dataset, pack_greedy
 
 S = 256
 BOS, PAD = 0, 2  # ids of <|begin_of_text|> and <|finetune_right_pad_id|> in sft_helpers' tokenizer

@@ -156,7 +156,7 @@ def test_start_up_checks_name_the_problem(dataset):
 
 def _sft_body(rank, world_size, overrides, out_file):
     from megatron_ultralong.training.config import load_train_config
-    from megatron_ultralong.training.data import build_dataset
+    from megatron_ultralong.data.samples.pretrain import build_dataset
     from megatron_ultralong.training.trainer import Trainer
 
     cfg = load_train_config(None, overrides)

@@ -9,9 +9,13 @@ tokens, tokenizer.json laid out as Llama-3's), trained on that corpus. Replace i
 Llama-3.1-8B-Instruct's tokenizer.json for real data.
 """
 import os
+import sys
 
-from megatron_ultralong.data.synthetic import DomainShape, generate_records, write_jsonl
-from megatron_ultralong.data.toy_tokenizer import train_llama3_style_tokenizer
+# The demo/test assets live beside this folder (examples/toydata), outside the installed package.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from toydata.corpus import DomainShape, generate_records, write_jsonl
+from toydata.tokenizer import train_llama3_style_tokenizer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DOMAINS = (

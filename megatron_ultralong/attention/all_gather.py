@@ -23,7 +23,7 @@ from megatron_ultralong.attention.comm import CommStats, all_gather_dim0, reduce
 from megatron_ultralong.attention.kernels import attention_backward_into, attention_forward_into
 from megatron_ultralong.attention.segments import DocBoundaries, Segment, build_segments
 from megatron_ultralong.attention.softmax_merge import empty_accumulator
-from megatron_ultralong.data.cp_shard import chunk_len, local_ranges, stack_shards, unshard_tensors
+from megatron_ultralong.parallel.cp_layout import chunk_len, local_ranges, stack_shards, unshard_tensors
 
 
 def _gather_kv(group: dist.ProcessGroup, k: Tensor, v: Tensor, stats: Optional[CommStats]) -> Tensor:

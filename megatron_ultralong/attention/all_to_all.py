@@ -26,7 +26,7 @@ from megatron_ultralong.attention.comm import CommStats, all_to_all_dim0
 from megatron_ultralong.attention.kernels import attention_backward_into, attention_forward_into
 from megatron_ultralong.attention.segments import DocBoundaries, build_segments
 from megatron_ultralong.attention.softmax_merge import empty_accumulator
-from megatron_ultralong.data.cp_shard import stack_shards, unshard_tensors
+from megatron_ultralong.parallel.cp_layout import stack_shards, unshard_tensors
 
 
 def check_a2a_heads(num_heads: int, num_kv_heads: int, cp_size: int) -> None:

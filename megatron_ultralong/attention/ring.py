@@ -37,7 +37,7 @@ from megatron_ultralong.attention.comm import TAG_DKV, TAG_KV, CommStats, RingCo
 from megatron_ultralong.attention.kernels import attention_backward_into, attention_forward_into
 from megatron_ultralong.attention.segments import DocBoundaries, build_segments
 from megatron_ultralong.attention.softmax_merge import empty_accumulator
-from megatron_ultralong.data.cp_shard import local_ranges
+from megatron_ultralong.parallel.cp_layout import local_ranges
 
 
 def ring_forward(

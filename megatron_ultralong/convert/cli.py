@@ -21,7 +21,7 @@ from typing import Optional, Sequence
 import torch
 import torch.multiprocessing as mp
 
-from megatron_ultralong.convert.checkpoint import read_checkpoint_info
+from megatron_ultralong.checkpoint.torch_dist import read_checkpoint_info
 from megatron_ultralong.convert.hf_io import HFCheckpointReader, parse_dtype, parse_size
 from megatron_ultralong.convert.hf_to_mcore import check_hf_weights, check_parallel_fits, model_config_from_hf
 from megatron_ultralong.model.config import LlamaConfig
@@ -78,7 +78,7 @@ def run_conversion(args: argparse.Namespace, rope: Optional[RopeConfig]) -> None
     """Body run by every rank (torch.distributed env already set)."""
     from megatron_ultralong.convert.hf_to_mcore import convert_hf_to_mcore
     from megatron_ultralong.convert.mcore_to_hf import convert_mcore_to_hf
-    from megatron_ultralong.runtime import ParallelConfig, init_runtime, shutdown_runtime
+    from megatron_ultralong.parallel.runtime import ParallelConfig, init_runtime, shutdown_runtime
 
     runtime = init_runtime(ParallelConfig(tensor_parallel=args.tp, pipeline_parallel=args.pp), device="cpu")
     try:

@@ -22,7 +22,7 @@ import torch.distributed as dist
 from torch import Tensor
 from tqdm import tqdm
 
-from megatron_ultralong.convert.checkpoint import load_megatron_checkpoint, save_megatron_checkpoint
+from megatron_ultralong.checkpoint.torch_dist import load_megatron_checkpoint, save_megatron_checkpoint
 from megatron_ultralong.convert.heap import release_freed_memory
 from megatron_ultralong.convert.hf_io import HFCheckpointReader, dtype_name
 from megatron_ultralong.convert.key_map import expected_hf_names
@@ -31,7 +31,7 @@ from megatron_ultralong.model.config import LlamaConfig
 from megatron_ultralong.model.gpt import DEFAULT_VOCAB_DIVISIBLE_BY, UltraLongGPTModel, build_model
 from megatron_ultralong.rope import RopeConfig
 from megatron_ultralong.convert.verify import VerifyReport, verify_against_hf
-from megatron_ultralong.runtime import Runtime
+from megatron_ultralong.parallel.runtime import Runtime
 
 # Tensors old HF checkpoints carry that are derived, not learned (recomputed from the config).
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)

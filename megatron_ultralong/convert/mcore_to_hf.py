@@ -25,7 +25,7 @@ from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.validation import StrictHandling
 from tqdm import tqdm
 
-from megatron_ultralong.convert.checkpoint import (
+from megatron_ultralong.checkpoint.torch_dist import (
     SIDE_DIR,
     begin_atomic_dir,
     check_compatible,
@@ -33,7 +33,7 @@ from megatron_ultralong.convert.checkpoint import (
     load_megatron_checkpoint,
     read_checkpoint_info,
 )
-from megatron_ultralong.convert.chunk_load import ChunkLoadStrategy
+from megatron_ultralong.checkpoint.chunk_load import ChunkLoadStrategy
 from megatron_ultralong.convert.heap import release_freed_memory
 from megatron_ultralong.convert.hf_io import dtype_name, write_hf_config
 from megatron_ultralong.convert.hf_shards import HFShardWriter, finish_hf_shards
@@ -43,7 +43,7 @@ from megatron_ultralong.model.config import LlamaConfig
 from megatron_ultralong.model.gpt import UltraLongGPTModel
 from megatron_ultralong.rope import RopeConfig
 from megatron_ultralong.convert.verify import VerifyReport, verify_against_hf
-from megatron_ultralong.runtime import Runtime
+from megatron_ultralong.parallel.runtime import Runtime
 
 
 def is_replica(runtime: Runtime) -> bool:

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from megatron_ultralong.model.config import LlamaConfig
 from megatron_ultralong.model.gpt import UltraLongGPTModel, gather_tp_logits
-from megatron_ultralong.runtime import Runtime
+from megatron_ultralong.parallel.runtime import Runtime
 
 DEFAULT_PROMPT = "The capital of France is Paris. The capital of Germany is"
 

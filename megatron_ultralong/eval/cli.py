@@ -51,7 +51,7 @@ def _backend(args: argparse.Namespace):
     tokenizer_path = args.tokenizer
     if tokenizer_path is None:
         # Checkpoints started from an HF model carry its tokenizer files (convert/checkpoint.py).
-        from megatron_ultralong.convert.checkpoint import SIDE_DIR
+        from megatron_ultralong.checkpoint.torch_dist import SIDE_DIR
 
         side = megatron_dir / SIDE_DIR
         if not (side / "tokenizer.json").is_file() and not (side / "tokenizer_config.json").is_file():
@@ -149,7 +149,7 @@ def main(argv: Optional[list[str]] = None, command: Optional[str] = None) -> Non
         sys.exit(2)
     finally:
         if runtime is not None:
-            from megatron_ultralong.runtime import shutdown_runtime
+            from megatron_ultralong.parallel.runtime import shutdown_runtime
 
             shutdown_runtime()
     if backend.is_writer:

@@ -31,10 +31,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from megatron_ultralong.data.cp_shard import gather_tensor, local_positions, shard_tensor
+from megatron_ultralong.parallel.cp_layout import gather_tensor, local_positions, shard_tensor
 from megatron_ultralong.eval.backends import check_prompt
 from megatron_ultralong.model import build_model, gather_tp_logits
-from megatron_ultralong.runtime import Runtime
+from megatron_ultralong.parallel.runtime import Runtime
 
 PAD_ID = 0  # right padding up to a multiple of 2*CP; invisible to real positions (causal)
 
@@ -52,7 +52,7 @@ def resolve_megatron_checkpoint(path: str, flag: str = "--model") -> Optional[Pa
         if (candidate / "metadata.json").is_file():
             return candidate
     if (p / "latest").is_file():
-        from megatron_ultralong.training.checkpoint import latest_checkpoint
+        from megatron_ultralong.checkpoint.train_state import latest_checkpoint
 
         latest = latest_checkpoint(str(p))
         if latest is not None and (latest / "model" / "metadata.json").is_file():
@@ -86,7 +86,7 @@ class MegatronBackend:
     def from_checkpoint(cls, path: str, runtime: Runtime, params_dtype: Optional[torch.dtype] = None,
                         **kwargs) -> "MegatronBackend":
         """Build the model recorded in a `save_megatron_checkpoint` directory and load its weights."""
-        from megatron_ultralong.convert.checkpoint import load_megatron_checkpoint, read_checkpoint_info
+        from megatron_ultralong.checkpoint.torch_dist import load_megatron_checkpoint, read_checkpoint_info
 
         model_dir = resolve_megatron_checkpoint(path)
         if model_dir is None:
@@ -163,7 +163,7 @@ class MegatronBackend:
 
 def init_eval_runtime(tp: int, cp: int, cp_comm_type: str = "p2p", device: Optional[str] = None) -> Runtime:
     """Runtime for evaluation under torchrun: world = TP x CP (no PP; DP would only repeat work)."""
-    from megatron_ultralong.runtime import ParallelConfig, init_runtime
+    from megatron_ultralong.parallel.runtime import ParallelConfig, init_runtime
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world != tp * cp:

@@ -26,9 +26,9 @@ from torch import Tensor
 
 from megatron_ultralong.model.config import LlamaConfig
 from megatron_ultralong.model.layer_spec import get_ultralong_layer_spec
-from megatron_ultralong.model.output import chunked_lm_loss
+from megatron_ultralong.model.lm_loss import chunked_lm_loss
 from megatron_ultralong.rope.embedding import RotaryAngles
-from megatron_ultralong.runtime import Runtime, check_device_support, megatron_config_overrides
+from megatron_ultralong.parallel.runtime import Runtime, check_device_support, megatron_config_overrides
 
 # Megatron pads the vocabulary to a multiple of this x TP (Megatron-LM's default).
 DEFAULT_VOCAB_DIVISIBLE_BY = 128

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from megatron_ultralong.runtime import shutdown_runtime
+from megatron_ultralong.parallel.runtime import shutdown_runtime
 from megatron_ultralong.training.config import load_train_config
 
 

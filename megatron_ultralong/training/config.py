@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Literal, Optional
 
 from megatron_ultralong.config_io import apply_overrides, from_dict, load_yaml
-from megatron_ultralong.runtime import ParallelConfig
+from megatron_ultralong.parallel.runtime import ParallelConfig
 
 
 @dataclass(frozen=True)

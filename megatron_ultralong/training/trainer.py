@@ -24,14 +24,14 @@ import torch.distributed as dist
 from megatron.core.packed_seq_params import PackedSeqParams
 
 from megatron_ultralong.config_io import to_dict
-from megatron_ultralong.data.cp_shard import shard_batch
+from megatron_ultralong.parallel.cp_layout import shard_batch
 from megatron_ultralong.model import build_model, load_model_config
 from megatron_ultralong.model.config import LlamaConfig
 from megatron_ultralong.rope import yarn_for_context_length
-from megatron_ultralong.runtime import init_runtime
-from megatron_ultralong.training.checkpoint import latest_checkpoint, load_train_checkpoint, save_train_checkpoint
+from megatron_ultralong.parallel.runtime import init_runtime
+from megatron_ultralong.checkpoint.train_state import latest_checkpoint, load_train_checkpoint, save_train_checkpoint
 from megatron_ultralong.training.config import TrainConfig
-from megatron_ultralong.training.data import BatchSchedule, build_dataset, cu_seqlens_from_document_ids
+from megatron_ultralong.data.samples.pretrain import BatchSchedule, build_dataset, cu_seqlens_from_document_ids
 from megatron_ultralong.training.loss import reduce_loss_over_dp_cp
 from megatron_ultralong.training.memory import estimate_memory_per_device, format_estimate
 from megatron_ultralong.training.metrics import training_flops_per_token
@@ -149,7 +149,7 @@ class Trainer:
             load_hf_into_model(model, reader, self.model_cfg, self.rt, progress=False)
             self.side_files = list(reader.side_files())
         elif m.megatron_checkpoint:
-            from megatron_ultralong.convert.checkpoint import SIDE_DIR, load_megatron_checkpoint
+            from megatron_ultralong.checkpoint.torch_dist import SIDE_DIR, load_megatron_checkpoint
 
             load_megatron_checkpoint(model, m.megatron_checkpoint)
             side = os.path.join(m.megatron_checkpoint, SIDE_DIR)

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from megatron_ultralong.data.sft_chat import ChatFormat, ChatTokenizer, load_tokenizer, validate_messages
+from megatron_ultralong.data.samples.chat import ChatFormat, ChatTokenizer, load_tokenizer, validate_messages
 
 if TYPE_CHECKING:
     from megatron_ultralong.training.config import DataSection

@@ -16,6 +16,8 @@ from typing import Dict, Iterable, List, Sequence, Tuple
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from megatron_ultralong.data.build.byte_level import bytes_to_unicode
+
 # Llama-3 / 3.1 pre-tokenizer split regex (tokenizer.json `pre_tokenizer.pretokenizers[0]`), the
 # same pattern as Meta's tiktoken `pat_str` (../shared/reference/DATA_AND_EVAL.md §A4).
 LLAMA3_SPLIT_REGEX = (
@@ -38,23 +40,6 @@ LLAMA3_SPECIAL_TOKENS = (
     "<|eot_id|>",
     "<|python_tag|>",
 )
-
-
-def bytes_to_unicode() -> Dict[int, str]:
-    """GPT-2's reversible byte -> printable character map used by byte-level BPE vocabularies."""
-    visible = (
-        list(range(ord("!"), ord("~") + 1))
-        + list(range(ord("¡"), ord("¬") + 1))
-        + list(range(ord("®"), ord("ÿ") + 1))
-    )
-    chars = list(visible)
-    n = 0
-    for b in range(256):
-        if b not in visible:
-            visible.append(b)
-            chars.append(256 + n)
-            n += 1
-    return dict(zip(visible, (chr(c) for c in chars)))
 
 
 def _train_plain(texts: Iterable[str], vocab_size: int) -> Tokenizer:

@@ -22,14 +22,14 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from megatron_ultralong.data import upsample
-from megatron_ultralong.data.indexed import AtomicOutputs, CompactIndexedDatasetBuilder, token_dtype
-from megatron_ultralong.data.readers import expand_inputs, iter_raw_batches
-from megatron_ultralong.data.recipe import BuildRecipe, recipe_to_dict
-from megatron_ultralong.data.stats import LengthStats, plot_length_histogram, write_report
-from megatron_ultralong.data.tiktoken_path import prove_equivalence
-from megatron_ultralong.data.tokenize_stage import WorkerConfig, split_sample, tokenize_to_pool
-from megatron_ultralong.data.tokenizer_backends import (
+from megatron_ultralong.data.build import upsample
+from megatron_ultralong.data.build.indexed import AtomicOutputs, CompactIndexedDatasetBuilder, token_dtype
+from megatron_ultralong.data.build.readers import expand_inputs, iter_raw_batches
+from megatron_ultralong.data.build.recipe import BuildRecipe, recipe_to_dict
+from megatron_ultralong.data.build.stats import LengthStats, plot_length_histogram, write_report
+from megatron_ultralong.data.build.tiktoken_path import prove_equivalence
+from megatron_ultralong.data.build.tokenize_stage import WorkerConfig, split_sample, tokenize_to_pool
+from megatron_ultralong.data.build.tokenizer_backends import (
     Backend,
     BackendSpec,
     load_backend,

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megatron_ultralong.convert.checkpoint import (
+from megatron_ultralong.checkpoint.torch_dist import (
     begin_atomic_dir,
     finish_atomic_dir,
     load_megatron_checkpoint,

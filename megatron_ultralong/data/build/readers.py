@@ -16,7 +16,7 @@ import os
 from dataclasses import dataclass, field
 from typing import IO, Iterator, List, Optional, Sequence, Tuple
 
-from megatron_ultralong.data.recipe import BuildRecipe, InputSpec
+from megatron_ultralong.data.build.recipe import BuildRecipe, InputSpec
 
 BAD_REASONS = ("malformed JSON", "missing field", "non-UTF-8", "empty text", "unknown domain")
 MAX_LINES_PER_BATCH = 4096

@@ -25,8 +25,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
 
-    from megatron_ultralong.data.readers import BadInputError
-    from megatron_ultralong.data.recipe import load_recipe
+    from megatron_ultralong.data.build.readers import BadInputError
+    from megatron_ultralong.data.build.recipe import load_recipe
 
     overrides = list(args.overrides)
     if args.workers is not None:
@@ -39,7 +39,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         overrides.append(f"output.prefix={args.output}")
     try:
         recipe = load_recipe(args.config, overrides)
-        from megatron_ultralong.data.builder import build_dataset
+        from megatron_ultralong.data.build.builder import build_dataset
 
         report = build_dataset(recipe, progress=False if args.no_progress else None)
     except (BadInputError, ValueError, FileNotFoundError, FileExistsError) as e:

@@ -38,7 +38,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from megatron_ultralong.data.toy_tokenizer import bytes_to_unicode
+from megatron_ultralong.data.build.byte_level import bytes_to_unicode
 
 # GPT-2's ByteLevel regex, used when ByteLevel does its own splitting (use_regex=True).
 GPT2_SPLIT_REGEX = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""

@@ -125,7 +125,7 @@ class PretrainDataset:
 def build_dataset(data: DataSection, num_samples: int, seed: int, vocab_size: int) -> SampleDataset:
     if data.kind == "pretrain":
         return PretrainDataset(data, num_samples, seed, vocab_size)
-    from megatron_ultralong.data.sft import build_sft_dataset
+    from megatron_ultralong.data.samples.sft import build_sft_dataset
 
     return build_sft_dataset(data, seed=seed, chat_format=data.chat_format, overlong=data.overlong)
 

@@ -116,7 +116,7 @@ class TiktokenBackend:
     name = "tiktoken"
 
     def __init__(self, spec: BackendSpec):
-        from megatron_ultralong.data.tiktoken_path import build_encoding, read_tokenizer_json
+        from megatron_ultralong.data.build.tiktoken_path import build_encoding, read_tokenizer_json
 
         self.hf = HFBackend(spec.path, spec.special_tokens_in_text, spec.hf_threads)
         # The main process proved this file (merge closure included) before choosing this backend.
