@@ -47,9 +47,9 @@ from megatron_ultralong.model.config import PRESETS, LlamaConfig  # noqa: E402
 # megatron-core, transformers) and a 1-process gloo runtime. The issue's goal is measured against it.
 OVERHEAD = """
 import megatron_ultralong.convert.cli, megatron_ultralong.convert.hf_to_mcore, megatron_ultralong.convert.mcore_to_hf
-from megatron_ultralong.convert.cli import _free_port
+from megatron_ultralong.parallel.runtime import free_port
 import os
-os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
 from megatron_ultralong.parallel.runtime import ParallelConfig, init_runtime
 init_runtime(ParallelConfig(1, 1), device="cpu")
 """

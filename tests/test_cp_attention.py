@@ -13,6 +13,7 @@ gradients 5e-2 abs, compared with the float64 reference of the SAME bf16 inputs.
 from __future__ import annotations
 
 import math
+from typing import get_args
 
 import pytest
 import torch
@@ -21,6 +22,7 @@ from cp_reference import reference_attention
 from dist_utils import run_distributed
 
 from megatron_ultralong.parallel.cp_layout import shard_tensor
+from megatron_ultralong.parallel.runtime import CpCommType
 
 SEQ = 32  # divisible by 2*cp for cp in (2, 4): chunks of 8 and 4 tokens
 BATCH = 2
@@ -123,7 +125,7 @@ def _attention_body(rank: int, world: int, cases) -> None:
 # (comm, heads, kv_heads, head_dim, docs, causal, dtype)
 CP2_CASES = [
     case
-    for comm in ("p2p", "all_gather", "a2a")
+    for comm in get_args(CpCommType)  # every declared algorithm is checked against full attention
     for case in (
         (comm, 4, 4, 64, False, True, torch.float32),  # MHA
         (comm, 4, 2, 128, True, True, torch.float32),  # GQA + documents
@@ -135,7 +137,7 @@ CP2_CASES = [
 ]
 CP4_CASES = [
     case
-    for comm in ("p2p", "all_gather", "a2a")
+    for comm in get_args(CpCommType)  # every declared algorithm is checked against full attention
     for case in (
         (comm, 8, 4, 64, True, True, torch.float32),  # GQA + documents
         (comm, 4, 4, 128, False, True, torch.float32),  # MHA
@@ -186,3 +188,14 @@ def test_bad_cp_comm_type_is_rejected(kwargs, message):
     pgc = ProcessGroupCollection(tp=_Group(), cp=_Group())
     with pytest.raises(ValueError, match=message):
         UltraLongCoreAttention(config, 1, AttnMaskType.causal, "self", pg_collection=pgc, **kwargs)
+
+
+def test_process_groups_are_required():
+    from megatron.core.transformer.enums import AttnMaskType
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from megatron_ultralong.attention.core_attention import UltraLongCoreAttention
+
+    config = TransformerConfig(num_layers=1, hidden_size=64, num_attention_heads=2, kv_channels=32, attention_dropout=0.0)
+    with pytest.raises(ValueError, match=r"needs pg_collection with its tp and cp process groups"):
+        UltraLongCoreAttention(config, 1, AttnMaskType.causal, "self")

@@ -97,9 +97,3 @@ def test_megatron_ddp_still_allocates_grad_buffers_on_cuda():
 
     assert "torch.cuda.current_device()" in inspect.getsource(param_and_grad_buffer._ParamAndGradBuffer.__init__)
 
-
-def test_cp_comm_types_match_the_attention_table():
-    from megatron_ultralong.attention.core_attention import CP_ATTENTION
-    from megatron_ultralong.parallel.runtime import CP_COMM_TYPES
-
-    assert set(CP_ATTENTION) == set(CP_COMM_TYPES)

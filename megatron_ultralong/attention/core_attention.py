@@ -6,7 +6,7 @@ keeps Megatron-Core's constructor and forward signatures, so it drops into a lay
 either, and computes attention with a kernel that never materialises the scores.
 
 Context parallelism: when the CP group (`pg_collection.cp`) has more than one rank, q/k/v hold this
-rank's zigzag chunks (data/cp_shard.py) and `cp_comm_type` picks the algorithm:
+rank's zigzag chunks (parallel/cp_layout.py) and `cp_comm_type` picks the algorithm:
 "p2p" (ring.py), "all_gather" (all_gather.py) or "a2a" (all_to_all.py). See docs/context_parallel.md.
 
 Document masking (optional; the UltraLong recipe trains without it): pass
@@ -22,7 +22,7 @@ the same layout as the tokens; q/k/v arrive already rotated.
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Callable, Optional, get_args
 
 import torch
 import torch.nn.functional as F
@@ -40,8 +40,11 @@ from megatron_ultralong.attention.comm import CommStats
 from megatron_ultralong.attention.kernels import BACKENDS
 from megatron_ultralong.attention.ring import ring_attention
 from megatron_ultralong.attention.segments import parse_cu_seqlens
+from megatron_ultralong.parallel.runtime import CpCommType
 
-CP_ATTENTION = {"p2p": ring_attention, "all_gather": all_gather_attention, "a2a": ulysses_attention}
+_ALGORITHMS = {"p2p": ring_attention, "all_gather": all_gather_attention, "a2a": ulysses_attention}
+CP_ATTENTION: dict[str, Callable] = {name: _ALGORITHMS[name] for name in get_args(CpCommType)}
+"""CP attention per `CpCommType` (a KeyError at import names a declared type without an algorithm)."""
 
 
 class UltraLongCoreAttention(MegatronModule):
@@ -70,8 +73,11 @@ class UltraLongCoreAttention(MegatronModule):
             )
         if attn_mask_type not in (AttnMaskType.causal, AttnMaskType.no_mask):
             raise ValueError(f"attn_mask_type={attn_mask_type}: only causal or no_mask is supported")
-        if pg_collection is None:
-            pg_collection = ProcessGroupCollection.use_mpu_process_groups(required_pgs=["tp", "cp"])
+        if pg_collection is None or not hasattr(pg_collection, "tp") or not hasattr(pg_collection, "cp"):
+            raise ValueError(
+                "UltraLongCoreAttention needs pg_collection with its tp and cp process groups "
+                "(SelfAttention passes the model's; build it with build_model or pass one explicitly)"
+            )
         self.pg_collection = pg_collection
         tp = pg_collection.tp.size()
         self.layer_number = max(1, layer_number)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import sys
 from typing import Optional, Sequence
 
@@ -25,6 +24,7 @@ from megatron_ultralong.checkpoint.torch_dist import read_checkpoint_info
 from megatron_ultralong.convert.hf_io import HFCheckpointReader, parse_dtype, parse_size
 from megatron_ultralong.convert.hf_to_mcore import check_hf_weights, check_parallel_fits, model_config_from_hf
 from megatron_ultralong.model.config import LlamaConfig
+from megatron_ultralong.parallel.runtime import free_port
 from megatron_ultralong.rope import RopeConfig, yarn_for_context_length
 
 
@@ -104,12 +104,6 @@ def _spawned(rank: int, world_size: int, port: int, args: argparse.Namespace, ro
     run_conversion(args, rope)
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -132,7 +126,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"mu-convert: error: --nproc {nproc} is not a multiple of --tp * --pp = {args.tp * args.pp}",
               file=sys.stderr)
         return 2
-    port = _free_port()
+    port = free_port()
     if nproc == 1:
         _spawned(0, 1, port, args, rope)
     else:

@@ -14,11 +14,12 @@ import argparse
 import json
 import os
 import sys
-from typing import Optional
+from typing import Optional, get_args
 
 import torch
 
 from megatron_ultralong.eval.tasks import RULER_TASKS
+from megatron_ultralong.parallel.runtime import CpCommType
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -27,7 +28,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output directory (JSON and PNG)")
     parser.add_argument("--tp", type=int, default=1, help="Megatron: tensor-parallel size")
     parser.add_argument("--cp", type=int, default=1, help="Megatron: context-parallel size (prefill split)")
-    parser.add_argument("--cp-comm-type", default="p2p", choices=["p2p", "all_gather", "a2a"])
+    parser.add_argument("--cp-comm-type", default="p2p", choices=get_args(CpCommType))
     parser.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: the checkpoint's")
 
