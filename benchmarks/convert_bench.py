@@ -40,7 +40,7 @@ sys.path.insert(0, str(REPO))
 
 from megatron_ultralong.convert.hf_io import HFCheckpointReader, write_hf_config  # noqa: E402
 from megatron_ultralong.convert.hf_shards import HFShardWriter, finish_hf_shards  # noqa: E402
-from megatron_ultralong.convert.hf_to_mcore import expected_hf_shapes  # noqa: E402
+from megatron_ultralong.convert.key_map import expected_hf_shapes  # noqa: E402
 from megatron_ultralong.model.config import PRESETS, LlamaConfig  # noqa: E402
 
 # What every conversion process holds before it touches a weight: the converter's imports (torch,

@@ -49,11 +49,10 @@ def yarn_scaling() -> dict:
 
 
 def yarn_override():
-    """The RoPE the converter is asked to install (what `--rope-yarn-target 512 ...` builds)."""
-    from megatron_ultralong.rope import yarn_for_context_length
+    """The context extension the converter is asked for (what `--rope-yarn-target 512 ...` builds)."""
+    from megatron_ultralong.model.config import ContextExtension
 
-    return yarn_for_context_length(YARN_TARGET, theta=10000.0, original_max_position_embeddings=YARN_ORIGINAL,
-                                   beta_fast=YARN_BETA_FAST)
+    return ContextExtension(YARN_TARGET, YARN_ORIGINAL, beta_fast=YARN_BETA_FAST)
 
 
 def tokens() -> torch.Tensor:

@@ -24,7 +24,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
 from torch import Tensor
 
-from megatron_ultralong.model.config import LlamaConfig
+from megatron_ultralong.model.config import LlamaConfig, check_parallel_fits
 from megatron_ultralong.model.layer_spec import get_ultralong_layer_spec
 from megatron_ultralong.model.lm_loss import chunked_lm_loss
 from megatron_ultralong.rope.embedding import RotaryAngles
@@ -52,18 +52,7 @@ def to_transformer_config(
     """
     p = runtime.parallel
     tp = p.tensor_parallel
-    if model.num_attention_heads % tp:
-        raise ValueError(
-            f"tensor_parallel={tp} does not divide num_attention_heads={model.num_attention_heads}"
-        )
-    if model.num_kv_heads % tp:
-        raise ValueError(f"tensor_parallel={tp} does not divide num_kv_heads={model.num_kv_heads}")
-    if model.ffn_hidden_size % tp:
-        raise ValueError(f"tensor_parallel={tp} does not divide ffn_hidden_size={model.ffn_hidden_size}")
-    if model.num_layers % p.pipeline_parallel:
-        raise ValueError(
-            f"pipeline_parallel={p.pipeline_parallel} does not divide num_layers={model.num_layers}"
-        )
+    check_parallel_fits(model, tp, p.pipeline_parallel)
     check_device_support(p, runtime.device, model.tie_word_embeddings)
     attention_factor = RotaryAngles(model.rope, model.head_dim).attention_factor
     softmax_scale = None
