@@ -199,3 +199,26 @@ def test_process_groups_are_required():
     config = TransformerConfig(num_layers=1, hidden_size=64, num_attention_heads=2, kv_channels=32, attention_dropout=0.0)
     with pytest.raises(ValueError, match=r"needs pg_collection with its tp and cp process groups"):
         UltraLongCoreAttention(config, 1, AttnMaskType.causal, "self")
+
+
+def test_attention_backend_reaches_the_module_through_the_layer_spec():
+    from megatron.core.process_groups_config import ProcessGroupCollection
+    from megatron.core.transformer.enums import AttnMaskType
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from megatron_ultralong.model.layer_spec import get_ultralong_layer_spec
+
+    class _Group:  # size-1 stand-in; construction only reads size()
+        def size(self) -> int:
+            return 1
+
+    config = TransformerConfig(num_layers=1, hidden_size=64, num_attention_heads=2, kv_channels=32, attention_dropout=0.0)
+    pgc = ProcessGroupCollection(tp=_Group(), cp=_Group())
+    # Called the way megatron-core's SelfAttention calls its core_attention submodule.
+    keywords = dict(config=config, layer_number=1, attn_mask_type=AttnMaskType.causal, attention_type="self",
+                    cp_comm_type=None, softmax_scale=None, pg_collection=pgc)
+    builder = get_ultralong_layer_spec(False, "sdpa").submodules.self_attention.submodules.core_attention
+    assert builder(**keywords).backend == "sdpa"
+    bad = get_ultralong_layer_spec(False, "flash").submodules.self_attention.submodules.core_attention
+    with pytest.raises(ValueError, match=r"attention backend='flash': expected one of \('auto', 'sdpa', 'flash_attn'\)"):
+        bad(**keywords)

@@ -54,7 +54,8 @@ def _compare(rank, world_size, out_dir):
     for rope, kv, tied in CASES:
         hf = _hf_model(rope, kv, tied)
         cfg = LlamaConfig.from_hf(hf.config)
-        model = build_model(cfg, rt)
+        # The training path below: output layer + cross entropy in chunks of 16 tokens.
+        model = build_model(cfg, rt, loss_chunk_tokens=16)
         load_hf_weights(model, cfg, hf.state_dict().__getitem__, tp)
 
         hf_out = hf(tokens, labels=tokens)  # labels only to get HF's own loss path below
@@ -68,7 +69,6 @@ def _compare(rank, world_size, out_dir):
         assert diff <= 1e-5, f"{case}: max |logit diff| {diff}"
         # The training path: output layer + cross entropy in chunks of 16 tokens (3 chunks of 8
         # rows at b=2), recomputed in backward, padded vocab rows masked.
-        model.loss_chunk_tokens = 16
         per_token = model(tokens, positions, None, labels=labels)  # [b, s]
         assert per_token.shape == (2, SEQ)
         loss = per_token.mean()

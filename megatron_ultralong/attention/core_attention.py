@@ -37,7 +37,7 @@ from torch import Tensor
 from megatron_ultralong.attention.all_gather import all_gather_attention
 from megatron_ultralong.attention.all_to_all import check_a2a_heads, ulysses_attention
 from megatron_ultralong.attention.comm import CommStats
-from megatron_ultralong.attention.kernels import BACKENDS
+from megatron_ultralong.attention.kernels import BACKENDS, AttentionBackend
 from megatron_ultralong.attention.ring import ring_attention
 from megatron_ultralong.attention.segments import parse_cu_seqlens
 from megatron_ultralong.parallel.runtime import CpCommType
@@ -63,8 +63,13 @@ class UltraLongCoreAttention(MegatronModule):
         softmax_scale: Optional[float] = None,
         cp_comm_type: Optional[str] = None,
         pg_collection: Optional[ProcessGroupCollection] = None,
+        backend: AttentionBackend = "auto",
     ):
+        """Megatron's `CoreAttentionBuilder` keywords; `backend` comes from the layer spec
+        (`get_ultralong_layer_spec(attention_backend=...)`)."""
         super().__init__(config=config)
+        if backend not in BACKENDS:
+            raise ValueError(f"attention backend={backend!r}: expected one of {BACKENDS}")
         dropout = config.attention_dropout if attention_dropout is None else attention_dropout
         if dropout:
             raise ValueError(
@@ -92,9 +97,9 @@ class UltraLongCoreAttention(MegatronModule):
         self.cp_comm_type = self._resolve_cp_comm_type(cp_comm_type, config, self.layer_number)
         if self.cp_comm_type == "a2a" and self.cp_group.size() > 1:
             check_a2a_heads(self.num_heads, self.num_kv_heads, self.cp_group.size())
-        self.backend = "auto"
+        self.backend = backend
         """Block kernel: "auto" (flash-attn on CUDA when installed, else PyTorch SDPA ops), "sdpa",
-        or "flash_attn" (kernels.BACKENDS)."""
+        or "flash_attn" (kernels.AttentionBackend)."""
         self.comm_stats: Optional[CommStats] = None
         """Set to a CommStats to count the bytes this layer's CP attention sends (benchmarks)."""
 
@@ -128,8 +133,6 @@ class UltraLongCoreAttention(MegatronModule):
         """
         if attention_bias is not None:
             raise ValueError("attention_bias is not supported by UltraLongCoreAttention")
-        if self.backend not in BACKENDS:
-            raise ValueError(f"UltraLongCoreAttention.backend={self.backend!r}: expected one of {BACKENDS}")
         causal = (attn_mask_type or self.attn_mask_type) == AttnMaskType.causal
         sq, b = query.shape[:2]
         cp = self.cp_group.size()

@@ -99,10 +99,10 @@ class Trainer:
         model = build_model(
             self.model_cfg, self.rt, params_dtype=dtype,
             use_transformer_engine=cfg.model.use_transformer_engine,
+            loss_chunk_tokens=cfg.train.loss_chunk_tokens,
             calculate_per_token_loss=True,
             **_recompute_overrides(cfg, self.rt.is_cuda),
         )
-        model.loss_chunk_tokens = cfg.train.loss_chunk_tokens
         self._load_initial_weights(model)
         self.model = model
         self.ddp = build_data_parallel(model, self.rt)
