@@ -31,7 +31,7 @@ from megatron_ultralong.model.config import LlamaConfig, extend_context
 from megatron_ultralong.parallel.runtime import init_runtime
 from megatron_ultralong.checkpoint.train_state import latest_checkpoint, load_train_checkpoint, save_train_checkpoint
 from megatron_ultralong.training.config import TrainConfig
-from megatron_ultralong.data.samples.pretrain import BatchSchedule, build_dataset, cu_seqlens_from_document_ids
+from megatron_ultralong.data.samples.pretrain import BatchSchedule, build_sample_dataset, cu_seqlens_from_document_ids
 from megatron_ultralong.training.loss import reduce_loss_over_dp_cp
 from megatron_ultralong.training.memory import estimate_memory_per_device, format_estimate
 from megatron_ultralong.training.metrics import training_flops_per_token
@@ -113,7 +113,7 @@ class Trainer:
 
         # 5. Data: enough samples for every step, in a resumable order.
         num_samples = cfg.train.steps * cfg.train.global_batch_size
-        self.dataset = build_dataset(cfg.data, num_samples, cfg.train.seed, self.model_cfg.vocab_size)
+        self.dataset = build_sample_dataset(cfg.data, num_samples, cfg.train.seed, self.model_cfg.vocab_size)
         self.schedule = BatchSchedule(self.dataset, cfg.train.micro_batch_size, self.dp, pg.dp.rank())
 
         # 6. Resume: model, optimizer, scheduler, RNG and data position.

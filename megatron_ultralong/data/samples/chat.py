@@ -38,8 +38,8 @@ END_HEADER = "<|end_header_id|>"
 EOT = "<|eot_id|>"
 
 Message = Mapping[str, str]
-Segment = tuple[str, bool]
-"""(text, trainable): consecutive segments concatenate to the rendered conversation."""
+ChatSpan = tuple[str, bool]
+"""(text, trainable): consecutive spans concatenate to the rendered conversation."""
 
 
 @dataclass(frozen=True)
@@ -90,12 +90,12 @@ def validate_messages(record: Any, where: str) -> list[dict[str, str]]:
     return out
 
 
-def chat_segments(messages: Sequence[Message], fmt: ChatFormat = ChatFormat()) -> list[Segment]:
-    """Split the rendered conversation into (text, trainable) segments.
+def chat_spans(messages: Sequence[Message], fmt: ChatFormat = ChatFormat()) -> list[ChatSpan]:
+    """Split the rendered conversation into (text, trainable) spans.
 
     Untrainable runs are merged so they are tokenized as one string, exactly as in the whole text.
     """
-    segments: list[Segment] = []
+    segments: list[ChatSpan] = []
 
     def add(text: str, trainable: bool) -> None:
         if segments and segments[-1][1] == trainable:
@@ -126,7 +126,7 @@ def chat_segments(messages: Sequence[Message], fmt: ChatFormat = ChatFormat()) -
 
 def render_chat(messages: Sequence[Message], fmt: ChatFormat = ChatFormat()) -> str:
     """The text `apply_chat_template(messages, tokenize=False)` gives for `fmt`'s template."""
-    return "".join(text for text, _ in chat_segments(messages, fmt))
+    return "".join(text for text, _ in chat_spans(messages, fmt))
 
 
 def load_tokenizer(path: str) -> Tokenizer:
@@ -159,7 +159,7 @@ class ChatTokenizer:
 
     def encode_many(self, conversations: Sequence[Sequence[Message]]) -> list[tuple[np.ndarray, np.ndarray]]:
         """Per conversation: (ids int32 [n], trainable bool [n]). One batched tokenizer call."""
-        all_segments = [chat_segments(m, self.fmt) for m in conversations]
+        all_segments = [chat_spans(m, self.fmt) for m in conversations]
         flat = [text for segs in all_segments for text, _ in segs]
         encodings = self.tokenizer.encode_batch(flat, add_special_tokens=False) if flat else []
         out, k = [], 0
