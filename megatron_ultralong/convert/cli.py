@@ -13,6 +13,7 @@ TP/PP divisibility) before any process starts.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from typing import Optional, Sequence
@@ -24,8 +25,11 @@ from megatron_ultralong.checkpoint.torch_dist import read_checkpoint_info
 from megatron_ultralong.convert.hf_io import HFCheckpointReader, parse_size
 from megatron_ultralong.convert.hf_to_mcore import check_hf_weights, model_config_from_hf
 from megatron_ultralong.dtypes import parse_dtype
+from megatron_ultralong.logs import setup_logging
 from megatron_ultralong.model.config import ContextExtension, LlamaConfig, check_parallel_fits
 from megatron_ultralong.parallel.runtime import free_port
+
+log = logging.getLogger(__name__)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -85,7 +89,10 @@ def run_conversion(args: argparse.Namespace, context: Optional[ContextExtension]
     from megatron_ultralong.convert.mcore_to_hf import convert_mcore_to_hf
     from megatron_ultralong.parallel.runtime import ParallelConfig, init_runtime, shutdown_runtime
 
+    setup_logging(stream=sys.stderr)  # again in spawned processes: rank 0's progress only, on stderr
     runtime = init_runtime(ParallelConfig(tensor_parallel=args.tp, pipeline_parallel=args.pp), device="cpu")
+    log.info("%s: %s -> %s on %d process(es), TP=%d PP=%d%s", args.direction, args.src, args.dst,
+             runtime.world_size, args.tp, args.pp, f", context extended to {context.target}" if context else "")
     try:
         common = dict(dtype=_dtype_flag(args), context=context, overwrite=args.overwrite,
                       progress=not args.no_progress, verify=args.verify)
@@ -111,6 +118,7 @@ def _spawned(rank: int, world_size: int, port: int, args: argparse.Namespace, co
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    setup_logging(stream=sys.stderr)  # progress on stderr; results on stdout
     try:
         _dtype_flag(args)
         if args.direction == "mcore-to-hf":
