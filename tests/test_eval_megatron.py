@@ -17,11 +17,11 @@ NEW_TOKENS = 6
 
 
 def _models():
-    from eval_helpers import tiny_llama, train_tiny_tokenizer
+    from eval_helpers import tiny_eval_llama, train_tiny_tokenizer
     from megatron_ultralong.eval import EvalTokenizer
 
     tok = train_tiny_tokenizer()
-    return EvalTokenizer.wrap(tok), tiny_llama(len(tok))
+    return EvalTokenizer.wrap(tok), tiny_eval_llama(len(tok))
 
 
 def _megatron_backend(hf, cp: int, cp_comm_type: str = "p2p", tp: int = 1):
