@@ -13,8 +13,8 @@ and `config.json` (the transformers config, RoPE scaling included), so `mcore-to
 tool rebuild the model with no extra flags.
 
 CPU/gloo: megatron-core's `TorchDistSaveShardedStrategy` stages tensors with
-`torch.cuda.synchronize()` and writes from forked processes (MEGATRON.md §3.3; the async path hangs
-under gloo), so on CPU we keep megatron's translation (`mcore_to_pyt_state_dict`, `MCoreSavePlanner`,
+`torch.cuda.synchronize()` and writes from forked processes (megatron/core/dist_checkpointing/
+strategies/filesystem_async.py; the async path hangs under gloo), so on CPU we keep megatron's translation (`mcore_to_pyt_state_dict`, `MCoreSavePlanner`,
 same keys, same metadata) and swap only the writer for torch's synchronous `FileSystemWriter`. The
 bytes on disk are the same format; megatron's own loader reads them on GPU or CPU.
 

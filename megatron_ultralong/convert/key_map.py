@@ -1,6 +1,7 @@
 """The one HF Llama <-> Megatron-Core key map, with the tensor layouts and TP sharding rules.
 
-Layouts (MEGATRON.md §3.3; H hidden, nh heads, ng KV groups, d head dim, F ffn, t TP size):
+Layouts (megatron-core `attention.py::get_query_key_value_tensors` and `mlp.py` glu; Megatron-Bridge
+`param_mapping.py`; H hidden, nh heads, ng KV groups, d head dim, F ffn, t TP size):
 - linear_qkv [(nh + 2 ng) d, H]: per query group g, its nh/ng query heads, then k head g, then
   v head g. TP splits contiguously along dim 0, so each rank holds ng/t whole groups.
 - linear_fc1 [2F, H] = [gate; up] globally; each TP rank holds [gate_r; up_r] (NOT a contiguous

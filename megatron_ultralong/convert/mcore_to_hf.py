@@ -9,7 +9,8 @@ q/k/v and gate/up and truncates the vocab padding, and the layer is freed. One w
 (TP, DP and CP rank 0) writes its tensors straight into planned safetensors shards
 (`hf_shards.HFShardWriter`); global rank 0 numbers the shards in stage order and writes the index.
 The exported `config.json` carries the RoPE the model was trained with (e.g. yarn after context
-extension), which is the failure MEGATRON.md §5 #11 reports for other converters.
+extension); converters that map only some rope_scaling types silently diverge from HF
+(https://github.com/NVIDIA-NeMo/Megatron-Bridge/pull/5097).
 """
 from __future__ import annotations
 

@@ -232,8 +232,8 @@ def yarn_for_context_length(
 
     factor = target / original, with original = Llama 3's 8K pre-training length (not 128K):
     1M -> 128, 2M -> 256, 4M -> 512. The paper fixes YaRN's alpha = 1, beta = 4, i.e.
-    beta_slow = 1, beta_fast = 4; whether the released configs carry beta_fast = 4 is unconfirmed
-    (RECIPE.md §1.1), so it is an argument, defaulting to HF's 32.
+    beta_slow = 1, beta_fast = 4 (arXiv 2504.06214 §3); the released config.json files are not
+    public, so whether they carry beta_fast = 4 is unknown: it is an argument, defaulting to HF's 32.
     """
     if target_length <= original_max_position_embeddings:
         raise ValueError(

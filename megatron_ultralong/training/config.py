@@ -1,7 +1,7 @@
 """The training configuration: one YAML file plus `key.sub=value` overrides (tools/train.py).
 
 Every field is declared here with a docstring; sections validate themselves and raise ValueError
-naming the field. Values the UltraLong paper does not confirm (RECIPE.md §7: schedule, warmup,
+naming the field. Values the UltraLong paper (arXiv 2504.06214) does not state (schedule, warmup,
 betas, batch for 1M/2M) are fields with neutral defaults, set explicitly in examples/ recipes.
 """
 from __future__ import annotations

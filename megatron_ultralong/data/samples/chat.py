@@ -10,7 +10,8 @@ templates; tests/test_sft_chat.py renders through transformers' own Jinja engine
               Cutting Knowledge Date: December 2023\\nToday Date: {date}\\n\\n{system|trim}<|eot_id|>
               (always present, even without a system message), then the other messages as above.
 
-UltraLong fine-tunes Llama-3.1-8B-Instruct and keeps its chat format (RECIPE.md §1.2), so
+UltraLong fine-tunes Llama-3.1-8B-Instruct and keeps its chat format (arXiv 2504.06214; model card
+https://huggingface.co/nvidia/Llama-3.1-Nemotron-8B-UltraLong-4M-Instruct), so
 "llama3.1" is the default.
 
 Loss mask: only an assistant message's content tokens and its closing <|eot_id|> are targets; the

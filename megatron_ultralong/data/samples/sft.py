@@ -1,7 +1,7 @@
 """SFT samples: chat JSONL -> Llama-3.1 chat format -> packed sequences with an assistant-only loss.
 
 UltraLong's SFT stage uses short chat data only (all samples < 8K tokens, batch 128, LR 5e-6;
-RECIPE.md §3; packing and max length UNCONFIRMED). Short conversations are therefore packed into
+arXiv 2504.06214 §3; the paper states neither packing nor a max length). Short conversations are therefore packed into
 `seq_length` rows so no compute goes to padding, and each row keeps its conversation boundaries in
 `document_ids` (and restarted `position_ids`) so the trainer can block attention across them.
 
