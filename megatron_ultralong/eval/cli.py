@@ -51,7 +51,7 @@ def _backend(args: argparse.Namespace):
         return HFBackend.from_pretrained(args.model, dtype=dtype, device=args.device), tokenizer, None
     tokenizer_path = args.tokenizer
     if tokenizer_path is None:
-        # Checkpoints started from an HF model carry its tokenizer files (convert/checkpoint.py).
+        # Checkpoints started from an HF model carry its tokenizer files (checkpoint/torch_dist.py).
         from megatron_ultralong.checkpoint.torch_dist import SIDE_DIR
 
         side = megatron_dir / SIDE_DIR

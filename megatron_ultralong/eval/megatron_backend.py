@@ -6,7 +6,7 @@ same ids; all of them are collectives):
 1. Pad the ids on the right to n_pad, the next multiple of 2*CP (the zigzag layout cuts the
    sequence into 2*CP equal chunks). Causal attention means the padding cannot change the logits
    of any real position, so its value does not matter.
-2. Shard ids and their *global* position ids with `data/cp_shard.shard_tensor` (rank r keeps chunks
+2. Shard ids and their *global* position ids with `parallel/cp_layout.shard_tensor` (rank r keeps chunks
    r and 2*CP-1-r). The model computes RoPE from those positions and its core attention runs the
    plugin's CP attention (ring / all-gather / a2a, `ParallelConfig.cp_comm_type`) over the CP group.
    Each rank holds n_pad/CP tokens of activations and KV: that is what makes a 1M prompt fit.
