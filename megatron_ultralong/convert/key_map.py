@@ -43,13 +43,13 @@ class KeyRule:
     """How it is fused and TP-sharded: one of KINDS."""
 
     hf_shapes: tuple[str, ...] = ()
-    """Each HF tensor's shape in dimension letters (`DIMS`): "QH" = [nh d, H]."""
+    """Each HF tensor's shape in dimension letters (`hf_dims`): "QH" = [nh d, H]."""
 
     megatron_te: Optional[str] = None
     """The name under the Transformer Engine spec when it differs."""
 
 
-def DIMS(cfg: LlamaConfig) -> dict[str, int]:
+def hf_dims(cfg: LlamaConfig) -> dict[str, int]:
     """The dimension letters of `KeyRule.hf_shapes` for an architecture."""
     return {"V": cfg.vocab_size, "H": cfg.hidden_size, "F": cfg.ffn_hidden_size,
             "Q": cfg.num_attention_heads * cfg.head_dim, "K": cfg.num_kv_heads * cfg.head_dim}
@@ -145,7 +145,7 @@ def hf_tensors(rule: KeyRule, layer: Optional[int], cfg: LlamaConfig, export: bo
 
 def expected_hf_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
     """Every tensor an HF checkpoint of this architecture holds -> its shape, from `RULES`."""
-    dims = DIMS(cfg)
+    dims = hf_dims(cfg)
     out: dict[str, tuple[int, ...]] = {}
     for rule in RULES:
         layers = range(cfg.num_layers) if "{i}" in rule.megatron else [None]

@@ -208,13 +208,6 @@ class RopeConfig:
                     out[key] = getattr(self, key)
         return self.theta, out
 
-    @property
-    def max_context_length(self) -> Optional[int]:
-        """The context the scaling targets (original * factor), as vLLM derives it; None if unscaled."""
-        if self.original_max_position_embeddings is None or self.factor is None:
-            return None
-        return int(self.original_max_position_embeddings * self.factor)
-
     def replace(self, **changes: Any) -> "RopeConfig":
         return dataclasses.replace(self, **changes)
 
