@@ -40,16 +40,16 @@ sys.path.insert(0, str(REPO))
 
 from megatron_ultralong.convert.hf_io import HFCheckpointReader, write_hf_config  # noqa: E402
 from megatron_ultralong.convert.hf_shards import HFShardWriter, finish_hf_shards  # noqa: E402
-from megatron_ultralong.convert.hf_to_mcore import expected_hf_shapes  # noqa: E402
+from megatron_ultralong.convert.key_map import expected_hf_shapes  # noqa: E402
 from megatron_ultralong.model.config import PRESETS, LlamaConfig  # noqa: E402
 
 # What every conversion process holds before it touches a weight: the converter's imports (torch,
 # megatron-core, transformers) and a 1-process gloo runtime. The issue's goal is measured against it.
 OVERHEAD = """
 import megatron_ultralong.convert.cli, megatron_ultralong.convert.hf_to_mcore, megatron_ultralong.convert.mcore_to_hf
-from megatron_ultralong.convert.cli import _free_port
+from megatron_ultralong.parallel.runtime import free_port
 import os
-os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
 from megatron_ultralong.parallel.runtime import ParallelConfig, init_runtime
 init_runtime(ParallelConfig(1, 1), device="cpu")
 """

@@ -25,6 +25,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from megatron_ultralong.parallel.runtime import free_port
+
 MODES = ("single-1t", "single-2t", "p2p", "all_gather", "a2a")
 
 
@@ -113,9 +115,7 @@ def run_mode(mode: str, args: argparse.Namespace) -> dict:
     world = 1 if mode.startswith("single") else 2
     ctx = mp.get_context("spawn")
     results = ctx.SimpleQueue()
-    with __import__("socket").socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     env_backup = os.environ.get("MALLOC_MMAP_THRESHOLD_")
     # Large allocations via mmap are returned to the OS on free, so RSS follows live tensors.
     os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"

@@ -1,7 +1,7 @@
 """A re-implementation of Megatron-LM `tools/preprocess_data.py`'s tokenization loop (core_v0.16),
 used as the benchmark baseline. It is NOT the original file: preprocess_data.py imports
 `megatron.training`, which the megatron-core 0.16 wheel does not ship. What is reproduced is the
-method (../shared/reference/DATA_AND_EVAL.md §A3, MEGATRON.md §4.2):
+method (https://github.com/NVIDIA/Megatron-LM/blob/core_v0.16.0/tools/preprocess_data.py):
 
 - one `multiprocessing.Pool(workers)` (fork, Python's default on Linux) with an initializer that
   builds the tokenizer in each worker;

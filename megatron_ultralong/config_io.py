@@ -85,8 +85,10 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
     if dataclasses.is_dataclass(tp):
         return from_dict(tp, value or {}, key)
     if origin is typing.Literal:
-        if value not in typing.get_args(tp):
-            raise ValueError(f"{key}={value!r}: expected one of {list(typing.get_args(tp))}")
+        allowed = typing.get_args(tp)
+        # `in` alone would let True match a Literal[1] and 1 match Literal[True]: compare types too.
+        if not any(value == a and type(value) is type(a) for a in allowed):
+            raise ValueError(f"{key}={value!r}: expected one of {list(allowed)}{_yaml_bool_hint(value, allowed)}")
         return value
     if origin in (tuple, list, Sequence):
         if not isinstance(value, (list, tuple)):
@@ -100,8 +102,17 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
         except (TypeError, ValueError):
             raise ValueError(f"{key}={value!r}: expected a number") from None
     if tp in (int, str, bool) and not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
-        raise ValueError(f"{key}={value!r}: expected {tp.__name__}")
+        hint = _yaml_bool_hint(value, ("",)) if tp is str else ""
+        raise ValueError(f"{key}={value!r}: expected {tp.__name__}{hint}")
     return value
+
+
+def _yaml_bool_hint(value: Any, allowed: Sequence[Any]) -> str:
+    """YAML 1.1 reads yes/no/on/off/true/false as booleans: say so when a string was expected."""
+    if isinstance(value, bool) and all(isinstance(a, str) for a in allowed):
+        return (" (YAML read an unquoted yes/no/on/off/true/false as the boolean "
+                f"{value}; quote the string, e.g. \"off\")")
+    return ""
 
 
 def _deepcopy(d: Any) -> Any:

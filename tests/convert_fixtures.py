@@ -10,6 +10,7 @@ from typing import Optional
 
 import torch
 import transformers
+from llama_helpers import tiny_llama, tiny_llama_config
 
 VOCAB = 1003
 SEQ = 48  # beyond original_max_position_embeddings=32 below, so RoPE scaling matters
@@ -26,21 +27,11 @@ CASES = {
 
 
 def hf_config(kv: int, tied: bool, rope_scaling: Optional[dict], max_pos: int = 256) -> transformers.LlamaConfig:
-    return transformers.LlamaConfig(
-        vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=kv,
-        head_dim=16, intermediate_size=96, rope_theta=10000.0, rope_scaling=rope_scaling,
-        max_position_embeddings=max_pos, tie_word_embeddings=tied, rms_norm_eps=1e-5,
-    )
+    return tiny_llama_config(VOCAB, kv, tied, rope_scaling, max_pos)
 
 
 def make_hf_model(kv: int, tied: bool, rope_scaling: Optional[dict], seed: int = 0) -> transformers.LlamaForCausalLM:
-    torch.manual_seed(seed)
-    model = transformers.LlamaForCausalLM(hf_config(kv, tied, rope_scaling)).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.uniform_(0.5, 1.5)
-    return model
+    return tiny_llama(VOCAB, kv, tied, rope_scaling, max_position_embeddings=256, seed=seed)
 
 
 def yarn_scaling() -> dict:
@@ -49,11 +40,10 @@ def yarn_scaling() -> dict:
 
 
 def yarn_override():
-    """The RoPE the converter is asked to install (what `--rope-yarn-target 512 ...` builds)."""
-    from megatron_ultralong.rope import yarn_for_context_length
+    """The context extension the converter is asked for (what `--rope-yarn-target 512 ...` builds)."""
+    from megatron_ultralong.model.config import ContextExtension
 
-    return yarn_for_context_length(YARN_TARGET, theta=10000.0, original_max_position_embeddings=YARN_ORIGINAL,
-                                   beta_fast=YARN_BETA_FAST)
+    return ContextExtension(YARN_TARGET, YARN_ORIGINAL, beta_fast=YARN_BETA_FAST)
 
 
 def tokens() -> torch.Tensor:

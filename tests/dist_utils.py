@@ -14,18 +14,13 @@ in the parent with that rank's traceback, so pytest shows where it failed.
 from __future__ import annotations
 
 import os
-import socket
 import traceback
 from typing import Any, Callable, Sequence
 
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from megatron_ultralong.parallel.runtime import free_port
 
 
 def _entry(rank: int, world_size: int, port: int, fn: Callable, args: Sequence[Any], errors) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from typing import Optional
 
-import torch
+from llama_helpers import tiny_llama
 
 from megatron_ultralong.eval.haystack import NOISE_SENTENCE, haystack_text
 from megatron_ultralong.eval.tasks import NIAH_NEEDLE, NIAH_PREFIX, NIAH_SUFFIX, VT_PREFIX, VT_SUFFIX
@@ -37,26 +37,13 @@ def train_tiny_tokenizer(vocab_size: int = VOCAB_SIZE):
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
 
 
-def tiny_llama(vocab_size: int, seed: int = 0, rope_scaling: Optional[dict] = None,
-               max_position_embeddings: int = 4096):
-    """A random 2-layer GQA Llama (fp32, eval mode) with random norm weights."""
-    import transformers
-
-    torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(
-        vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=8, intermediate_size=64, rope_theta=10000.0,
-        rope_scaling=rope_scaling, max_position_embeddings=max_position_embeddings, bos_token_id=0,
-        eos_token_id=1, tie_word_embeddings=False, attn_implementation="sdpa",
-    )
-    model = transformers.LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.uniform_(0.5, 1.5)
-            else:
-                p.mul_(10.0)  # sharper logits: greedy argmax far from ties
-    return model
+def tiny_eval_llama(vocab_size: int, seed: int = 0, rope_scaling: Optional[dict] = None,
+                    max_position_embeddings: int = 4096):
+    """The tests' tiny Llama (llama_helpers) narrowed for evaluation: H=32, d=8, F=64, bos 0 / eos 1,
+    weights x10 so greedy argmax is far from ties."""
+    return tiny_llama(vocab_size, kv_heads=2, rope_scaling=rope_scaling, max_position_embeddings=max_position_embeddings,
+                      seed=seed, weight_scale=10.0, hidden_size=32, head_dim=8, intermediate_size=64,
+                      rms_norm_eps=1e-6, bos_token_id=0, eos_token_id=1, attn_implementation="sdpa")
 
 
 def save_tiny_hf(directory: str, vocab_size: int = VOCAB_SIZE) -> tuple[str, str]:
@@ -64,5 +51,5 @@ def save_tiny_hf(directory: str, vocab_size: int = VOCAB_SIZE) -> tuple[str, str
     tok = train_tiny_tokenizer(vocab_size)
     tok_dir, model_dir = os.path.join(directory, "tokenizer"), os.path.join(directory, "model")
     tok.save_pretrained(tok_dir)
-    tiny_llama(len(tok)).save_pretrained(model_dir)
+    tiny_eval_llama(len(tok)).save_pretrained(model_dir)
     return tok_dir, model_dir

@@ -208,3 +208,16 @@ def test_checkpoint_info_and_compatibility(tmp_path):
     save_file({"x": torch.ones(1)}, tmp_path / "x.safetensors")
     with pytest.raises(ValueError, match="no metadata.json"):
         read_checkpoint_info(tmp_path)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_expected_hf_shapes_are_transformers_own(tied):
+    """The shapes the key map's rules imply == the state dict of transformers' LlamaForCausalLM."""
+    from llama_helpers import tiny_llama
+
+    from megatron_ultralong.convert.key_map import expected_hf_shapes
+    from megatron_ultralong.model import LlamaConfig
+
+    model = tiny_llama(97, kv_heads=2, tied=tied, num_attention_heads=6, intermediate_size=80)
+    want = {k: tuple(v.shape) for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight")}
+    assert expected_hf_shapes(LlamaConfig.from_hf(model.config)) == want

@@ -43,7 +43,7 @@ def _write_random_hf(cfg, path: Path) -> tuple[int, int]:
     """A random fp32 HF checkpoint of cfg's shape (4 MB shards); returns (total, largest) bytes."""
     from megatron_ultralong.convert.hf_io import write_hf_config
     from megatron_ultralong.convert.hf_shards import HFShardWriter, finish_hf_shards
-    from megatron_ultralong.convert.hf_to_mcore import expected_hf_shapes
+    from megatron_ultralong.convert.key_map import expected_hf_shapes
 
     shapes = expected_hf_shapes(cfg)
     path.mkdir()

@@ -69,9 +69,9 @@ def _layout(rank, world_size, tp, pp, root, src_layout, tag):
     for case, (_, tied, _, override) in CASES.items():
         if tied and pp > 1:
             continue
-        rope = yarn_override() if override else None
+        context = yarn_override() if override else None
         mc = f"{root}/mc_{tag}_{case}"
-        _, report = convert_hf_to_mcore(f"{root}/hf_{case}", mc, rt, rope=rope, progress=False, verify=True)
+        _, report = convert_hf_to_mcore(f"{root}/hf_{case}", mc, rt, context=context, progress=False, verify=True)
         if rank == 0:
             assert report.max_abs_logit_diff <= TOL and report.argmax_agreement == 1.0, (case, report)
         model = _load_model(mc, rt)

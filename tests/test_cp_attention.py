@@ -13,6 +13,7 @@ gradients 5e-2 abs, compared with the float64 reference of the SAME bf16 inputs.
 from __future__ import annotations
 
 import math
+from typing import get_args
 
 import pytest
 import torch
@@ -21,6 +22,7 @@ from cp_reference import reference_attention
 from dist_utils import run_distributed
 
 from megatron_ultralong.parallel.cp_layout import shard_tensor
+from megatron_ultralong.parallel.runtime import CpCommType
 
 SEQ = 32  # divisible by 2*cp for cp in (2, 4): chunks of 8 and 4 tokens
 BATCH = 2
@@ -123,7 +125,7 @@ def _attention_body(rank: int, world: int, cases) -> None:
 # (comm, heads, kv_heads, head_dim, docs, causal, dtype)
 CP2_CASES = [
     case
-    for comm in ("p2p", "all_gather", "a2a")
+    for comm in get_args(CpCommType)  # every declared algorithm is checked against full attention
     for case in (
         (comm, 4, 4, 64, False, True, torch.float32),  # MHA
         (comm, 4, 2, 128, True, True, torch.float32),  # GQA + documents
@@ -135,7 +137,7 @@ CP2_CASES = [
 ]
 CP4_CASES = [
     case
-    for comm in ("p2p", "all_gather", "a2a")
+    for comm in get_args(CpCommType)  # every declared algorithm is checked against full attention
     for case in (
         (comm, 8, 4, 64, True, True, torch.float32),  # GQA + documents
         (comm, 4, 4, 128, False, True, torch.float32),  # MHA
@@ -186,3 +188,37 @@ def test_bad_cp_comm_type_is_rejected(kwargs, message):
     pgc = ProcessGroupCollection(tp=_Group(), cp=_Group())
     with pytest.raises(ValueError, match=message):
         UltraLongCoreAttention(config, 1, AttnMaskType.causal, "self", pg_collection=pgc, **kwargs)
+
+
+def test_process_groups_are_required():
+    from megatron.core.transformer.enums import AttnMaskType
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from megatron_ultralong.attention.core_attention import UltraLongCoreAttention
+
+    config = TransformerConfig(num_layers=1, hidden_size=64, num_attention_heads=2, kv_channels=32, attention_dropout=0.0)
+    with pytest.raises(ValueError, match=r"needs pg_collection with its tp and cp process groups"):
+        UltraLongCoreAttention(config, 1, AttnMaskType.causal, "self")
+
+
+def test_attention_backend_reaches_the_module_through_the_layer_spec():
+    from megatron.core.process_groups_config import ProcessGroupCollection
+    from megatron.core.transformer.enums import AttnMaskType
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from megatron_ultralong.model.layer_spec import get_ultralong_layer_spec
+
+    class _Group:  # size-1 stand-in; construction only reads size()
+        def size(self) -> int:
+            return 1
+
+    config = TransformerConfig(num_layers=1, hidden_size=64, num_attention_heads=2, kv_channels=32, attention_dropout=0.0)
+    pgc = ProcessGroupCollection(tp=_Group(), cp=_Group())
+    # Called the way megatron-core's SelfAttention calls its core_attention submodule.
+    keywords = dict(config=config, layer_number=1, attn_mask_type=AttnMaskType.causal, attention_type="self",
+                    cp_comm_type=None, softmax_scale=None, pg_collection=pgc)
+    builder = get_ultralong_layer_spec(False, "sdpa").submodules.self_attention.submodules.core_attention
+    assert builder(**keywords).backend == "sdpa"
+    bad = get_ultralong_layer_spec(False, "flash").submodules.self_attention.submodules.core_attention
+    with pytest.raises(ValueError, match=r"attention backend='flash': expected one of \('auto', 'sdpa', 'flash_attn'\)"):
+        bad(**keywords)

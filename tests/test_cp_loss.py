@@ -4,12 +4,26 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from dist_utils import run_distributed
 
 from megatron_ultralong.parallel.cp_layout import shard_tensor
-from megatron_ultralong.training.loss import reduce_loss_over_dp_cp, token_cross_entropy
+from megatron_ultralong.training.loss import reduce_loss_over_dp_cp
 
 DP, CP, SEQ, VOCAB = 2, 2, 8, 11
+
+
+def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-token cross-entropy in fp32: logits [b, s, V], labels [b, s] -> [b, s].
+
+    Labels of masked positions may be anything (e.g. -100); they are clamped here and the loss
+    mask zeroes their contribution later.
+    """
+    if logits.shape[:-1] != labels.shape:
+        raise ValueError(f"logits {tuple(logits.shape)} do not match labels {tuple(labels.shape)}")
+    safe = labels.clamp(0, logits.size(-1) - 1)
+    ce = F.cross_entropy(logits.float().flatten(0, -2), safe.flatten(), reduction="none")
+    return ce.view(labels.shape)
 
 
 def _global_batch(all_masked: bool):

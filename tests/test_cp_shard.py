@@ -30,7 +30,7 @@ def test_chunk_ids_are_r_and_mirror(cp):
 
 
 def test_megatron_example_positions():
-    # MEGATRON.md section 1.1: CP=2 -> GPU0 gets chunks 0 and 3, GPU1 chunks 1 and 2.
+    # megatron/core/utils.py get_batch_on_this_cp_rank: CP=2 -> GPU0 gets chunks 0 and 3, GPU1 chunks 1 and 2.
     assert local_positions(8, 2, 0).tolist() == [0, 1, 6, 7]
     assert local_positions(8, 2, 1).tolist() == [2, 3, 4, 5]
     assert local_ranges(16, 4, 1) == ((2, 4), (12, 14))

@@ -10,7 +10,7 @@ import re
 import pytest
 import torch
 
-from eval_helpers import tiny_llama, train_tiny_tokenizer
+from eval_helpers import tiny_eval_llama, train_tiny_tokenizer
 from megatron_ultralong.eval import EvalTokenizer, HFBackend, NiahConfig, loss_by_position, run_niah, run_ruler
 from megatron_ultralong.eval.perplexity import bucket_edges
 
@@ -22,7 +22,7 @@ def tok():
 
 @pytest.fixture(scope="module")
 def hf(tok):
-    return tiny_llama(tok.vocab_size)
+    return tiny_eval_llama(tok.vocab_size)
 
 
 class OracleBackend:

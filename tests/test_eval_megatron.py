@@ -17,11 +17,11 @@ NEW_TOKENS = 6
 
 
 def _models():
-    from eval_helpers import tiny_llama, train_tiny_tokenizer
+    from eval_helpers import tiny_eval_llama, train_tiny_tokenizer
     from megatron_ultralong.eval import EvalTokenizer
 
     tok = train_tiny_tokenizer()
-    return EvalTokenizer.wrap(tok), tiny_llama(len(tok))
+    return EvalTokenizer.wrap(tok), tiny_eval_llama(len(tok))
 
 
 def _megatron_backend(hf, cp: int, cp_comm_type: str = "p2p", tp: int = 1):
@@ -32,9 +32,9 @@ def _megatron_backend(hf, cp: int, cp_comm_type: str = "p2p", tp: int = 1):
 
     rt = init_runtime(ParallelConfig(tensor_parallel=tp, context_parallel=cp, cp_comm_type=cp_comm_type), device="cpu")
     cfg = LlamaConfig.from_hf(hf.config)
-    model = build_model(cfg, rt)
+    model = build_model(cfg, rt, loss_chunk_tokens=64)
     load_hf_weights(model, cfg, hf.state_dict().__getitem__, rt.pg_collection.tp)
-    return MegatronBackend(model, rt, loss_chunk_tokens=64), rt
+    return MegatronBackend(model, rt), rt
 
 
 def _prompts(vocab: int):

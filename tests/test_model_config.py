@@ -67,3 +67,29 @@ def test_load_model_config(tmp_path):
         load_model_config(str(tmp_path / "bad.json"))
     with pytest.raises(ValueError, match=r"not a preset"):
         load_model_config(str(tmp_path / "nope"))
+
+
+@pytest.mark.parametrize("target", [1 << 20, 1 << 16])  # above and below the model's 128K
+def test_extend_context_reads_back_in_transformers_as_the_target(target, monkeypatch):
+    """transformers takes max_position_embeddings as YaRN's post-extension length and warns when
+    max_position_embeddings / original != factor; the extended config must read back warning-free,
+    with transformers' inverse frequencies equal to ours."""
+    import torch
+    from transformers import modeling_rope_utils
+
+    from megatron_ultralong.model.config import extend_context
+    from megatron_ultralong.rope import compute_rope_parameters
+
+    warnings = []
+    monkeypatch.setattr(modeling_rope_utils.logger, "warning_once", warnings.append)
+    monkeypatch.setattr(modeling_rope_utils.logger, "warning", warnings.append)
+    cfg = extend_context(PRESETS["llama3.1-8b"], target, original=8192, beta_fast=4.0, beta_slow=1.0)
+    assert cfg.max_position_embeddings == target and cfg.rope.factor == target / 8192
+    assert cfg.rope.theta == PRESETS["llama3.1-8b"].rope.theta
+    hf = transformers.LlamaConfig(**cfg.to_hf())
+    assert warnings == []
+    hf_inv_freq, hf_factor = modeling_rope_utils.ROPE_INIT_FUNCTIONS["yarn"](hf, "cpu")
+    inv_freq, factor = compute_rope_parameters(cfg.rope, cfg.head_dim)
+    torch.testing.assert_close(inv_freq, hf_inv_freq.float(), rtol=0, atol=0)
+    assert factor == pytest.approx(hf_factor)
+    assert LlamaConfig.from_hf(hf) == cfg

@@ -7,9 +7,9 @@ parameter gradient (mapped back to HF names), at TP=1 and TP=2.
 """
 import pytest
 import torch
-import transformers
 
 from dist_utils import run_distributed
+from llama_helpers import tiny_llama
 
 ROPES = {
     "default": None,
@@ -21,22 +21,6 @@ ROPES = {
 # (rope, kv heads, tied): GQA and MHA, tied and untied, every rope type.
 CASES = [("default", 2, False), ("llama3", 4, True), ("yarn", 2, False), ("yarn", 4, True)]
 SEQ = 48  # beyond original_max_position_embeddings=32, so the scaling matters
-
-
-def _hf_model(rope, kv, tied):
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(
-        vocab_size=1003, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=kv,
-        head_dim=16, intermediate_size=96, rope_theta=10000.0, rope_scaling=ROPES[rope],
-        max_position_embeddings=512, tie_word_embeddings=tied, rms_norm_eps=1e-5,
-    )
-    model = transformers.LlamaForCausalLM(cfg).eval()
-    # Random norms too, so a norm mapped to the wrong slot shows.
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.uniform_(0.5, 1.5)
-    return model
 
 
 def _compare(rank, world_size, out_dir):
@@ -52,9 +36,10 @@ def _compare(rank, world_size, out_dir):
     positions = torch.arange(SEQ)[None].expand(2, -1)
     results = {}
     for rope, kv, tied in CASES:
-        hf = _hf_model(rope, kv, tied)
+        hf = tiny_llama(1003, kv, tied, ROPES[rope], max_position_embeddings=512)
         cfg = LlamaConfig.from_hf(hf.config)
-        model = build_model(cfg, rt)
+        # The training path below: output layer + cross entropy in chunks of 16 tokens.
+        model = build_model(cfg, rt, loss_chunk_tokens=16)
         load_hf_weights(model, cfg, hf.state_dict().__getitem__, tp)
 
         hf_out = hf(tokens, labels=tokens)  # labels only to get HF's own loss path below
@@ -68,7 +53,6 @@ def _compare(rank, world_size, out_dir):
         assert diff <= 1e-5, f"{case}: max |logit diff| {diff}"
         # The training path: output layer + cross entropy in chunks of 16 tokens (3 chunks of 8
         # rows at b=2), recomputed in backward, padded vocab rows masked.
-        model.loss_chunk_tokens = 16
         per_token = model(tokens, positions, None, labels=labels)  # [b, s]
         assert per_token.shape == (2, SEQ)
         loss = per_token.mean()

@@ -6,7 +6,7 @@ import pytest
 from sft_helpers import conversation, hf_tokenizer, tokenizer_json
 from tokenizers import Tokenizer
 
-from megatron_ultralong.data.samples.chat import ChatFormat, ChatTokenizer, chat_segments, render_chat, validate_messages
+from megatron_ultralong.data.samples.chat import ChatFormat, ChatTokenizer, chat_spans, render_chat, validate_messages
 
 TEMPLATES = {"llama3.1": "llama3.1_chat_template.jinja", "llama3": "llama3_chat_template.jinja"}
 CASES = {
@@ -110,7 +110,7 @@ def test_mask_is_assistant_content_and_eot_only():
     replies = [m["content"].strip() + "<|eot_id|>" for m in messages if m["role"] == "assistant"]
     assert trained == "".join(replies)
     # Each reply's header sits right before its first trained token and is untrained.
-    segments = chat_segments(messages)
+    segments = chat_spans(messages)
     assert [t for t, trainable in segments if trainable] == replies
     assert all(t.endswith("<|start_header_id|>assistant<|end_header_id|>\n\n") for t, trainable in segments[:-1] if not trainable)
 

@@ -156,7 +156,7 @@ def test_start_up_checks_name_the_problem(dataset):
 
 def _sft_body(rank, world_size, overrides, out_file):
     from megatron_ultralong.training.config import load_train_config
-    from megatron_ultralong.data.samples.pretrain import build_dataset
+    from megatron_ultralong.data.samples.pretrain import build_sample_dataset
     from megatron_ultralong.training.trainer import Trainer
 
     cfg = load_train_config(None, overrides)
@@ -164,7 +164,7 @@ def _sft_body(rank, world_size, overrides, out_file):
     history = trainer.train()
     # The step's loss tokens are exactly the assistant tokens of the rows it read (the SFT dataset's
     # mask is checked against transformers' own assistant mask in tests/test_sft_dataset.py).
-    dataset = build_dataset(cfg.data, 0, cfg.train.seed, 0)
+    dataset = build_sample_dataset(cfg.data, 0, cfg.train.seed, 0)
     expected = [sum(dataset[i]["loss_mask"].sum().item() for i in (2 * s, 2 * s + 1)) for s in range(len(history))]
     assert [h["loss_tokens"] for h in history] == expected
     assert history[-1]["loss"] < history[0]["loss"]

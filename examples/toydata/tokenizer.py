@@ -19,7 +19,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from megatron_ultralong.data.build.byte_level import bytes_to_unicode
 
 # Llama-3 / 3.1 pre-tokenizer split regex (tokenizer.json `pre_tokenizer.pretokenizers[0]`), the
-# same pattern as Meta's tiktoken `pat_str` (../shared/reference/DATA_AND_EVAL.md §A4).
+# same pattern as Meta's tiktoken `pat_str` (https://github.com/meta-llama/llama3/blob/main/llama/tokenizer.py).
 LLAMA3_SPLIT_REGEX = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|"
     r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"

@@ -6,7 +6,7 @@ keeps Megatron-Core's constructor and forward signatures, so it drops into a lay
 either, and computes attention with a kernel that never materialises the scores.
 
 Context parallelism: when the CP group (`pg_collection.cp`) has more than one rank, q/k/v hold this
-rank's zigzag chunks (data/cp_shard.py) and `cp_comm_type` picks the algorithm:
+rank's zigzag chunks (parallel/cp_layout.py) and `cp_comm_type` picks the algorithm:
 "p2p" (ring.py), "all_gather" (all_gather.py) or "a2a" (all_to_all.py). See docs/context_parallel.md.
 
 Document masking (optional; the UltraLong recipe trains without it): pass
@@ -22,7 +22,7 @@ the same layout as the tokens; q/k/v arrive already rotated.
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Callable, Optional, get_args
 
 import torch
 import torch.nn.functional as F
@@ -37,11 +37,14 @@ from torch import Tensor
 from megatron_ultralong.attention.all_gather import all_gather_attention
 from megatron_ultralong.attention.all_to_all import check_a2a_heads, ulysses_attention
 from megatron_ultralong.attention.comm import CommStats
-from megatron_ultralong.attention.kernels import BACKENDS
+from megatron_ultralong.attention.kernels import BACKENDS, AttentionBackend
 from megatron_ultralong.attention.ring import ring_attention
 from megatron_ultralong.attention.segments import parse_cu_seqlens
+from megatron_ultralong.parallel.runtime import CpCommType
 
-CP_ATTENTION = {"p2p": ring_attention, "all_gather": all_gather_attention, "a2a": ulysses_attention}
+_ALGORITHMS = {"p2p": ring_attention, "all_gather": all_gather_attention, "a2a": ulysses_attention}
+CP_ATTENTION: dict[str, Callable] = {name: _ALGORITHMS[name] for name in get_args(CpCommType)}
+"""CP attention per `CpCommType` (a KeyError at import names a declared type without an algorithm)."""
 
 
 class UltraLongCoreAttention(MegatronModule):
@@ -60,8 +63,13 @@ class UltraLongCoreAttention(MegatronModule):
         softmax_scale: Optional[float] = None,
         cp_comm_type: Optional[str] = None,
         pg_collection: Optional[ProcessGroupCollection] = None,
+        backend: AttentionBackend = "auto",
     ):
+        """Megatron's `CoreAttentionBuilder` keywords; `backend` comes from the layer spec
+        (`get_ultralong_layer_spec(attention_backend=...)`)."""
         super().__init__(config=config)
+        if backend not in BACKENDS:
+            raise ValueError(f"attention backend={backend!r}: expected one of {BACKENDS}")
         dropout = config.attention_dropout if attention_dropout is None else attention_dropout
         if dropout:
             raise ValueError(
@@ -70,8 +78,11 @@ class UltraLongCoreAttention(MegatronModule):
             )
         if attn_mask_type not in (AttnMaskType.causal, AttnMaskType.no_mask):
             raise ValueError(f"attn_mask_type={attn_mask_type}: only causal or no_mask is supported")
-        if pg_collection is None:
-            pg_collection = ProcessGroupCollection.use_mpu_process_groups(required_pgs=["tp", "cp"])
+        if pg_collection is None or not hasattr(pg_collection, "tp") or not hasattr(pg_collection, "cp"):
+            raise ValueError(
+                "UltraLongCoreAttention needs pg_collection with its tp and cp process groups "
+                "(SelfAttention passes the model's; build it with build_model or pass one explicitly)"
+            )
         self.pg_collection = pg_collection
         tp = pg_collection.tp.size()
         self.layer_number = max(1, layer_number)
@@ -86,9 +97,9 @@ class UltraLongCoreAttention(MegatronModule):
         self.cp_comm_type = self._resolve_cp_comm_type(cp_comm_type, config, self.layer_number)
         if self.cp_comm_type == "a2a" and self.cp_group.size() > 1:
             check_a2a_heads(self.num_heads, self.num_kv_heads, self.cp_group.size())
-        self.backend = "auto"
+        self.backend = backend
         """Block kernel: "auto" (flash-attn on CUDA when installed, else PyTorch SDPA ops), "sdpa",
-        or "flash_attn" (kernels.BACKENDS)."""
+        or "flash_attn" (kernels.AttentionBackend)."""
         self.comm_stats: Optional[CommStats] = None
         """Set to a CommStats to count the bytes this layer's CP attention sends (benchmarks)."""
 
@@ -122,8 +133,6 @@ class UltraLongCoreAttention(MegatronModule):
         """
         if attention_bias is not None:
             raise ValueError("attention_bias is not supported by UltraLongCoreAttention")
-        if self.backend not in BACKENDS:
-            raise ValueError(f"UltraLongCoreAttention.backend={self.backend!r}: expected one of {BACKENDS}")
         causal = (attn_mask_type or self.attn_mask_type) == AttnMaskType.causal
         sq, b = query.shape[:2]
         cp = self.cp_group.size()

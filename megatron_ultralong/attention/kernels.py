@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import importlib.util
 import inspect
-from typing import Callable, Sequence
+from typing import Callable, Literal, Sequence, get_args
 
 import torch
 from torch import Tensor
@@ -32,7 +32,9 @@ from torch import Tensor
 from megatron_ultralong.attention.segments import Segment
 from megatron_ultralong.attention.softmax_merge import merge_attention_
 
-BACKENDS = ("auto", "sdpa", "flash_attn")
+AttentionBackend = Literal["auto", "sdpa", "flash_attn"]
+"""Block kernel: "auto" (flash-attn on CUDA half precision when installed, else "sdpa")."""
+BACKENDS: tuple[str, ...] = get_args(AttentionBackend)
 
 _aten = torch.ops.aten
 

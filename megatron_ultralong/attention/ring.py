@@ -1,6 +1,6 @@
 """Ring (p2p) context-parallel attention on the zigzag layout, with explicit backward.
 
-Each CP rank holds q, k, v for its two chunks (r, 2cp-1-r) of the sequence (data/cp_shard.py). In
+Each CP rank holds q, k, v for its two chunks (r, 2cp-1-r) of the sequence (parallel/cp_layout.py). In
 cp steps every rank sees every rank's K/V block: at step i it holds the block of rank
 src = (r - i) mod cp, and while it computes on it, that block is already travelling on to rank r+1
 (isend/irecv posted before the compute: communication overlapped with compute).
@@ -127,7 +127,7 @@ def ring_attention(
 ) -> Tensor:
     """Zigzag ring attention. q [b, h, S/cp, d], k/v [b, g, S/cp, d] -> [b, h, S/cp, d].
 
-    Inputs hold this rank's zigzag chunks (data/cp_shard.py); `docs` optionally masks attention to
+    Inputs hold this rank's zigzag chunks (parallel/cp_layout.py); `docs` optionally masks attention to
     documents (segments.DocBoundaries, global positions).
     """
     return RingAttnFunc.apply(q, k, v, cp_group, softmax_scale, causal, docs, backend, stats)

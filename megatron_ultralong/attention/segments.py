@@ -1,7 +1,7 @@
 """Which (query rows, key rows) sub-blocks of a block attend to each other: causality and documents.
 
 Every CP variant computes attention between a set of local query rows and a set of key rows whose
-GLOBAL positions are a few contiguous ranges (the zigzag chunks of `data/cp_shard.py`). This module
+GLOBAL positions are a few contiguous ranges (the zigzag chunks of `parallel/cp_layout.py`). This module
 turns such a block into a list of `Segment`s, rectangles that are each either fully visible or
 causal on their diagonal, so any kernel that does "full" and "causal square" attention computes it
 exactly; fully masked sub-blocks produce no segment and are therefore skipped.

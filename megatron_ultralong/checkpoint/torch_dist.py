@@ -13,8 +13,8 @@ and `config.json` (the transformers config, RoPE scaling included), so `mcore-to
 tool rebuild the model with no extra flags.
 
 CPU/gloo: megatron-core's `TorchDistSaveShardedStrategy` stages tensors with
-`torch.cuda.synchronize()` and writes from forked processes (MEGATRON.md §3.3; the async path hangs
-under gloo), so on CPU we keep megatron's translation (`mcore_to_pyt_state_dict`, `MCoreSavePlanner`,
+`torch.cuda.synchronize()` and writes from forked processes (megatron/core/dist_checkpointing/
+strategies/filesystem_async.py; the async path hangs under gloo), so on CPU we keep megatron's translation (`mcore_to_pyt_state_dict`, `MCoreSavePlanner`,
 same keys, same metadata) and swap only the writer for torch's synchronous `FileSystemWriter`. The
 bytes on disk are the same format; megatron's own loader reads them on GPU or CPU.
 
@@ -43,6 +43,7 @@ from megatron.core.dist_checkpointing.strategies.torch import (
 from megatron.core.dist_checkpointing.validation import StrictHandling
 from torch import Tensor, nn
 
+from megatron_ultralong.dtypes import DtypeName, dtype_name, parse_dtype
 from megatron_ultralong.model.config import LlamaConfig
 from megatron_ultralong.model.gpt import DEFAULT_VOCAB_DIVISIBLE_BY
 from megatron_ultralong.rope import RopeConfig
@@ -52,7 +53,6 @@ HF_CONFIG_FILE = "config.json"
 SIDE_DIR = "hf_files"
 """Subdirectory for files carried to the HF side on export (tokenizer, generation config)."""
 FORMAT_VERSION = 1
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -62,7 +62,7 @@ class CheckpointInfo:
     model_config: LlamaConfig
     """Architecture (incl. RoPE) the weights belong to."""
 
-    params_dtype: str = "float32"
+    params_dtype: DtypeName = "float32"
     """dtype of the saved weights: "float32", "bfloat16" or "float16"."""
 
     vocab_divisible_by: int = DEFAULT_VOCAB_DIVISIBLE_BY
@@ -73,7 +73,7 @@ class CheckpointInfo:
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        return _DTYPES[self.params_dtype]
+        return parse_dtype(self.params_dtype, f"{INFO_FILE} params_dtype")
 
     def to_json(self) -> dict:
         cfg = asdict(self.model_config)
@@ -159,7 +159,7 @@ def _barrier() -> None:
 
 def _params_dtype(model: nn.Module) -> str:
     dtype = next(p for p in model.parameters()).dtype
-    return {v: k for k, v in _DTYPES.items()}[dtype]
+    return dtype_name(dtype)
 
 
 def partial_dir(path: Path) -> Path:

@@ -4,7 +4,7 @@ Layout of `<save>/iter_XXXXXXX/` (written as `.iter_XXXXXXX.partial`, renamed wh
 `latest` file is replaced only after the rename, so a job killed mid-save resumes from the previous
 complete checkpoint):
 
-    model/            megatron-core torch_dist checkpoint of the weights (convert/checkpoint.py):
+    model/            megatron-core torch_dist checkpoint of the weights (checkpoint/torch_dist.py):
                       loadable at any TP/PP, and by `mcore-to-hf` and the evaluator directly
     optimizer/        optimizer state (training/optimizer.py decides the format)
     rng/rank_NNNNN.pt per-rank RNG states (torch, numpy, python; CUDA tracker on GPU)

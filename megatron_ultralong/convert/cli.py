@@ -13,8 +13,8 @@ TP/PP divisibility) before any process starts.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
-import socket
 import sys
 from typing import Optional, Sequence
 
@@ -22,10 +22,14 @@ import torch
 import torch.multiprocessing as mp
 
 from megatron_ultralong.checkpoint.torch_dist import read_checkpoint_info
-from megatron_ultralong.convert.hf_io import HFCheckpointReader, parse_dtype, parse_size
-from megatron_ultralong.convert.hf_to_mcore import check_hf_weights, check_parallel_fits, model_config_from_hf
-from megatron_ultralong.model.config import LlamaConfig
-from megatron_ultralong.rope import RopeConfig, yarn_for_context_length
+from megatron_ultralong.convert.hf_io import HFCheckpointReader, parse_size
+from megatron_ultralong.convert.hf_to_mcore import check_hf_weights, model_config_from_hf
+from megatron_ultralong.dtypes import parse_dtype
+from megatron_ultralong.logs import setup_logging
+from megatron_ultralong.model.config import ContextExtension, LlamaConfig, check_parallel_fits
+from megatron_ultralong.parallel.runtime import free_port
+
+log = logging.getLogger(__name__)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,6 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _dtype_flag(args: argparse.Namespace) -> Optional[torch.dtype]:
+    """--dtype as a torch dtype; None keeps the input's."""
+    return None if args.dtype is None else parse_dtype(args.dtype, "--dtype")
+
+
 def source_config(args: argparse.Namespace) -> LlamaConfig:
     """The input's model config, validated (HF: also every tensor's name and shape)."""
     if args.direction == "hf-to-mcore":
@@ -64,25 +73,28 @@ def source_config(args: argparse.Namespace) -> LlamaConfig:
     return read_checkpoint_info(args.src).model_config
 
 
-def rope_override(args: argparse.Namespace, cfg: LlamaConfig) -> Optional[RopeConfig]:
-    """YaRN from the flags, keeping the model's RoPE base; None when no override was asked."""
+def context_extension(args: argparse.Namespace, cfg: LlamaConfig) -> Optional[ContextExtension]:
+    """The YaRN extension the flags ask for (None: keep the RoPE), checked against `cfg` now."""
     if args.rope_yarn_target is None:
         return None
-    return yarn_for_context_length(
-        args.rope_yarn_target, theta=cfg.rope.theta, original_max_position_embeddings=args.yarn_original_max_position,
-        beta_fast=args.yarn_beta_fast, beta_slow=args.yarn_beta_slow,
-    )
+    context = ContextExtension(args.rope_yarn_target, args.yarn_original_max_position, args.yarn_beta_fast,
+                               args.yarn_beta_slow)
+    context.apply(cfg)  # bad flags fail here, before any process starts
+    return context
 
 
-def run_conversion(args: argparse.Namespace, rope: Optional[RopeConfig]) -> None:
+def run_conversion(args: argparse.Namespace, context: Optional[ContextExtension]) -> None:
     """Body run by every rank (torch.distributed env already set)."""
     from megatron_ultralong.convert.hf_to_mcore import convert_hf_to_mcore
     from megatron_ultralong.convert.mcore_to_hf import convert_mcore_to_hf
     from megatron_ultralong.parallel.runtime import ParallelConfig, init_runtime, shutdown_runtime
 
+    setup_logging(stream=sys.stderr)  # again in spawned processes: rank 0's progress only, on stderr
     runtime = init_runtime(ParallelConfig(tensor_parallel=args.tp, pipeline_parallel=args.pp), device="cpu")
+    log.info("%s: %s -> %s on %d process(es), TP=%d PP=%d%s", args.direction, args.src, args.dst,
+             runtime.world_size, args.tp, args.pp, f", context extended to {context.target}" if context else "")
     try:
-        common = dict(dtype=parse_dtype(args.dtype), rope=rope, overwrite=args.overwrite,
+        common = dict(dtype=_dtype_flag(args), context=context, overwrite=args.overwrite,
                       progress=not args.no_progress, verify=args.verify)
         if args.direction == "hf-to-mcore":
             path, report = convert_hf_to_mcore(args.src, args.dst, runtime, **common)
@@ -97,46 +109,41 @@ def run_conversion(args: argparse.Namespace, rope: Optional[RopeConfig]) -> None
         shutdown_runtime()
 
 
-def _spawned(rank: int, world_size: int, port: int, args: argparse.Namespace, rope: Optional[RopeConfig]) -> None:
+def _spawned(rank: int, world_size: int, port: int, args: argparse.Namespace, context: Optional[ContextExtension]) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(world_size))
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
-    run_conversion(args, rope)
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    run_conversion(args, context)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    setup_logging(stream=sys.stderr)  # progress on stderr; results on stdout
     try:
-        parse_dtype(args.dtype)
+        _dtype_flag(args)
         if args.direction == "mcore-to-hf":
             parse_size(args.max_shard_size)
         if os.path.exists(args.dst) and not args.overwrite:
             raise FileExistsError(f"{args.dst} already exists (pass --overwrite to replace it)")
         cfg = source_config(args)
-        check_parallel_fits(cfg, args.tp, args.pp)
-        rope = rope_override(args, cfg)
+        check_parallel_fits(cfg, args.tp, args.pp, "--tp ", "--pp ")
+        context = context_extension(args, cfg)
     except (ValueError, OSError) as e:
         print(f"mu-convert: error: {e}", file=sys.stderr)
         return 2
     if "WORLD_SIZE" in os.environ:  # torchrun
-        run_conversion(args, rope)
+        run_conversion(args, context)
         return 0
     nproc = args.nproc or args.tp * args.pp
     if nproc % (args.tp * args.pp):
         print(f"mu-convert: error: --nproc {nproc} is not a multiple of --tp * --pp = {args.tp * args.pp}",
               file=sys.stderr)
         return 2
-    port = _free_port()
+    port = free_port()
     if nproc == 1:
-        _spawned(0, 1, port, args, rope)
+        _spawned(0, 1, port, args, context)
     else:
-        mp.spawn(_spawned, args=(nproc, port, args, rope), nprocs=nproc, join=True)
+        mp.spawn(_spawned, args=(nproc, port, args, context), nprocs=nproc, join=True)
     return 0
 
 

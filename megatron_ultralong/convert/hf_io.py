@@ -125,18 +125,3 @@ def write_hf_config(out_dir: Union[str, os.PathLike], config: dict) -> None:
     with open(Path(out_dir) / "config.json", "w", encoding="utf-8") as f:
         json.dump(config, f, indent=2, sort_keys=True)
         f.write("\n")
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-def parse_dtype(name: Optional[str]) -> Optional[torch.dtype]:
-    """'bf16' / 'bfloat16' / 'fp32' / 'float16' ... -> torch dtype; None stays None."""
-    if name is None:
-        return None
-    table = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
-             "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
-    if name.lower() not in table:
-        raise ValueError(f"--dtype={name!r}: expected one of {sorted(table)}")
-    return table[name.lower()]

@@ -8,8 +8,8 @@ fuse, pad vocab, slice for TP) and freed once written. Resident weights stay abo
 (twice the largest tensor at peak), whatever the model's size. The result is TP/PP-agnostic: the
 TP/PP used here only splits the work across processes.
 
-Context extension happens here in the UltraLong recipe: `rope` replaces the HF RoPE (e.g.
-`yarn_for_context_length(1 << 20, beta_fast=4)`) and `max_position_embeddings` follows it.
+Context extension happens here in the UltraLong recipe: `context` (e.g.
+`ContextExtension(1 << 20, beta_fast=4)`) replaces the HF RoPE through `model.config.extend_context`.
 """
 from __future__ import annotations
 
@@ -24,12 +24,12 @@ from tqdm import tqdm
 
 from megatron_ultralong.checkpoint.torch_dist import load_megatron_checkpoint, save_megatron_checkpoint
 from megatron_ultralong.convert.heap import release_freed_memory
-from megatron_ultralong.convert.hf_io import HFCheckpointReader, dtype_name
-from megatron_ultralong.convert.key_map import expected_hf_names
+from megatron_ultralong.convert.hf_io import HFCheckpointReader
+from megatron_ultralong.dtypes import DTYPES, dtype_name
+from megatron_ultralong.convert.key_map import OUTPUT, expected_hf_shapes, hf_names, hf_tensors, tied_output
 from megatron_ultralong.convert.model_weights import hf_param_data, load_hf_weights, stage_hf_names, stage_params
-from megatron_ultralong.model.config import LlamaConfig
+from megatron_ultralong.model.config import ContextExtension, LlamaConfig, check_parallel_fits
 from megatron_ultralong.model.gpt import DEFAULT_VOCAB_DIVISIBLE_BY, UltraLongGPTModel, build_model
-from megatron_ultralong.rope import RopeConfig
 from megatron_ultralong.convert.verify import VerifyReport, verify_against_hf
 from megatron_ultralong.parallel.runtime import Runtime
 
@@ -40,51 +40,14 @@ _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 def model_config_from_hf(
     hf_config: dict,
     source: str = "config.json",
-    rope: Optional[RopeConfig] = None,
+    context: Optional[ContextExtension] = None,
 ) -> LlamaConfig:
-    """The plugin's config for an HF config.json, with an optional RoPE override.
-
-    With a scaled `rope`, max_position_embeddings becomes the context it targets
-    (original x factor), so the exported config.json advertises the extended length.
-    """
+    """The plugin's config for an HF config.json, optionally extended (`extend_context`)."""
     try:
         cfg = LlamaConfig.from_hf(hf_config)
     except ValueError as e:
         raise ValueError(f"{source}: {e}") from e
-    return with_rope(cfg, rope)
-
-
-def with_rope(cfg: LlamaConfig, rope: Optional[RopeConfig]) -> LlamaConfig:
-    """`cfg` with its RoPE replaced (None: unchanged); max_position_embeddings grows to the
-    context a scaled RoPE targets (original x factor), never shrinks."""
-    if rope is None:
-        return cfg
-    target = rope.max_context_length
-    return cfg.replace(rope=rope, max_position_embeddings=max(target or 0, cfg.max_position_embeddings))
-
-
-def expected_hf_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
-    """HF tensor name -> shape for this architecture ([out, in] linears, [H] norms)."""
-    H, d, F = cfg.hidden_size, cfg.head_dim, cfg.ffn_hidden_size
-    by_suffix = {
-        "embed_tokens.weight": (cfg.vocab_size, H),
-        "lm_head.weight": (cfg.vocab_size, H),
-        "norm.weight": (H,),
-        "input_layernorm.weight": (H,),
-        "post_attention_layernorm.weight": (H,),
-        "q_proj.weight": (cfg.num_attention_heads * d, H),
-        "k_proj.weight": (cfg.num_kv_heads * d, H),
-        "v_proj.weight": (cfg.num_kv_heads * d, H),
-        "o_proj.weight": (H, cfg.num_attention_heads * d),
-        "gate_proj.weight": (F, H),
-        "up_proj.weight": (F, H),
-        "down_proj.weight": (H, F),
-    }
-    out = {}
-    for name in expected_hf_names(cfg):
-        suffix = next(s for s in by_suffix if name.endswith(s))
-        out[name] = by_suffix[suffix]
-    return out
+    return cfg if context is None else context.apply(cfg)
 
 
 def check_hf_weights(reader: HFCheckpointReader, cfg: LlamaConfig) -> None:
@@ -104,14 +67,15 @@ def check_hf_weights(reader: HFCheckpointReader, cfg: LlamaConfig) -> None:
                 f"{reader.shape(name)}, config.json implies {shape}"
             )
     extra = sorted(n for n in present - set(expected) if not n.endswith(_IGNORED_SUFFIXES))
-    if cfg.tie_word_embeddings and "lm_head.weight" in extra:
+    (lm_head,) = hf_names(OUTPUT, None)
+    if tied_output(OUTPUT, cfg) and lm_head in extra:
         # Some tied checkpoints store the shared matrix twice; accept only an identical copy.
-        if not torch.equal(reader.get("lm_head.weight"), reader.get("model.embed_tokens.weight")):
+        (embedding,) = hf_tensors(OUTPUT, None, cfg)
+        if not torch.equal(reader.get(lm_head), reader.get(embedding)):
             raise ValueError(
-                f"{reader.path}: config.json has tie_word_embeddings=true but lm_head.weight differs "
-                "from model.embed_tokens.weight"
+                f"{reader.path}: config.json has tie_word_embeddings=true but {lm_head} differs from {embedding}"
             )
-        extra.remove("lm_head.weight")
+        extra.remove(lm_head)
     if extra:
         raise ValueError(
             f"{reader.path}: {len(extra)} tensor(s) not part of a Llama with this config.json "
@@ -120,21 +84,10 @@ def check_hf_weights(reader: HFCheckpointReader, cfg: LlamaConfig) -> None:
         )
 
 
-def check_parallel_fits(cfg: LlamaConfig, tp: int, pp: int) -> None:
-    """Refuse a TP/PP that cannot split this model, naming the flag (before any process starts)."""
-    for field, value in (("num_attention_heads", cfg.num_attention_heads), ("num_kv_heads", cfg.num_kv_heads),
-                         ("ffn_hidden_size", cfg.ffn_hidden_size)):
-        if value % tp:
-            raise ValueError(f"--tp {tp} does not divide {field}={value}")
-    if cfg.num_layers % pp:
-        raise ValueError(f"--pp {pp} does not divide num_layers={cfg.num_layers}")
-
-
 def hf_checkpoint_dtype(reader: HFCheckpointReader) -> torch.dtype:
     """The dtype the HF checkpoint stores (config's torch_dtype, else its embedding's dtype)."""
     name = reader.config.get("torch_dtype") or reader.config.get("dtype")
-    table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    return table.get(name, reader.dtype("model.embed_tokens.weight"))
+    return DTYPES.get(name, reader.dtype("model.embed_tokens.weight"))
 
 
 def build_stage(cfg: LlamaConfig, runtime: Runtime, dtype: torch.dtype,
@@ -205,7 +158,7 @@ def convert_hf_to_mcore(
     runtime: Runtime,
     *,
     dtype: Optional[torch.dtype] = None,
-    rope: Optional[RopeConfig] = None,
+    context: Optional[ContextExtension] = None,
     vocab_divisible_by: int = DEFAULT_VOCAB_DIVISIBLE_BY,
     overwrite: bool = False,
     progress: bool = True,
@@ -213,16 +166,16 @@ def convert_hf_to_mcore(
 ) -> tuple[Path, Optional[VerifyReport]]:
     """Convert an HF Llama directory into a Megatron `torch_dist` checkpoint (collective).
 
-    dtype: weights' dtype in the checkpoint (default: the HF checkpoint's). rope: replaces the HF
-    RoPE (context extension at import). verify: load the written checkpoint back (megatron's
+    dtype: weights' dtype in the checkpoint (default: the HF checkpoint's). context: extends the
+    context at import (`extend_context`: YaRN RoPE, max_position_embeddings). verify: load the written checkpoint back (megatron's
     loader, the whole stage in memory) and compare it with transformers on a short prompt (report
-    on rank 0; with a new RoPE the reference runs with it too). Tokenizer / generation files are
+    on rank 0; when extended the reference runs with the new RoPE too). Tokenizer / generation files are
     carried in `<out>/hf_files/`. Returns (checkpoint path, report or None).
     """
     reader = HFCheckpointReader(hf_dir)
-    cfg = model_config_from_hf(reader.config, str(reader.path / "config.json"), rope)
+    cfg = model_config_from_hf(reader.config, str(reader.path / "config.json"), context)
     check_hf_weights(reader, cfg)
-    check_parallel_fits(cfg, runtime.parallel.tensor_parallel, runtime.parallel.pipeline_parallel)
+    check_parallel_fits(cfg, runtime.parallel.tensor_parallel, runtime.parallel.pipeline_parallel, "--tp ", "--pp ")
     dtype = dtype or hf_checkpoint_dtype(reader)
     model = build_stage(cfg, runtime, dtype, vocab_divisible_by)
     source = HFStageSource(model, reader, cfg, runtime, progress)
@@ -235,6 +188,6 @@ def convert_hf_to_mcore(
     report = None
     if verify:  # what was written, read back through megatron's loader, against transformers
         load_megatron_checkpoint(model, path)
-        override = cfg.to_hf(dtype_name(dtype)) if rope is not None else None
+        override = cfg.to_hf(dtype_name(dtype)) if context is not None else None
         report = verify_against_hf(model, runtime, reader.path, hf_config=override)
     return path, report

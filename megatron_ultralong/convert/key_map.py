@@ -1,6 +1,7 @@
 """The one HF Llama <-> Megatron-Core key map, with the tensor layouts and TP sharding rules.
 
-Layouts (MEGATRON.md §3.3; H hidden, nh heads, ng KV groups, d head dim, F ffn, t TP size):
+Layouts (megatron-core `attention.py::get_query_key_value_tensors` and `mlp.py` glu; Megatron-Bridge
+`param_mapping.py`; H hidden, nh heads, ng KV groups, d head dim, F ffn, t TP size):
 - linear_qkv [(nh + 2 ng) d, H]: per query group g, its nh/ng query heads, then k head g, then
   v head g. TP splits contiguously along dim 0, so each rank holds ng/t whole groups.
 - linear_fc1 [2F, H] = [gate; up] globally; each TP rank holds [gate_r; up_r] (NOT a contiguous
@@ -41,18 +42,28 @@ class KeyRule:
     kind: str
     """How it is fused and TP-sharded: one of KINDS."""
 
+    hf_shapes: tuple[str, ...] = ()
+    """Each HF tensor's shape in dimension letters (`hf_dims`): "QH" = [nh d, H]."""
+
     megatron_te: Optional[str] = None
     """The name under the Transformer Engine spec when it differs."""
 
 
+def hf_dims(cfg: LlamaConfig) -> dict[str, int]:
+    """The dimension letters of `KeyRule.hf_shapes` for an architecture."""
+    return {"V": cfg.vocab_size, "H": cfg.hidden_size, "F": cfg.ffn_hidden_size,
+            "Q": cfg.num_attention_heads * cfg.head_dim, "K": cfg.num_kv_heads * cfg.head_dim}
+
+
 RULES: tuple[KeyRule, ...] = (
-    KeyRule("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), "vocab"),
-    KeyRule("decoder.final_layernorm.weight", ("model.norm.weight",), "replicated"),
-    KeyRule("output_layer.weight", ("lm_head.weight",), "vocab"),
+    KeyRule("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), "vocab", ("VH",)),
+    KeyRule("decoder.final_layernorm.weight", ("model.norm.weight",), "replicated", ("H",)),
+    KeyRule("output_layer.weight", ("lm_head.weight",), "vocab", ("VH",)),
     KeyRule(
         "decoder.layers.{i}.input_layernorm.weight",
         ("model.layers.{i}.input_layernorm.weight",),
         "replicated",
+        ("H",),
         megatron_te="decoder.layers.{i}.self_attention.linear_qkv.layer_norm_weight",
     ),
     KeyRule(
@@ -63,29 +74,35 @@ RULES: tuple[KeyRule, ...] = (
             "model.layers.{i}.self_attn.v_proj.weight",
         ),
         "qkv",
+        ("QH", "KH", "KH"),
     ),
     KeyRule(
         "decoder.layers.{i}.self_attention.linear_proj.weight",
         ("model.layers.{i}.self_attn.o_proj.weight",),
         "row",
+        ("HQ",),
     ),
     KeyRule(
         "decoder.layers.{i}.pre_mlp_layernorm.weight",
         ("model.layers.{i}.post_attention_layernorm.weight",),
         "replicated",
+        ("H",),
         megatron_te="decoder.layers.{i}.mlp.linear_fc1.layer_norm_weight",
     ),
     KeyRule(
         "decoder.layers.{i}.mlp.linear_fc1.weight",
         ("model.layers.{i}.mlp.gate_proj.weight", "model.layers.{i}.mlp.up_proj.weight"),
         "fc1",
+        ("FH", "FH"),
     ),
     KeyRule(
         "decoder.layers.{i}.mlp.linear_fc2.weight",
         ("model.layers.{i}.mlp.down_proj.weight",),
         "row",
+        ("HF",),
     ),
 )
+EMBEDDING, OUTPUT = RULES[0], RULES[2]
 
 
 def _pattern(template: str) -> re.Pattern:
@@ -110,16 +127,37 @@ def hf_names(rule: KeyRule, layer: Optional[int]) -> tuple[str, ...]:
     return tuple(n.format(i=layer) for n in rule.hf)
 
 
-def expected_hf_names(cfg: LlamaConfig) -> list[str]:
-    """Every tensor name an HF checkpoint of this architecture must hold."""
-    names = []
+def tied_output(rule: KeyRule, cfg: LlamaConfig) -> bool:
+    """True for a tied model's output layer: the one tied-embedding special case of the converters.
+
+    A tied model's last PP stage keeps its own copy of the embedding as the output layer, so the
+    copy is read from `model.embed_tokens.weight` on import and not written on export; an HF
+    checkpoint that stores `lm_head.weight` anyway must hold an identical copy."""
+    return rule is OUTPUT and cfg.tie_word_embeddings
+
+
+def hf_tensors(rule: KeyRule, layer: Optional[int], cfg: LlamaConfig, export: bool = False) -> tuple[str, ...]:
+    """The HF tensors a Megatron parameter is read from (export=False) or written to (export=True)."""
+    if tied_output(rule, cfg):
+        return () if export else hf_names(EMBEDDING, None)
+    return hf_names(rule, layer)
+
+
+def expected_hf_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor an HF checkpoint of this architecture holds -> its shape, from `RULES`."""
+    dims = hf_dims(cfg)
+    out: dict[str, tuple[int, ...]] = {}
     for rule in RULES:
-        if rule.megatron == "output_layer.weight" and cfg.tie_word_embeddings:
-            continue
         layers = range(cfg.num_layers) if "{i}" in rule.megatron else [None]
         for i in layers:
-            names.extend(hf_names(rule, i))
-    return names
+            names = hf_tensors(rule, i, cfg, export=True)
+            out.update((n, tuple(dims[c] for c in shape)) for n, shape in zip(names, rule.hf_shapes))
+    return out
+
+
+def expected_hf_names(cfg: LlamaConfig) -> list[str]:
+    """Every tensor name an HF checkpoint of this architecture must hold."""
+    return list(expected_hf_shapes(cfg))
 
 
 # ------------------------------------------------------------------- fusing (TP-agnostic tensors)

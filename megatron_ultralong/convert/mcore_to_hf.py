@@ -9,7 +9,8 @@ q/k/v and gate/up and truncates the vocab padding, and the layer is freed. One w
 (TP, DP and CP rank 0) writes its tensors straight into planned safetensors shards
 (`hf_shards.HFShardWriter`); global rank 0 numbers the shards in stage order and writes the index.
 The exported `config.json` carries the RoPE the model was trained with (e.g. yarn after context
-extension), which is the failure MEGATRON.md §5 #11 reports for other converters.
+extension); converters that map only some rope_scaling types silently diverge from HF
+(https://github.com/NVIDIA-NeMo/Megatron-Bridge/pull/5097).
 """
 from __future__ import annotations
 
@@ -35,13 +36,14 @@ from megatron_ultralong.checkpoint.torch_dist import (
 )
 from megatron_ultralong.checkpoint.chunk_load import ChunkLoadStrategy
 from megatron_ultralong.convert.heap import release_freed_memory
-from megatron_ultralong.convert.hf_io import dtype_name, write_hf_config
+from megatron_ultralong.convert.hf_io import write_hf_config
+from megatron_ultralong.dtypes import dtype_name
 from megatron_ultralong.convert.hf_shards import HFShardWriter, finish_hf_shards
-from megatron_ultralong.convert.hf_to_mcore import build_stage, check_parallel_fits, expected_hf_shapes, with_rope
+from megatron_ultralong.convert.hf_to_mcore import build_stage
+from megatron_ultralong.convert.key_map import expected_hf_shapes
 from megatron_ultralong.convert.model_weights import export_hf_weights, stage_hf_names, stage_params
-from megatron_ultralong.model.config import LlamaConfig
+from megatron_ultralong.model.config import ContextExtension, LlamaConfig, check_parallel_fits
 from megatron_ultralong.model.gpt import UltraLongGPTModel
-from megatron_ultralong.rope import RopeConfig
 from megatron_ultralong.convert.verify import VerifyReport, verify_against_hf
 from megatron_ultralong.parallel.runtime import Runtime
 
@@ -130,7 +132,7 @@ def convert_mcore_to_hf(
     runtime: Runtime,
     *,
     dtype: Optional[torch.dtype] = None,
-    rope: Optional[RopeConfig] = None,
+    context: Optional[ContextExtension] = None,
     max_shard_size: Union[int, str] = "1GB",
     overwrite: bool = False,
     progress: bool = True,
@@ -138,15 +140,15 @@ def convert_mcore_to_hf(
 ) -> tuple[Path, Optional[VerifyReport]]:
     """Convert a checkpoint written by `save_megatron_checkpoint` into an HF directory (collective).
 
-    dtype: exported dtype (default: the checkpoint's). rope: overrides the RoPE written to
-    config.json (default: the checkpoint's own). verify: after the export, run the loaded model and
+    dtype: exported dtype (default: the checkpoint's). context: extends the context
+    written to config.json (`extend_context`; default: the checkpoint's own RoPE). verify: after the export, run the loaded model and
     transformers on the exported directory (its own config.json) and report on rank 0.
     Returns (output path, report or None).
     """
     mcore_dir, out_dir = Path(mcore_dir), Path(out_dir)
     info = read_checkpoint_info(mcore_dir)
-    cfg = with_rope(info.model_config, rope)
-    check_parallel_fits(cfg, runtime.parallel.tensor_parallel, runtime.parallel.pipeline_parallel)
+    cfg = info.model_config if context is None else context.apply(info.model_config)
+    check_parallel_fits(cfg, runtime.parallel.tensor_parallel, runtime.parallel.pipeline_parallel, "--tp ", "--pp ")
     check_compatible(cfg, info.model_config, mcore_dir)
     model = build_stage(cfg, runtime, info.torch_dtype, info.vocab_divisible_by)
     out_dtype = dtype or info.torch_dtype

@@ -18,11 +18,13 @@ from megatron_ultralong.convert.key_map import (
     fuse_fc1,
     fuse_qkv,
     hf_names,
+    hf_tensors,
     pad_vocab,
     rule_for_megatron_name,
     shard_tp,
     split_fc1,
     split_qkv,
+    tied_output,
     unshard_tp,
 )
 from megatron_ultralong.model.config import LlamaConfig
@@ -41,21 +43,12 @@ def stage_params(model: nn.Module) -> Iterator[tuple[str, Tensor, KeyRule, Optio
         yield name, tensor, rule, layer
 
 
-def _hf_source_names(rule: KeyRule, layer: Optional[int], cfg: LlamaConfig) -> tuple[str, ...]:
-    if rule.megatron == "output_layer.weight" and cfg.tie_word_embeddings:
-        # A tied model's last PP stage keeps its own copy of the embedding as the output layer.
-        return ("model.embed_tokens.weight",)
-    return hf_names(rule, layer)
-
-
 def stage_hf_names(model: nn.Module, cfg: LlamaConfig, export: bool = False) -> list[str]:
     """The HF tensor names this rank's stage is made of: what `load_hf_weights` reads, or with
     export=True what `export_hf_weights` yields (a tied output layer is not exported)."""
     names = []
     for _, _, rule, layer in stage_params(model):
-        if export and rule.megatron == "output_layer.weight" and cfg.tie_word_embeddings:
-            continue
-        names.extend(_hf_source_names(rule, layer, cfg))
+        names.extend(hf_tensors(rule, layer, cfg, export))
     return names
 
 
@@ -76,7 +69,7 @@ def hf_param_data(
     dtype as it arrives (fusing and padding are copies, so the result is bit-identical to casting
     at the end), and intermediates are dropped early: about twice the parameter's bytes at peak.
     """
-    sources = _hf_source_names(rule, layer, cfg)
+    sources = hf_tensors(rule, layer, cfg)
     try:
         tensors = [get_hf_tensor(n).to(param.dtype) for n in sources]
     except KeyError as e:
@@ -125,7 +118,7 @@ def load_hf_weights(
     with torch.no_grad():
         for name, param, rule, layer in stage_params(model):
             param.copy_(hf_param_data(name, param, rule, layer, cfg, get_hf_tensor, tp_rank, tp_size))
-            read.extend(_hf_source_names(rule, layer, cfg))
+            read.extend(hf_tensors(rule, layer, cfg))
     return read
 
 
@@ -141,7 +134,7 @@ def export_hf_weights(
     only: restrict to these Megatron (local state-dict) names, to export a stage in pieces."""
     tp_size = dist.get_world_size(tp_group) if tp_group is not None else 1
     for name, param, rule, layer in stage_params(model):
-        if rule.megatron == "output_layer.weight" and cfg.tie_word_embeddings:
+        if tied_output(rule, cfg):
             continue
         if only is not None and name not in only:
             continue

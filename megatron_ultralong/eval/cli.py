@@ -14,11 +14,12 @@ import argparse
 import json
 import os
 import sys
-from typing import Optional
+from typing import Optional, get_args
 
-import torch
 
+from megatron_ultralong.dtypes import DTYPES, DtypeName
 from megatron_ultralong.eval.tasks import RULER_TASKS
+from megatron_ultralong.parallel.runtime import CpCommType
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -27,9 +28,9 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output directory (JSON and PNG)")
     parser.add_argument("--tp", type=int, default=1, help="Megatron: tensor-parallel size")
     parser.add_argument("--cp", type=int, default=1, help="Megatron: context-parallel size (prefill split)")
-    parser.add_argument("--cp-comm-type", default="p2p", choices=["p2p", "all_gather", "a2a"])
+    parser.add_argument("--cp-comm-type", default="p2p", choices=get_args(CpCommType))
     parser.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: the checkpoint's")
+    parser.add_argument("--dtype", choices=get_args(DtypeName), help="default: the checkpoint's")
 
 
 def _backend(args: argparse.Namespace):
@@ -37,7 +38,7 @@ def _backend(args: argparse.Namespace):
     from megatron_ultralong.eval.megatron_backend import resolve_megatron_checkpoint
     from megatron_ultralong.eval.tokenizer import EvalTokenizer
 
-    dtype = None if args.dtype is None else getattr(torch, args.dtype)
+    dtype = None if args.dtype is None else DTYPES[args.dtype]
     megatron_dir = resolve_megatron_checkpoint(args.model)
     if megatron_dir is None:
         if not os.path.isfile(os.path.join(args.model, "config.json")):
@@ -50,7 +51,7 @@ def _backend(args: argparse.Namespace):
         return HFBackend.from_pretrained(args.model, dtype=dtype, device=args.device), tokenizer, None
     tokenizer_path = args.tokenizer
     if tokenizer_path is None:
-        # Checkpoints started from an HF model carry its tokenizer files (convert/checkpoint.py).
+        # Checkpoints started from an HF model carry its tokenizer files (checkpoint/torch_dist.py).
         from megatron_ultralong.checkpoint.torch_dist import SIDE_DIR
 
         side = megatron_dir / SIDE_DIR

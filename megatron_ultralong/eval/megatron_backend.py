@@ -6,7 +6,7 @@ same ids; all of them are collectives):
 1. Pad the ids on the right to n_pad, the next multiple of 2*CP (the zigzag layout cuts the
    sequence into 2*CP equal chunks). Causal attention means the padding cannot change the logits
    of any real position, so its value does not matter.
-2. Shard ids and their *global* position ids with `data/cp_shard.shard_tensor` (rank r keeps chunks
+2. Shard ids and their *global* position ids with `parallel/cp_layout.shard_tensor` (rank r keeps chunks
    r and 2*CP-1-r). The model computes RoPE from those positions and its core attention runs the
    plugin's CP attention (ring / all-gather / a2a, `ParallelConfig.cp_comm_type`) over the CP group.
    Each rank holds n_pad/CP tokens of activations and KV: that is what makes a 1M prompt fit.
@@ -64,7 +64,7 @@ def resolve_megatron_checkpoint(path: str, flag: str = "--model") -> Optional[Pa
 class MegatronBackend:
     """`Backend` over an `UltraLongGPTModel` stage; prompts are prefilled split over CP ranks."""
 
-    def __init__(self, model: torch.nn.Module, runtime: Runtime, loss_chunk_tokens: int = 4096):
+    def __init__(self, model: torch.nn.Module, runtime: Runtime):
         if runtime.parallel.pipeline_parallel != 1:
             raise ValueError(
                 f"pipeline_parallel={runtime.parallel.pipeline_parallel}: evaluation runs TP x CP only "
@@ -79,13 +79,13 @@ class MegatronBackend:
         self.cp_size = self.cp_group.size()
         self.cp_rank = self.cp_group.rank()
         self.device = runtime.device
-        self.loss_chunk_tokens = loss_chunk_tokens
         self.is_writer = runtime.rank == 0
 
     @classmethod
     def from_checkpoint(cls, path: str, runtime: Runtime, params_dtype: Optional[torch.dtype] = None,
-                        **kwargs) -> "MegatronBackend":
-        """Build the model recorded in a `save_megatron_checkpoint` directory and load its weights."""
+                        loss_chunk_tokens: int = 4096) -> "MegatronBackend":
+        """Build the model recorded in a `save_megatron_checkpoint` directory and load its weights
+        (loss_chunk_tokens: the model's chunk for `token_losses`)."""
         from megatron_ultralong.checkpoint.torch_dist import load_megatron_checkpoint, read_checkpoint_info
 
         model_dir = resolve_megatron_checkpoint(path)
@@ -93,9 +93,9 @@ class MegatronBackend:
             raise ValueError(f"--model={path!r}: not a Megatron checkpoint (no metadata.json, model/ or latest)")
         info = read_checkpoint_info(model_dir)
         model = build_model(info.model_config, runtime, params_dtype=params_dtype or info.torch_dtype,
-                            vocab_divisible_by=info.vocab_divisible_by)
+                            vocab_divisible_by=info.vocab_divisible_by, loss_chunk_tokens=loss_chunk_tokens)
         load_megatron_checkpoint(model, model_dir)
-        return cls(model, runtime, **kwargs)
+        return cls(model, runtime)
 
     def _shard(self, ids: Tensor) -> tuple[Tensor, Tensor, int]:
         """ids [1, n] -> (local ids [1, n_pad/cp], local global positions [1, n_pad/cp], n_pad)."""
@@ -156,7 +156,6 @@ class MegatronBackend:
         local_ids, positions, n_pad = self._shard(t)
         labels = torch.nn.functional.pad(t[:, 1:], (0, n_pad - n + 1), value=PAD_ID).to(self.device)
         local_labels = shard_tensor(labels, self.cp_size, self.cp_rank, seq_dim=1)
-        self.model.loss_chunk_tokens = self.loss_chunk_tokens
         losses = self.model(local_ids, positions, None, labels=local_labels)  # [1, n_pad/cp]
         return gather_tensor(losses.float(), self.cp_group, seq_dim=1)[0, : n - 1].cpu()
 

@@ -1,12 +1,12 @@
 """Needle-in-a-haystack grid: context lengths x needle depths -> scores, results.json, heatmap.png.
 
-The default needle is the passkey of the paper's NIAH evaluation (RECIPE.md §4; template from
+The default needle is the passkey of the paper's NIAH evaluation (arXiv 2504.06214; template from
 LongLoRA/InfiniteBench): " The pass key is {value}. Remember it. {value} is the pass key.",
 asked for with the answer prefix "The pass key is" so a base model completes the number. Every
 cell is `samples_per_cell` prompts (different passkeys and filler offsets by seed), scored by
 substring match (`scoring.py`), greedy decoding. Cost: one full prefill per sample, so a 10 x 10
-grid at 1M is 100 million-token prefills (Fu et al.'s 40 x 10 up to 128K took ~24 h on 4 A100s,
-DATA_AND_EVAL.md §B4); start coarse.
+grid at 1M is 100 million-token prefills (Fu et al.'s 40 x 10 up to 128K took ~24 h on 4 A100s:
+https://github.com/FranxYao/Long-Context-Data-Engineering README); start coarse.
 """
 from __future__ import annotations
 

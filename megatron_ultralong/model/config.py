@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Union
 
-from megatron_ultralong.rope import RopeConfig
+from megatron_ultralong.rope import RopeConfig, yarn_for_context_length
 
 _LLAMA31_ROPE = RopeConfig(
     rope_type="llama3",
@@ -158,6 +158,57 @@ class LlamaConfig:
             "eos_token_id": self.eos_token_id,
             "torch_dtype": torch_dtype,
         }
+
+
+def check_parallel_fits(cfg: LlamaConfig, tp: int, pp: int, tp_flag: str = "tensor_parallel=",
+                        pp_flag: str = "pipeline_parallel=") -> None:
+    """Refuse a TP/PP that cannot split this model: TP splits the heads (query and KV) and the
+    SwiGLU columns, PP splits whole layers. The error names the flag as the caller spells it
+    (`tp_flag="--tp "` gives "--tp 3 does not divide num_attention_heads=4")."""
+    for name, value in (("num_attention_heads", cfg.num_attention_heads), ("num_kv_heads", cfg.num_kv_heads),
+                        ("ffn_hidden_size", cfg.ffn_hidden_size)):
+        if value % tp:
+            raise ValueError(f"{tp_flag}{tp} does not divide {name}={value}")
+    if cfg.num_layers % pp:
+        raise ValueError(f"{pp_flag}{pp} does not divide num_layers={cfg.num_layers}")
+
+
+def extend_context(
+    cfg: LlamaConfig, target: int, original: int = 8192, beta_fast: float = 32.0, beta_slow: float = 1.0,
+) -> LlamaConfig:
+    """`cfg` extended to a `target`-token context with YaRN (the UltraLong recipe's one formula).
+
+    The RoPE becomes YaRN with factor = target / original, keeping the model's RoPE base, and
+    max_position_embeddings becomes `target` exactly: transformers reads YaRN's
+    `original_max_position_embeddings` as the pre-extension length and `max_position_embeddings` as
+    the post-extension one, and warns when their ratio differs from `factor`
+    (`_validate_yarn_parameters`). Used by the trainer, the convert CLI and both converters.
+    """
+    rope = yarn_for_context_length(
+        target, theta=cfg.rope.theta, original_max_position_embeddings=original,
+        beta_fast=beta_fast, beta_slow=beta_slow,
+    )
+    return cfg.replace(rope=rope, max_position_embeddings=target)
+
+
+@dataclass(frozen=True)
+class ContextExtension:
+    """The arguments of `extend_context`, carried from a CLI or a config to the converters."""
+
+    target: int
+    """Context length after extension (UltraLong: 1048576, 2097152, 4194304)."""
+
+    original: int = 8192
+    """YaRN's original length; factor = target / original (UltraLong: Llama 3's 8K, not 128K)."""
+
+    beta_fast: float = 32.0
+    """YaRN beta_fast (the paper's beta: 4; HF's default 32)."""
+
+    beta_slow: float = 1.0
+    """YaRN beta_slow (the paper's alpha: 1)."""
+
+    def apply(self, cfg: LlamaConfig) -> LlamaConfig:
+        return extend_context(cfg, self.target, self.original, self.beta_fast, self.beta_slow)
 
 
 PRESETS: dict[str, LlamaConfig] = {

@@ -8,7 +8,8 @@ zigzag CP shard or a packed batch simply passes its global positions.
 
 The YaRN attention factor af multiplies cos and sin in HF, i.e. scales the q.k logits by af^2. We
 apply it once, as the softmax scale af^2 / sqrt(d) of the core attention (YaRN's "temperature"),
-instead of through megatron-core's config-sniffing mscale (MEGATRON.md §2.1, trap 1).
+instead of through megatron-core's config-sniffing mscale (`_yarn_get_concentration_factor_from_config`
+in megatron/core/models/common/embeddings/yarn_rotary_pos_embedding.py).
 """
 from __future__ import annotations
 
@@ -24,7 +25,8 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
 from torch import Tensor
 
-from megatron_ultralong.model.config import LlamaConfig
+from megatron_ultralong.attention.kernels import AttentionBackend
+from megatron_ultralong.model.config import LlamaConfig, check_parallel_fits
 from megatron_ultralong.model.layer_spec import get_ultralong_layer_spec
 from megatron_ultralong.model.lm_loss import chunked_lm_loss
 from megatron_ultralong.rope.embedding import RotaryAngles
@@ -52,18 +54,7 @@ def to_transformer_config(
     """
     p = runtime.parallel
     tp = p.tensor_parallel
-    if model.num_attention_heads % tp:
-        raise ValueError(
-            f"tensor_parallel={tp} does not divide num_attention_heads={model.num_attention_heads}"
-        )
-    if model.num_kv_heads % tp:
-        raise ValueError(f"tensor_parallel={tp} does not divide num_kv_heads={model.num_kv_heads}")
-    if model.ffn_hidden_size % tp:
-        raise ValueError(f"tensor_parallel={tp} does not divide ffn_hidden_size={model.ffn_hidden_size}")
-    if model.num_layers % p.pipeline_parallel:
-        raise ValueError(
-            f"pipeline_parallel={p.pipeline_parallel} does not divide num_layers={model.num_layers}"
-        )
+    check_parallel_fits(model, tp, p.pipeline_parallel)
     check_device_support(p, runtime.device, model.tie_word_embeddings)
     attention_factor = RotaryAngles(model.rope, model.head_dim).attention_factor
     softmax_scale = None
@@ -120,7 +111,10 @@ class UltraLongGPTModel(GPTModel):
         post_process: bool = True,
         pg_collection: Optional[ProcessGroupCollection] = None,
         vp_stage: Optional[int] = None,
+        loss_chunk_tokens: int = 16384,
     ):
+        if loss_chunk_tokens < 1:
+            raise ValueError(f"loss_chunk_tokens={loss_chunk_tokens}: expected >= 1")
         super().__init__(
             config=config,
             transformer_layer_spec=transformer_layer_spec,
@@ -136,8 +130,8 @@ class UltraLongGPTModel(GPTModel):
         )
         self.model_config = model_config
         self.rotary_angles = RotaryAngles(model_config.rope, config.kv_channels)
-        self.loss_chunk_tokens: int = 16384
-        """Tokens per output-layer + cross-entropy chunk when forward gets labels (model/output.py)."""
+        self.loss_chunk_tokens = loss_chunk_tokens
+        """Tokens per output-layer + cross-entropy chunk when forward gets labels (model/lm_loss.py)."""
 
     def _preprocess(self, input_ids: Tensor, position_ids: Tensor, *args, **kwargs):
         out = super()._preprocess(input_ids, position_ids, *args, **kwargs)
@@ -151,7 +145,7 @@ class UltraLongGPTModel(GPTModel):
 
     def _postprocess(self, hidden_states: Tensor, input_ids: Tensor, position_ids: Tensor, labels: Tensor,
                      *args, **kwargs):
-        """With labels, return the per-token loss [b, s] computed in chunks (model/output.py), with
+        """With labels, return the per-token loss [b, s] computed in chunks (model/lm_loss.py), with
         padded vocabulary rows masked; without labels, GPTModel's logits."""
         if labels is None or not self.post_process or self.mtp_process:
             return super()._postprocess(hidden_states, input_ids, position_ids, labels, *args, **kwargs)
@@ -173,6 +167,8 @@ def build_model(
     params_dtype: torch.dtype = torch.float32,
     use_transformer_engine: Optional[bool] = None,
     vocab_divisible_by: int = DEFAULT_VOCAB_DIVISIBLE_BY,
+    attention_backend: AttentionBackend = "auto",
+    loss_chunk_tokens: int = 16384,
     **config_overrides,
 ) -> UltraLongGPTModel:
     """Build this rank's model stage (its PP layers, its TP shard) on `runtime.device`.
@@ -181,12 +177,14 @@ def build_model(
     `megatron_ultralong.convert`. The vocabulary is padded to a multiple of
     vocab_divisible_by x TP. Logits stay vocab-parallel ([b, s, V_pad / TP], what the vocab-parallel
     cross entropy wants); `gather_tp_logits` assembles them for inference.
+    attention_backend: every layer's core-attention kernel (kernels.py). loss_chunk_tokens: tokens
+    per output-layer + cross-entropy chunk when forward gets labels.
     """
     config = to_transformer_config(model_config, runtime, params_dtype, **config_overrides)
     pp = runtime.pg_collection.pp
     model = UltraLongGPTModel(
         config=config,
-        transformer_layer_spec=get_ultralong_layer_spec(use_transformer_engine),
+        transformer_layer_spec=get_ultralong_layer_spec(use_transformer_engine, attention_backend),
         model_config=model_config,
         vocab_size=padded_vocab_size(
             model_config.vocab_size, runtime.parallel.tensor_parallel, vocab_divisible_by
@@ -194,6 +192,7 @@ def build_model(
         pre_process=pp.rank() == 0,
         post_process=pp.rank() == pp.size() - 1,
         pg_collection=runtime.pg_collection,
+        loss_chunk_tokens=loss_chunk_tokens,
     )
     return model.to(runtime.device)
 

@@ -8,6 +8,7 @@ projection, TP) stays its own.
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 from typing import Optional
 
@@ -18,6 +19,7 @@ from megatron.core.models.gpt.gpt_layer_specs import (
 from megatron.core.transformer.spec_utils import ModuleSpec
 
 from megatron_ultralong.attention.core_attention import UltraLongCoreAttention
+from megatron_ultralong.attention.kernels import AttentionBackend
 
 
 def transformer_engine_available() -> bool:
@@ -31,8 +33,14 @@ def transformer_engine_available() -> bool:
     return True
 
 
-def get_ultralong_layer_spec(use_transformer_engine: Optional[bool] = None) -> ModuleSpec:
+def get_ultralong_layer_spec(
+    use_transformer_engine: Optional[bool] = None, attention_backend: AttentionBackend = "auto",
+) -> ModuleSpec:
     """Llama layer spec with `UltraLongCoreAttention` as core attention.
+
+    attention_backend: the block kernel every layer's core attention uses (kernels.py). It is bound
+    into the builder here because megatron-core 0.16's `SelfAttention` calls its `core_attention`
+    submodule directly with fixed keywords (no `ModuleSpec.params` for this slot).
 
     use_transformer_engine: None picks TE when available. With TE the norms are folded into the
     QKV / FC1 linears (`linear_qkv.layer_norm_weight`); without it they are separate modules
@@ -53,5 +61,5 @@ def get_ultralong_layer_spec(use_transformer_engine: Optional[bool] = None) -> M
             "megatron-core's GPT layer spec no longer has self_attention.submodules.core_attention; "
             "the plugin's attention cannot be installed"
         )
-    attention.submodules.core_attention = UltraLongCoreAttention
+    attention.submodules.core_attention = functools.partial(UltraLongCoreAttention, backend=attention_backend)
     return spec

@@ -1,7 +1,7 @@
 """The context-parallel sequence layout: the ONE place that knows which tokens a CP rank holds.
 
 Load-balanced ("zigzag", TE's "DualChunkSwap") layout, as in Megatron-Core's
-`get_batch_on_this_cp_rank` (MEGATRON.md section 1.1): the global sequence of length S is cut into
+`get_batch_on_this_cp_rank` (megatron/core/utils.py): the global sequence of length S is cut into
 2*cp equal chunks of c = S / (2*cp) tokens, and CP rank r holds chunks r and 2*cp-1-r, in that order,
 so its local sequence has S/cp tokens. Under causal attention chunk j costs ~j, so pairing an early
 chunk with a late one gives every rank the same work.

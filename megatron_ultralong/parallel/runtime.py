@@ -11,7 +11,7 @@ tests/test_runtime.py fails if megatron-core changes under one of them:
 2. Fusions. Masked-softmax, bias-GeLU/SwiGLU, bias-dropout-add, persistent layer norm, gradient
    accumulation fusion and TE/apex RoPE fusion are CUDA kernels; `megatron_config_overrides()`
    turns them off on CPU. RoPE fusion is off everywhere: our angles are [s, b, 1, d] from position
-   ids, and fused RoPE cannot apply a YaRN attention factor anyway (MEGATRON.md §2.1).
+   ids, and fused RoPE cannot apply a YaRN attention factor anyway.
 3. Rotary embedding. megatron-core's `RotaryEmbedding` allocates on `torch.cuda.current_device()`;
    the plugin never builds it (GPTModel gets position_embedding_type="none" and our
    `RotaryAngles` supplies `rotary_pos_emb`), so nothing to patch.
@@ -32,14 +32,39 @@ tests/test_runtime.py fails if megatron-core changes under one of them:
 8. Tied embeddings across pipeline stages. megatron-core copies the last stage's output weight to
    CUDA (`weight.data.cuda()` in LanguageModule.setup_embeddings_and_output_layer) to sync it with
    the first stage's embedding; on CPU a tied model with pipeline_parallel > 1 is refused.
+
+Private megatron-core symbols the project touches (underscore names, or internals a release may
+change without notice), everywhere in the package; revisit these on a megatron-core upgrade:
+
+- `GPTModel._preprocess` (model/gpt.py overrides it; eval/megatron_backend.py calls it): its
+  return layout (decoder_input, rotary_pos_emb, cos, sin, sequence_len_offset, ...), pinned by
+  tests/test_runtime.py.
+- `GPTModel._postprocess` and its `mtp_process` attribute (model/gpt.py overrides it to return the
+  chunked loss).
+- `TransformerBlock.__call__`'s keywords (hidden_states, rotary_pos_emb, rotary_pos_cos/sin,
+  sequence_len_offset) and `output_layer(hidden, weight=...)` (eval/megatron_backend.py runs the
+  decoder without GPTModel.forward to take only the last position's logits).
+- The keywords `SelfAttention` calls its `core_attention` builder with (attention/core_attention.py,
+  model/layer_spec.py).
+- `dist_checkpointing.strategies.torch._replace_state_dict_keys_with_sharded_keys`,
+  `mcore_to_pyt_state_dict`, `MCoreSavePlanner` and `TorchDistSaveShardedStrategy.save`
+  (checkpoint/torch_dist.py: the synchronous CPU save).
+- `TorchDistLoadShardedStrategy.load` and `dist_checkpointing.dict_utils`
+  (checkpoint/chunk_load.py: collective-free chunk loads).
+- `datasets.indexed_dataset._IndexWriter._sequence_pointers` and `IndexedDatasetBuilder`'s
+  `data_file`, `sequence_lengths`, `sequence_modes`, `document_indices` (data/build/indexed.py).
+- The layout of `get_cuda_rng_tracker().get_states()` (checkpoint/train_state.py saves it).
+- DDP's `zero_grad_buffer` / `finish_grad_sync` method names (training/optimizer.py's CPU
+  `TorchDataParallel` mirrors them) and `finalize_model_grads(..., pg_collection=)`.
 """
 from __future__ import annotations
 
 import os
 import random
+import socket
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Optional
+from typing import Literal, Optional, get_args
 
 import numpy as np
 import torch
@@ -47,7 +72,9 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.process_groups_config import ProcessGroupCollection
 
-CP_COMM_TYPES = ("p2p", "all_gather", "a2a")
+CpCommType = Literal["p2p", "all_gather", "a2a"]
+"""Context-parallel attention algorithms: "p2p" (ring), "all_gather" (all-gather KV) or "a2a"
+(Ulysses all-to-all). The one list: the attention table, the eval CLI and the configs derive from it."""
 
 
 @dataclass(frozen=True)
@@ -63,7 +90,7 @@ class ParallelConfig:
     context_parallel: int = 1
     """Context-parallel size: each sequence is split into 2*CP zigzag chunks across these ranks."""
 
-    cp_comm_type: str = "p2p"
+    cp_comm_type: CpCommType = "p2p"
     """CP attention algorithm: "p2p" (ring), "all_gather" or "a2a" (Ulysses)."""
 
     sequence_parallel: bool = False
@@ -73,9 +100,9 @@ class ParallelConfig:
         for name in ("tensor_parallel", "pipeline_parallel", "context_parallel"):
             if getattr(self, name) < 1:
                 raise ValueError(f"ParallelConfig.{name}={getattr(self, name)}: expected >= 1")
-        if self.cp_comm_type not in CP_COMM_TYPES:
+        if self.cp_comm_type not in get_args(CpCommType):
             raise ValueError(
-                f"ParallelConfig.cp_comm_type={self.cp_comm_type!r}: expected one of {CP_COMM_TYPES}"
+                f"ParallelConfig.cp_comm_type={self.cp_comm_type!r}: expected one of {get_args(CpCommType)}"
             )
         if self.sequence_parallel and self.tensor_parallel == 1:
             raise ValueError("ParallelConfig.sequence_parallel=True needs tensor_parallel > 1")
@@ -136,7 +163,7 @@ def init_runtime(
         if "MASTER_PORT" not in os.environ:
             if int(os.environ.get("WORLD_SIZE", "1")) > 1:
                 raise ValueError("WORLD_SIZE > 1 but MASTER_PORT is unset: launch with torchrun")
-            os.environ["MASTER_PORT"] = str(_free_port())  # a lone process: any free port
+            os.environ["MASTER_PORT"] = str(free_port())  # a lone process: any free port
         dist.init_process_group(
             backend="nccl" if use_cuda else "gloo",
             rank=int(os.environ.get("RANK", "0")),
@@ -166,10 +193,9 @@ def init_runtime(
     )
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (for MASTER_PORT of local process groups)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 

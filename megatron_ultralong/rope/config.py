@@ -2,7 +2,8 @@
 
 Why a config of our own: megatron-core 0.16 reads YaRN settings through `getattr` on undeclared
 `yarn_*` attributes of `TransformerConfig` (and applies its concentration factor whenever
-`yarn_rotary_scaling_factor` merely exists, see ../shared/reference/MEGATRON.md §2.1), its llama3
+`yarn_rotary_scaling_factor` merely exists: `_yarn_get_concentration_factor_from_config` in
+megatron/core/models/common/embeddings/yarn_rotary_pos_embedding.py), its llama3
 scaling hard-codes low/high factors and 8192, and it has no `attention_factor`. Here every field is
 declared, validated, and converted to and from Hugging Face's `rope_scaling` dict losslessly.
 
@@ -15,9 +16,10 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional
+from typing import Any, Literal, Mapping, Optional, get_args
 
-ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+RopeType = Literal["default", "linear", "llama3", "yarn"]
+ROPE_TYPES: tuple[str, ...] = get_args(RopeType)
 
 # Keys each rope type accepts in HF `rope_scaling` (besides rope_type / type), as in transformers'
 # validators. `required` must be present; anything outside required | optional is rejected.
@@ -47,8 +49,8 @@ _HF_KEYS = {
 class RopeConfig:
     """Rotary embedding settings, exactly as many as transformers' RoPE init functions read."""
 
-    rope_type: str = "default"
-    """One of `ROPE_TYPES`: "default", "linear", "llama3" or "yarn"."""
+    rope_type: RopeType = "default"
+    """One of `RopeType`: "default", "linear", "llama3" or "yarn"."""
 
     theta: float = 10000.0
     """RoPE base (HF `rope_theta`); 500000 for Llama 3."""
@@ -206,13 +208,6 @@ class RopeConfig:
                     out[key] = getattr(self, key)
         return self.theta, out
 
-    @property
-    def max_context_length(self) -> Optional[int]:
-        """The context the scaling targets (original * factor), as vLLM derives it; None if unscaled."""
-        if self.original_max_position_embeddings is None or self.factor is None:
-            return None
-        return int(self.original_max_position_embeddings * self.factor)
-
     def replace(self, **changes: Any) -> "RopeConfig":
         return dataclasses.replace(self, **changes)
 
@@ -230,8 +225,8 @@ def yarn_for_context_length(
 
     factor = target / original, with original = Llama 3's 8K pre-training length (not 128K):
     1M -> 128, 2M -> 256, 4M -> 512. The paper fixes YaRN's alpha = 1, beta = 4, i.e.
-    beta_slow = 1, beta_fast = 4; whether the released configs carry beta_fast = 4 is unconfirmed
-    (RECIPE.md §1.1), so it is an argument, defaulting to HF's 32.
+    beta_slow = 1, beta_fast = 4 (arXiv 2504.06214 §3); the released config.json files are not
+    public, so whether they carry beta_fast = 4 is unknown: it is an argument, defaulting to HF's 32.
     """
     if target_length <= original_max_position_embeddings:
         raise ValueError(

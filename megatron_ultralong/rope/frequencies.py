@@ -5,7 +5,7 @@ operation, in float32, so the result is bit-identical to HF (tests/test_rope_fre
 compares against transformers' own functions). Do not "simplify" an expression here: a reordered
 product changes the last bit, and at position 4M a last-bit change in inv_freq moves the angle.
 
-Notation (RECIPE.md §5): d = rotary dim, b = theta, i = 0 .. d/2-1, L0 = original context length.
+Notation (YaRN, arXiv 2309.00071; transformers' modeling_rope_utils.py): d = rotary dim, b = theta, i = 0 .. d/2-1, L0 = original context length.
 """
 from __future__ import annotations
 

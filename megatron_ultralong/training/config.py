@@ -1,7 +1,7 @@
 """The training configuration: one YAML file plus `key.sub=value` overrides (tools/train.py).
 
 Every field is declared here with a docstring; sections validate themselves and raise ValueError
-naming the field. Values the UltraLong paper does not confirm (RECIPE.md §7: schedule, warmup,
+naming the field. Values the UltraLong paper (arXiv 2504.06214) does not state (schedule, warmup,
 betas, batch for 1M/2M) are fields with neutral defaults, set explicitly in examples/ recipes.
 """
 from __future__ import annotations
@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Literal, Optional
 
 from megatron_ultralong.config_io import apply_overrides, from_dict, load_yaml
+from megatron_ultralong.data.samples.config import DataSection
 from megatron_ultralong.parallel.runtime import ParallelConfig
 
 
@@ -63,63 +64,6 @@ class ModelSection:
             )
         if self.recompute_num_layers < 1:
             raise ValueError(f"model.recompute_num_layers={self.recompute_num_layers}: expected >= 1")
-
-
-@dataclass(frozen=True)
-class DataSection:
-    """Where samples come from."""
-
-    kind: Literal["pretrain", "sft"] = "pretrain"
-    """pretrain: Megatron indexed datasets packed to seq_length; sft: chat JSONL (assistant-only loss)."""
-
-    paths: tuple[str, ...] = ()
-    """pretrain: indexed-dataset prefixes (path without .bin/.idx); sft: chat JSONL files."""
-
-    weights: Optional[tuple[float, ...]] = None
-    """Blend weights, one per path (default: equal)."""
-
-    seq_length: int = 1024
-    """Tokens per sample (1M/2M/4M in the recipe). Must divide by 2 x CP."""
-
-    tokenizer: Optional[str] = None
-    """HF tokenizer directory or tokenizer.json (sft: renders the chat template)."""
-
-    eod_token_id: Optional[int] = None
-    """Document separator id in the indexed data (needed for the document mask / position reset)."""
-
-    pad_token_id: int = 0
-    """Padding id for samples shorter than seq_length (masked out of the loss)."""
-
-    document_mask: bool = False
-    """Block attention across documents (the recipe trains WITHOUT it: cross-document attention)."""
-
-    reset_position_ids: bool = False
-    """Restart RoPE positions at each document (off in the recipe)."""
-
-    cache_dir: Optional[str] = None
-    """Where megatron-core caches sample indices (default: next to the first dataset)."""
-
-    chat_format: Literal["llama3.1", "llama3"] = "llama3.1"
-    """sft: chat rendering (llama3.1 adds Meta's default system block, as its template does)."""
-
-    overlong: Literal["truncate", "drop", "error"] = "truncate"
-    """sft: what to do with a conversation longer than seq_length (counted in the dataset stats)."""
-
-    def __post_init__(self) -> None:
-        if not self.paths:
-            raise ValueError("data.paths is empty: give at least one dataset")
-        if self.weights is not None and len(self.weights) != len(self.paths):
-            raise ValueError(
-                f"data.weights has {len(self.weights)} entries for {len(self.paths)} data.paths"
-            )
-        if self.weights is not None and any(w <= 0 for w in self.weights):
-            raise ValueError(f"data.weights={list(self.weights)}: every weight must be > 0")
-        if self.seq_length < 2:
-            raise ValueError(f"data.seq_length={self.seq_length}: expected >= 2")
-        if self.kind == "pretrain" and (self.document_mask or self.reset_position_ids) and self.eod_token_id is None:
-            # SFT rows carry their conversation boundaries; packed pretraining data finds documents
-            # by their closing separator token.
-            raise ValueError("data.document_mask / data.reset_position_ids need data.eod_token_id")
 
 
 @dataclass(frozen=True)

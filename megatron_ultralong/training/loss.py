@@ -25,7 +25,6 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -41,19 +40,6 @@ class CPLoss:
     loss: Tensor
     mean_loss: Tensor
     num_tokens: Tensor
-
-
-def token_cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
-    """Per-token cross-entropy in fp32: logits [b, s, V], labels [b, s] -> [b, s].
-
-    Labels of masked positions may be anything (e.g. -100); they are clamped here and the loss
-    mask zeroes their contribution later.
-    """
-    if logits.shape[:-1] != labels.shape:
-        raise ValueError(f"logits {tuple(logits.shape)} do not match labels {tuple(labels.shape)}")
-    safe = labels.clamp(0, logits.size(-1) - 1)
-    ce = F.cross_entropy(logits.float().flatten(0, -2), safe.flatten(), reduction="none")
-    return ce.view(labels.shape)
 
 
 def reduce_loss_over_dp_cp(

@@ -25,19 +25,18 @@ from megatron.core.packed_seq_params import PackedSeqParams
 
 from megatron_ultralong.config_io import to_dict
 from megatron_ultralong.parallel.cp_layout import shard_batch
+from megatron_ultralong.dtypes import parse_dtype
 from megatron_ultralong.model import build_model, load_model_config
-from megatron_ultralong.model.config import LlamaConfig
-from megatron_ultralong.rope import yarn_for_context_length
+from megatron_ultralong.model.config import LlamaConfig, extend_context
 from megatron_ultralong.parallel.runtime import init_runtime
 from megatron_ultralong.checkpoint.train_state import latest_checkpoint, load_train_checkpoint, save_train_checkpoint
 from megatron_ultralong.training.config import TrainConfig
-from megatron_ultralong.data.samples.pretrain import BatchSchedule, build_dataset, cu_seqlens_from_document_ids
+from megatron_ultralong.data.samples.pretrain import BatchSchedule, build_sample_dataset, cu_seqlens_from_document_ids
 from megatron_ultralong.training.loss import reduce_loss_over_dp_cp
 from megatron_ultralong.training.memory import estimate_memory_per_device, format_estimate
 from megatron_ultralong.training.metrics import training_flops_per_token
 from megatron_ultralong.training.optimizer import build_data_parallel, build_optimizer, build_scheduler, finalize_grads
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def resolve_model_config(cfg: TrainConfig) -> LlamaConfig:
@@ -46,14 +45,8 @@ def resolve_model_config(cfg: TrainConfig) -> LlamaConfig:
     model_cfg = load_model_config(source)
     m = cfg.model
     if m.yarn_target_length is not None:
-        rope = yarn_for_context_length(
-            m.yarn_target_length,
-            theta=model_cfg.rope.theta,
-            original_max_position_embeddings=m.yarn_original_length,
-            beta_fast=m.yarn_beta_fast,
-            beta_slow=m.yarn_beta_slow,
-        )
-        model_cfg = model_cfg.replace(rope=rope, max_position_embeddings=m.yarn_target_length)
+        model_cfg = extend_context(model_cfg, m.yarn_target_length, m.yarn_original_length, m.yarn_beta_fast,
+                                   m.yarn_beta_slow)
     return model_cfg
 
 
@@ -102,14 +95,14 @@ class Trainer:
         self._log_text(format_estimate(estimate, self.rt.device))
 
         # 3. The model stage, its initial weights, gradient reduction over DP x CP.
-        dtype = _DTYPES[cfg.model.params_dtype]
+        dtype = parse_dtype(cfg.model.params_dtype, "model.params_dtype")
         model = build_model(
             self.model_cfg, self.rt, params_dtype=dtype,
             use_transformer_engine=cfg.model.use_transformer_engine,
+            loss_chunk_tokens=cfg.train.loss_chunk_tokens,
             calculate_per_token_loss=True,
             **_recompute_overrides(cfg, self.rt.is_cuda),
         )
-        model.loss_chunk_tokens = cfg.train.loss_chunk_tokens
         self._load_initial_weights(model)
         self.model = model
         self.ddp = build_data_parallel(model, self.rt)
@@ -120,7 +113,7 @@ class Trainer:
 
         # 5. Data: enough samples for every step, in a resumable order.
         num_samples = cfg.train.steps * cfg.train.global_batch_size
-        self.dataset = build_dataset(cfg.data, num_samples, cfg.train.seed, self.model_cfg.vocab_size)
+        self.dataset = build_sample_dataset(cfg.data, num_samples, cfg.train.seed, self.model_cfg.vocab_size)
         self.schedule = BatchSchedule(self.dataset, cfg.train.micro_batch_size, self.dp, pg.dp.rank())
 
         # 6. Resume: model, optimizer, scheduler, RNG and data position.

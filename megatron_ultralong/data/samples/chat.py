@@ -10,7 +10,8 @@ templates; tests/test_sft_chat.py renders through transformers' own Jinja engine
               Cutting Knowledge Date: December 2023\\nToday Date: {date}\\n\\n{system|trim}<|eot_id|>
               (always present, even without a system message), then the other messages as above.
 
-UltraLong fine-tunes Llama-3.1-8B-Instruct and keeps its chat format (RECIPE.md §1.2), so
+UltraLong fine-tunes Llama-3.1-8B-Instruct and keeps its chat format (arXiv 2504.06214; model card
+https://huggingface.co/nvidia/Llama-3.1-Nemotron-8B-UltraLong-4M-Instruct), so
 "llama3.1" is the default.
 
 Loss mask: only an assistant message's content tokens and its closing <|eot_id|> are targets; the
@@ -38,8 +39,8 @@ END_HEADER = "<|end_header_id|>"
 EOT = "<|eot_id|>"
 
 Message = Mapping[str, str]
-Segment = tuple[str, bool]
-"""(text, trainable): consecutive segments concatenate to the rendered conversation."""
+ChatSpan = tuple[str, bool]
+"""(text, trainable): consecutive spans concatenate to the rendered conversation."""
 
 
 @dataclass(frozen=True)
@@ -90,12 +91,12 @@ def validate_messages(record: Any, where: str) -> list[dict[str, str]]:
     return out
 
 
-def chat_segments(messages: Sequence[Message], fmt: ChatFormat = ChatFormat()) -> list[Segment]:
-    """Split the rendered conversation into (text, trainable) segments.
+def chat_spans(messages: Sequence[Message], fmt: ChatFormat = ChatFormat()) -> list[ChatSpan]:
+    """Split the rendered conversation into (text, trainable) spans.
 
     Untrainable runs are merged so they are tokenized as one string, exactly as in the whole text.
     """
-    segments: list[Segment] = []
+    segments: list[ChatSpan] = []
 
     def add(text: str, trainable: bool) -> None:
         if segments and segments[-1][1] == trainable:
@@ -126,7 +127,7 @@ def chat_segments(messages: Sequence[Message], fmt: ChatFormat = ChatFormat()) -
 
 def render_chat(messages: Sequence[Message], fmt: ChatFormat = ChatFormat()) -> str:
     """The text `apply_chat_template(messages, tokenize=False)` gives for `fmt`'s template."""
-    return "".join(text for text, _ in chat_segments(messages, fmt))
+    return "".join(text for text, _ in chat_spans(messages, fmt))
 
 
 def load_tokenizer(path: str) -> Tokenizer:
@@ -159,7 +160,7 @@ class ChatTokenizer:
 
     def encode_many(self, conversations: Sequence[Sequence[Message]]) -> list[tuple[np.ndarray, np.ndarray]]:
         """Per conversation: (ids int32 [n], trainable bool [n]). One batched tokenizer call."""
-        all_segments = [chat_segments(m, self.fmt) for m in conversations]
+        all_segments = [chat_spans(m, self.fmt) for m in conversations]
         flat = [text for segs in all_segments for text, _ in segs]
         encodings = self.tokenizer.encode_batch(flat, add_special_tokens=False) if flat else []
         out, k = [], 0

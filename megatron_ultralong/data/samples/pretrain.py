@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from megatron_ultralong.training.config import DataSection
+from megatron_ultralong.data.samples.config import DataSection
 
 SAMPLE_KEYS = ("tokens", "labels", "loss_mask", "position_ids", "document_ids")
 
@@ -122,7 +122,8 @@ class PretrainDataset:
         return add_document_fields(sample, self.data.eod_token_id, self.data.reset_position_ids)
 
 
-def build_dataset(data: DataSection, num_samples: int, seed: int, vocab_size: int) -> SampleDataset:
+def build_sample_dataset(data: DataSection, num_samples: int, seed: int, vocab_size: int) -> SampleDataset:
+    """The training samples `data` describes: packed pretraining data or SFT conversations."""
     if data.kind == "pretrain":
         return PretrainDataset(data, num_samples, seed, vocab_size)
     from megatron_ultralong.data.samples.sft import build_sft_dataset

@@ -1,7 +1,7 @@
 """SFT samples: chat JSONL -> Llama-3.1 chat format -> packed sequences with an assistant-only loss.
 
 UltraLong's SFT stage uses short chat data only (all samples < 8K tokens, batch 128, LR 5e-6;
-RECIPE.md §3; packing and max length UNCONFIRMED). Short conversations are therefore packed into
+arXiv 2504.06214 §3; the paper states neither packing nor a max length). Short conversations are therefore packed into
 `seq_length` rows so no compute goes to padding, and each row keeps its conversation boundaries in
 `document_ids` (and restarted `position_ids`) so the trainer can block attention across them.
 
@@ -20,16 +20,14 @@ from __future__ import annotations
 import json
 import random
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterator, Literal, Optional, Sequence
+from typing import Iterator, Literal, Optional, Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
 from megatron_ultralong.data.samples.chat import ChatFormat, ChatTokenizer, load_tokenizer, validate_messages
-
-if TYPE_CHECKING:
-    from megatron_ultralong.training.config import DataSection
+from megatron_ultralong.data.samples.config import DataSection
 
 _ENCODE_BATCH = 1024  # conversations per batched tokenizer call: bounds memory, keeps Rust threads busy
 
@@ -270,8 +268,8 @@ def _batches(paths: Sequence[str], size: int) -> Iterator[list[tuple[str, list[d
         yield batch
 
 
-def build_sft_dataset(data: "DataSection", seed: int, pad_token_id: Optional[int] = None, **overrides) -> SFTDataset:
-    """From the training config's `data` section (training/config.py DataSection, kind "sft").
+def build_sft_dataset(data: DataSection, seed: int, pad_token_id: Optional[int] = None, **overrides) -> SFTDataset:
+    """From the training config's `data` section (`DataSection`, kind "sft").
 
     DataSection has no SFT-only fields; chat_format, overlong, pack and pack_window keep the
     SFTDataConfig defaults unless passed in `overrides`. Blend weights are refused: SFT files are
