@@ -87,8 +87,8 @@ class UltraLongCoreAttention(MegatronModule):
         if self.cp_comm_type == "a2a" and self.cp_group.size() > 1:
             check_a2a_heads(self.num_heads, self.num_kv_heads, self.cp_group.size())
         self.backend = "auto"
-        """Block kernel: "auto" (flash-attn on CUDA when installed, else PyTorch SDPA ops), "sdpa",
-        or "flash_attn" (kernels.BACKENDS)."""
+        """Block kernel (kernels.BACKENDS): "auto" (on CUDA half precision the first of FA3, cuDNN,
+        flash-attn that passes a self-check, else PyTorch SDPA ops), or one of them by name."""
         self.comm_stats: Optional[CommStats] = None
         """Set to a CommStats to count the bytes this layer's CP attention sends (benchmarks)."""
 
