@@ -39,7 +39,7 @@ from megatron_ultralong.attention.all_to_all import check_a2a_heads, ulysses_att
 from megatron_ultralong.attention.comm import CommStats
 from megatron_ultralong.attention.kernels import BACKENDS
 from megatron_ultralong.attention.ring import ring_attention
-from megatron_ultralong.attention.segments import parse_cu_seqlens
+from megatron_ultralong.attention.segments import document_boundaries
 
 CP_ATTENTION = {"p2p": ring_attention, "all_gather": all_gather_attention, "a2a": ulysses_attention}
 
@@ -137,9 +137,7 @@ class UltraLongCoreAttention(MegatronModule):
             cu, cu_kv = packed_seq_params.cu_seqlens_q, packed_seq_params.cu_seqlens_kv
             if cu is None:
                 raise ValueError("packed_seq_params.cu_seqlens_q is None: document masking needs it")
-            if cu_kv is not None and not torch.equal(cu_kv.cpu(), cu.cpu()):
-                raise ValueError("packed_seq_params.cu_seqlens_kv differs from cu_seqlens_q (self-attention)")
-            docs = parse_cu_seqlens(cu, b, sq * cp)
+            docs = document_boundaries(cu, cu_kv, b, sq * cp)  # read from the device once per step
         # [s, b, h, d] -> [b, h, s, d] views.
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
         if cp == 1 and docs is None:
