@@ -103,3 +103,16 @@ def _extra_state_body(rank: int, world_size: int, root: str) -> None:
 def test_checkpoint_portable_between_te_and_torch_specs(tmp_path):
     # Defect 5: a TE model's state dict asks for `_extra_state` keys a torch-spec checkpoint lacks.
     run_distributed(_extra_state_body, world_size=1, args=(str(tmp_path),))
+
+
+def test_gradient_accumulation_fusion_on_gpu_when_megatron_has_the_kernel(monkeypatch):
+    # runtime.py used to turn the fusion off on every device.
+    from megatron.core.tensor_parallel import layers
+
+    from megatron_ultralong.parallel.runtime import megatron_config_overrides
+
+    monkeypatch.setattr(layers, "_grad_accum_fusion_available", True)
+    assert megatron_config_overrides(torch.device("cuda", 0))["gradient_accumulation_fusion"] is True
+    assert megatron_config_overrides(torch.device("cpu"))["gradient_accumulation_fusion"] is False
+    monkeypatch.setattr(layers, "_grad_accum_fusion_available", False)
+    assert megatron_config_overrides(torch.device("cuda", 0))["gradient_accumulation_fusion"] is False
