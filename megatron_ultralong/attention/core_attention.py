@@ -138,6 +138,10 @@ class UltraLongCoreAttention(MegatronModule):
             if cu is None:
                 raise ValueError("packed_seq_params.cu_seqlens_q is None: document masking needs it")
             docs = document_boundaries(cu, cu_kv, b, sq * cp)  # read from the device once per step
+        # Megatron's value is a view into the fused QKV GEMM output (RoPE gives q and k their own
+        # tensors): saved for backward as a view, it would keep the whole QKV output alive,
+        # (hq + hkv) * e bytes per token more than its own g * d (training/memory.py).
+        value = value.contiguous()
         # [s, b, h, d] -> [b, h, s, d] views.
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
         if cp == 1 and docs is None:
