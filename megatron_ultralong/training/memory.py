@@ -18,6 +18,15 @@ query width, hkv = nkv*d KV width, F the FFN width:
     SwiGLU out       F*e                       fc2's input
     total, Llama-3.1-8B, e = 2:  32,768 + 12,288 + 8,192 + 128 + 57,344 + 28,672 = 139,392 B (+8 rstd)
 
+What this implementation keeps beyond that minimal set (measured on CPU, tests/test_memory_model.py):
+    rope cos/sin     4*d*e                     megatron's unfused RoPE (rope fusion is off: it cannot
+                                               apply YaRN's attention factor) builds cos and sin for q
+                                               and for k in every layer, and its multiplies keep them;
+                                               not split by TP: 1,024 B per token per layer for the 8B.
+Two more were removed in attention/: the value view pinned the whole fused QKV output
+(core_attention.py makes it contiguous), and the CP output was stored [b, h, s, d] so linear_proj
+kept a second, [s, b, h*d] copy (softmax_merge.final_output stores it in Megatron's order).
+
 Korthikanti's tensor parallelism divides everything but the norm/residual tensors by t; sequence
 parallelism divides those too (megatron's column-parallel GEMM keeps its sequence-sharded input and
 re-gathers it in backward). So at TP 8 with SP: 139,400 / 8 = 17,425 B per token per layer.
@@ -117,7 +126,8 @@ class Layout:
             seq_length=cfg.data.seq_length, tp=p.tensor_parallel, cp=p.context_parallel,
             dp=p.data_parallel_size(world_size), pp=p.pipeline_parallel, micro_batch_size=t.micro_batch_size,
             global_batch_size=t.global_batch_size, sequence_parallel=p.sequence_parallel,
-            cp_comm_type=p.cp_comm_type, recompute=m.recompute, recompute_modules=tuple(m.recompute_modules),
+            cp_comm_type=p.cp_comm_type, recompute=m.recompute,
+            recompute_modules=tuple(m.recompute_modules) if m.recompute == "selective" else (),
             recompute_num_layers=m.recompute_num_layers, loss_chunk_tokens=t.loss_chunk_tokens,
             act_bytes=2 if m.params_dtype == "bfloat16" else 4, distributed_optimizer=t.device != "cpu",
             fused_kernels=t.device != "cpu",
@@ -136,7 +146,7 @@ def layer_saved_bytes(cfg: LlamaConfig, lay: Layout) -> dict[str, float]:
         "norm inputs": (2 * h * e + 2 * 4) / norm_div,
         "norm outputs": 0.0 if "layernorm" in drop else 2 * h * e / norm_div,
         "q, k, v": (hq + 2 * hkv) * e / t,
-        "attention out": 2 * hq * e / t,
+        "attention out": hq * e / t,
         "lse": 0.0 if "core_attn" in drop else 4 * cfg.num_attention_heads / t,
         "rope cos/sin": 4 * cfg.head_dim * e,
         "fc1 out": 0.0 if "mlp" in drop else 2 * f * e / t,
