@@ -220,5 +220,27 @@ def test_attention_backend_reaches_the_module_through_the_layer_spec():
     builder = get_ultralong_layer_spec(False, "sdpa").submodules.self_attention.submodules.core_attention
     assert builder(**keywords).backend == "sdpa"
     bad = get_ultralong_layer_spec(False, "flash").submodules.self_attention.submodules.core_attention
-    with pytest.raises(ValueError, match=r"attention backend='flash': expected one of \('auto', 'sdpa', 'flash_attn'\)"):
+    with pytest.raises(ValueError, match=r"attention backend='flash': expected one of \('auto', 'sdpa', 'cudnn', 'flash_attn', 'fa3'\)"):
         bad(**keywords)
+def _collectives_body(rank: int, world: int) -> None:
+    from megatron_ultralong.attention import comm
+
+    x = torch.arange(6, dtype=torch.float32).view(2, 3) + 10 * rank
+    gathered = comm.all_gather_dim0(x, dist.group.WORLD, "ag", None)
+    torch.testing.assert_close(gathered, torch.stack([torch.arange(6.0).view(2, 3) + 10 * r for r in range(world)]))
+    y = torch.stack([torch.full((2, 3), float(rank + 1) * (r + 1)) for r in range(world)])  # [cp, 2, 3]
+    want = torch.full((2, 3), float(sum(range(1, world + 1))) * (rank + 1))
+    torch.testing.assert_close(comm.reduce_scatter_dim0(y, dist.group.WORLD, "rs", None), want)
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("ProcessGroupGloo does not support reduce_scatter")  # older torch builds
+
+    comm._reduce_scatter_tensor, comm._gloo_reduce_scatter_ok = refuse, True
+    torch.testing.assert_close(comm.reduce_scatter_dim0(y, dist.group.WORLD, "rs", None), want)
+    assert comm._gloo_reduce_scatter_ok is False
+
+
+def test_tensor_collectives_and_gloo_reduce_scatter_fallback():
+    # Defect 4: the tensor collectives under the names torch 2.1-2.11 have (all_gather_into_tensor,
+    # reduce_scatter_tensor), and gloo without a tensor reduce-scatter falls back explicitly.
+    run_distributed(_collectives_body, world_size=2)

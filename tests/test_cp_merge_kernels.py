@@ -92,6 +92,24 @@ def test_segments_skip_masked_pairs_and_cut_documents():
     assert segs == [Segment(0, 0, 2, 2, 4, False)]
 
 
+def test_own_zigzag_block_is_one_causal_call_equal_to_dense():
+    # Ring step 0 of rank 1 at cp=4 (chunks 1 and 6 of 8, c=4): one causal segment over both chunks,
+    # and attending with it equals dense attention under the exact global causal mask.
+    ranges = [(4, 8), (24, 28)]
+    segs = build_segments(ranges, ranges, causal=True)
+    assert segs == [Segment(None, 0, 8, 0, 8, True)]
+    assert len(build_segments(ranges, ranges, causal=True, docs=((0, 32),))) == 3  # documents: cut as before
+    torch.manual_seed(3)
+    q, k, v = torch.randn(1, 4, 8, 16), torch.randn(1, 2, 8, 16), torch.randn(1, 2, 8, 16)
+    out, lse = empty_accumulator(q)
+    attention_forward_into(out, lse, q, k, v, segs, 0.25)
+    pos = torch.tensor([4, 5, 6, 7, 24, 25, 26, 27])
+    mask = pos[None, :] <= pos[:, None]
+    want, want_lse = _partial(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), 0.25, mask)
+    torch.testing.assert_close(out.double(), want, atol=1e-5, rtol=0)
+    torch.testing.assert_close(lse.double(), want_lse, atol=1e-5, rtol=0)
+
+
 def test_segments_with_documents_equal_dense_masked_attention():
     torch.manual_seed(2)
     seq, docs = 16, ((0, 3, 9, 16), (0, 1, 16))
@@ -129,3 +147,21 @@ def test_segments_with_documents_equal_dense_masked_attention():
 def test_bad_cu_seqlens_is_rejected(cu, message):
     with pytest.raises(ValueError, match=message):
         parse_cu_seqlens(cu, batch=2, seq_len=16)
+
+
+def test_document_boundaries_read_once_per_step(monkeypatch):
+    # Every layer gets the same cu_seqlens in a step: one device->host read, not one per layer.
+    from megatron_ultralong.attention import segments
+
+    calls = []
+    real = segments.parse_cu_seqlens
+    monkeypatch.setattr(segments, "parse_cu_seqlens", lambda *a: calls.append(1) or real(*a))
+    cu = torch.tensor([0, 3, 16, 32], dtype=torch.int32)
+    for _layer in range(4):
+        assert segments.document_boundaries(cu, cu, 2, 16) == ((0, 3, 16), (0, 16))
+    assert len(calls) == 1
+    cu[1] = 5  # modified in place (next step reusing the buffer): read again
+    assert segments.document_boundaries(cu, cu, 2, 16) == ((0, 5, 16), (0, 16))
+    assert len(calls) == 2
+    with pytest.raises(ValueError, match="cu_seqlens_kv differs"):
+        segments.document_boundaries(cu.clone(), torch.tensor([0, 4, 16, 32]), 2, 16)

@@ -4,7 +4,9 @@
 # The full 1M recipe needs at least 16 H100s (TP4 x CP4, docs/parallelism_plan.md §3) and is laid
 # out for 256 (examples/slurm/llama31_8b_1m.sbatch). One 8-GPU node runs the same recipe -- model,
 # YaRN factor 128, optimizer, data, checkpoints -- as a smoke test at SEQ tokens per sequence
-# (default 131,072, TP8 x CP1, ~34 GB per GPU with full recompute). SEQ=1048576 needs CP>=2 nodes.
+# (default 131,072, TP8 x CP1). At 131,072 tokens per GPU the recipe's recompute "none" would need
+# ~105 GB, so the smoke test recomputes full layers (~35 GB; RECOMPUTE=none at 256 GPUs, see the YAML).
+# SEQ=1048576 needs CP>=2 nodes.
 #
 #   examples/recipes/run_llama31_8b_1m.sh [section.field=value ...]
 #   NPROC=8 TP=8 SEQ=131072 CKPT=checkpoints/ultralong_1m_node examples/recipes/run_llama31_8b_1m.sh
@@ -17,6 +19,7 @@ TP=${TP:-8}
 CP=${CP:-$((NPROC / TP))}
 SEQ=${SEQ:-131072}
 CKPT=${CKPT:-checkpoints/ultralong_1m_node}
+RECOMPUTE=${RECOMPUTE:-full}
 
 # Megatron-Core overlaps TP/CP communication with compute only if kernels queue in order.
 export CUDA_DEVICE_MAX_CONNECTIONS=1
@@ -24,5 +27,5 @@ export TOKENIZERS_PARALLELISM=false
 
 # train.load = train.save: a rerun continues from the last complete checkpoint (none yet: fresh start).
 exec torchrun --standalone --nproc-per-node "$NPROC" tools/train.py --config "$CONFIG" \
-    data.seq_length="$SEQ" parallel.tensor_parallel="$TP" parallel.context_parallel="$CP" \
+    data.seq_length="$SEQ" parallel.tensor_parallel="$TP" parallel.context_parallel="$CP" model.recompute="$RECOMPUTE" \
     train.save="$CKPT" train.load="$CKPT" "$@"

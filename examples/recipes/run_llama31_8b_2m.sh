@@ -4,7 +4,7 @@
 # The full 2M recipe needs at least 32 H100s (TP4 x CP8, docs/parallelism_plan.md §3) and is laid
 # out for 256 (examples/slurm/llama31_8b_2m.sbatch). One 8-GPU node runs the same recipe -- model,
 # YaRN factor 256, optimizer, data, checkpoints -- as a smoke test at SEQ tokens per sequence
-# (default 131,072, TP8 x CP1, ~34 GB per GPU with full recompute). SEQ=2097152 needs >= 4 nodes.
+# (default 131,072, TP8 x CP1, ~52 GB per GPU with the recipe's selective recompute). SEQ=2097152 needs >= 4 nodes.
 #
 #   examples/recipes/run_llama31_8b_2m.sh [section.field=value ...]
 #   NPROC=8 TP=8 SEQ=131072 CKPT=checkpoints/ultralong_2m_node examples/recipes/run_llama31_8b_2m.sh

@@ -4,7 +4,7 @@
 # The full 4M recipe needs at least 64 H100s (TP4 x CP16, docs/parallelism_plan.md §3) and is laid
 # out for 256 (examples/slurm/llama31_8b_4m.sbatch). One 8-GPU node runs the same recipe -- model,
 # YaRN factor 512, optimizer, data, checkpoints -- as a smoke test at SEQ tokens per sequence
-# (default 131,072, TP8 x CP1, ~34 GB per GPU with full recompute). SEQ=4194304 needs >= 8 nodes.
+# (default 131,072, TP8 x CP1, ~52 GB per GPU with the recipe's selective recompute). SEQ=4194304 needs >= 8 nodes.
 #
 #   examples/recipes/run_llama31_8b_4m.sh [section.field=value ...]
 #   NPROC=8 TP=8 SEQ=131072 CKPT=checkpoints/ultralong_4m_node examples/recipes/run_llama31_8b_4m.sh

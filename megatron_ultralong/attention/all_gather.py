@@ -22,7 +22,7 @@ from torch import Tensor
 from megatron_ultralong.attention.comm import CommStats, all_gather_dim0, reduce_scatter_dim0
 from megatron_ultralong.attention.kernels import attention_backward_into, attention_forward_into
 from megatron_ultralong.attention.segments import DocBoundaries, Segment, build_segments
-from megatron_ultralong.attention.softmax_merge import empty_accumulator
+from megatron_ultralong.attention.softmax_merge import empty_accumulator, final_output
 from megatron_ultralong.parallel.cp_layout import chunk_len, local_ranges, stack_shards, unshard_tensors
 
 
@@ -49,7 +49,7 @@ def all_gather_forward(
     kv = _gather_kv(group, k, v, stats)
     out, lse = empty_accumulator(q)
     attention_forward_into(out, lse, q, kv[0], kv[1], _segments(group, q.size(2), causal, docs), scale, backend)
-    return out.to(q.dtype), lse
+    return final_output(out, q.dtype), lse
 
 
 def all_gather_backward(

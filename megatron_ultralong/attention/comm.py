@@ -10,6 +10,7 @@ wire in a bandwidth-optimal algorithm:
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -22,6 +23,16 @@ from torch import Tensor
 # issue order on every rank also satisfies.
 TAG_KV = 11
 TAG_DKV = 12
+
+logger = logging.getLogger(__name__)
+
+# The tensor collectives under their two names: torch 2.13 renamed all_gather_into_tensor /
+# reduce_scatter_tensor to all_gather_single / reduce_scatter_single (the old names now warn), while
+# the torch 2.9-2.11 of NGC containers has only the old ones (present since torch 2.1).
+_all_gather_tensor = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_tensor = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+_gloo_reduce_scatter_ok = True
+"""False once gloo refused a tensor reduce-scatter (older torch builds lack it for gloo)."""
 
 
 @dataclass
@@ -89,7 +100,7 @@ def all_gather_dim0(x: Tensor, group: dist.ProcessGroup, name: str, stats: Optio
     x = x.contiguous()
     # The backends want the output concatenated along dim 0 ([cp*n, ...]), not stacked.
     out = torch.empty((cp * x.size(0),) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
-    dist.all_gather_single(out, x, group=group)
+    _all_gather_tensor(out, x, group=group)
     if stats is not None:
         stats.add(name, (cp - 1) * _nbytes(x))
     return out.view((cp,) + tuple(x.shape))
@@ -102,10 +113,34 @@ def reduce_scatter_dim0(y: Tensor, group: dist.ProcessGroup, name: str, stats: O
         raise ValueError(f"reduce_scatter input dim 0 is {y.size(0)}, expected cp={cp}")
     y = y.contiguous().flatten(0, 1)  # [cp*n, ...], as the backends expect
     out = torch.empty(y.shape[0] // cp, *y.shape[1:], dtype=y.dtype, device=y.device)
-    dist.reduce_scatter_single(out, y, group=group)
+    _reduce_scatter(out, y, group)
     if stats is not None:
         stats.add(name, (cp - 1) * _nbytes(out))
     return out
+
+
+def _reduce_scatter(out: Tensor, y: Tensor, group: dist.ProcessGroup) -> None:
+    """out [n, ...] = this rank's slice of y [cp*n, ...] summed over ranks.
+
+    NCCL always has the tensor reduce-scatter. gloo gained it only in recent torch releases; where
+    it is missing, the CPU fallback all-reduces the whole buffer and keeps this rank's slice (cp
+    times the traffic, acceptable for CPU tests; CommStats still counts the optimal bytes).
+    """
+    global _gloo_reduce_scatter_ok
+    gloo = dist.get_backend(group) == "gloo"
+    if not gloo or _gloo_reduce_scatter_ok:
+        try:
+            _reduce_scatter_tensor(out, y, group=group)
+            return
+        except (RuntimeError, NotImplementedError) as exc:
+            if not gloo:
+                raise
+            _gloo_reduce_scatter_ok = False
+            logger.info("gloo has no tensor reduce-scatter here (%s); using all_reduce + slice", exc)
+    total = y.clone()
+    dist.all_reduce(total, group=group)
+    n = out.size(0)
+    out.copy_(total[group.rank() * n : (group.rank() + 1) * n])
 
 
 def all_to_all_dim0(x: Tensor, group: dist.ProcessGroup, name: str, stats: Optional[CommStats]) -> Tensor:

@@ -39,7 +39,7 @@ from megatron_ultralong.attention.all_to_all import check_a2a_heads, ulysses_att
 from megatron_ultralong.attention.comm import CommStats
 from megatron_ultralong.attention.kernels import BACKENDS, AttentionBackend
 from megatron_ultralong.attention.ring import ring_attention
-from megatron_ultralong.attention.segments import parse_cu_seqlens
+from megatron_ultralong.attention.segments import document_boundaries
 from megatron_ultralong.parallel.runtime import CpCommType
 
 _ALGORITHMS = {"p2p": ring_attention, "all_gather": all_gather_attention, "a2a": ulysses_attention}
@@ -98,8 +98,8 @@ class UltraLongCoreAttention(MegatronModule):
         if self.cp_comm_type == "a2a" and self.cp_group.size() > 1:
             check_a2a_heads(self.num_heads, self.num_kv_heads, self.cp_group.size())
         self.backend = backend
-        """Block kernel: "auto" (flash-attn on CUDA when installed, else PyTorch SDPA ops), "sdpa",
-        or "flash_attn" (kernels.AttentionBackend)."""
+        """Block kernel (kernels.AttentionBackend): "auto" (on CUDA half precision the first of FA3,
+        cuDNN, flash-attn that passes a self-check, else PyTorch SDPA ops), or one of them by name."""
         self.comm_stats: Optional[CommStats] = None
         """Set to a CommStats to count the bytes this layer's CP attention sends (benchmarks)."""
 
@@ -146,9 +146,11 @@ class UltraLongCoreAttention(MegatronModule):
             cu, cu_kv = packed_seq_params.cu_seqlens_q, packed_seq_params.cu_seqlens_kv
             if cu is None:
                 raise ValueError("packed_seq_params.cu_seqlens_q is None: document masking needs it")
-            if cu_kv is not None and not torch.equal(cu_kv.cpu(), cu.cpu()):
-                raise ValueError("packed_seq_params.cu_seqlens_kv differs from cu_seqlens_q (self-attention)")
-            docs = parse_cu_seqlens(cu, b, sq * cp)
+            docs = document_boundaries(cu, cu_kv, b, sq * cp)  # read from the device once per step
+        # Megatron's value is a view into the fused QKV GEMM output (RoPE gives q and k their own
+        # tensors): saved for backward as a view, it would keep the whole QKV output alive,
+        # (hq + hkv) * e bytes per token more than its own g * d (training/memory.py).
+        value = value.contiguous()
         # [s, b, h, d] -> [b, h, s, d] views.
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
         if cp == 1 and docs is None:

@@ -6,15 +6,21 @@ merged output and lse (the flash-attention backward identity: dS = P * (dP - row
 P = exp(S - lse_final) is exact per block). Public `F.scaled_dot_product_attention` returns neither,
 so this module calls the ops underneath it; all private-API handling lives here only.
 
-Backends (chosen by `select_backend`):
-- "sdpa" (default): PyTorch's own ops that return the lse.
-    CPU:           aten._scaled_dot_product_flash_attention_for_cpu (+ _backward); GQA native.
+Backends (`select_backend`; kernels.BACKENDS):
+- "sdpa": PyTorch's own ops that return the lse; always available, the fallback.
+    CPU:            aten._scaled_dot_product_flash_attention_for_cpu (+ _backward); GQA native.
     CUDA fp16/bf16: aten._scaled_dot_product_flash_attention (+ _backward); K/V heads expanded
-                   locally (only within this rank; nothing repeated travels).
-    CUDA fp32:     aten._scaled_dot_product_efficient_attention (+ _backward); its lse may be padded
-                   to a multiple of 32 rows and is sliced.
-- "flash_attn": flash-attn 2 (`flash_attn.flash_attn_interface`) when installed, CUDA fp16/bf16;
-  GQA native. Import-guarded; this repository's CI has no GPU, so only "sdpa" on CPU is tested here.
+                    locally (only within this rank; nothing repeated travels).
+    CUDA fp32:      aten._scaled_dot_product_efficient_attention (+ _backward); its lse may be
+                    padded to a multiple of 32 rows and is sliced.
+- "cudnn": aten._scaled_dot_product_cudnn_attention (+ _backward), CUDA fp16/bf16; it returns the
+  lse when asked (compute_log_sumexp=True). K/V heads expanded locally.
+- "flash_attn" (FlashAttention-2) and "fa3" (FlashAttention-3, Hopper): flash_backends.py, bound
+  to the installed version once; GQA native.
+- "auto": on CUDA fp16/bf16, the first of fa3, cudnn, flash_attn that is available AND passes a
+  tiny forward/backward self-check against F.scaled_dot_product_attention (once per process,
+  device and dtype); otherwise "sdpa". A package that imports but computes wrongly (a binding that
+  no longer matches its version) is thus never used silently.
 Transformer Engine is not needed for any of them.
 
 Shapes: q [b, h, s_q, d], k/v [b, g, s_k, d] with h % g == 0 (GQA heads not repeated),
@@ -22,37 +28,28 @@ out [b, h, s_q, d] in q's dtype, lse fp32 [b, h, s_q].
 """
 from __future__ import annotations
 
-import importlib.util
-import inspect
+import functools
+import logging
 from typing import Callable, Literal, Sequence, get_args
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
+from megatron_ultralong.attention.flash_backends import load_binding
 from megatron_ultralong.attention.segments import Segment
 from megatron_ultralong.attention.softmax_merge import merge_attention_
 
-AttentionBackend = Literal["auto", "sdpa", "flash_attn"]
-"""Block kernel: "auto" (flash-attn on CUDA half precision when installed, else "sdpa")."""
+logger = logging.getLogger(__name__)
+
+AttentionBackend = Literal["auto", "sdpa", "cudnn", "flash_attn", "fa3"]
+"""Block kernel: "auto" (the first of AUTO_ORDER that passes a self-check on CUDA half precision, else
+"sdpa"), or one by name."""
 BACKENDS: tuple[str, ...] = get_args(AttentionBackend)
+AUTO_ORDER = ("fa3", "cudnn", "flash_attn")
+"""Preference of "auto" on CUDA half precision (fastest first on Hopper); "sdpa" closes the list."""
 
 _aten = torch.ops.aten
-
-
-def flash_attn_available() -> bool:
-    return importlib.util.find_spec("flash_attn") is not None
-
-
-def select_backend(backend: str, q: Tensor) -> str:
-    """Resolve "auto": flash-attn for CUDA half precision when installed, else PyTorch SDPA ops."""
-    if backend not in BACKENDS:
-        raise ValueError(f"attention backend={backend!r}: expected one of {BACKENDS}")
-    if backend == "auto":
-        half = q.dtype in (torch.float16, torch.bfloat16)
-        return "flash_attn" if q.is_cuda and half and flash_attn_available() else "sdpa"
-    if backend == "flash_attn" and not (q.is_cuda and flash_attn_available()):
-        raise ValueError("attention backend='flash_attn' needs CUDA tensors and the flash-attn package")
-    return backend
 
 
 def _expand_kv(t: Tensor, heads: int) -> Tensor:
@@ -68,10 +65,16 @@ def _fold_kv_grad(dt: Tensor, groups: int) -> Tensor:
     return dt.view(b, groups, h // groups, s, d).sum(dim=2)
 
 
+def _no_dropout_rng(device: torch.device) -> tuple[Tensor, Tensor]:
+    """The (philox seed, offset) pair the CUDA forward returns; never read with dropout_p = 0."""
+    return torch.empty(2, dtype=torch.int64, device=device), torch.empty((), dtype=torch.int64, device=device)
+
+
 # --- PyTorch SDPA ops -----------------------------------------------------------------------------
+# Device dispatch is "cpu" vs anything else, so the CUDA branches also run on meta tensors (tests).
 
 def _sdpa_forward(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool) -> tuple[Tensor, Tensor]:
-    if not q.is_cuda:
+    if q.device.type == "cpu":
         out, lse = _aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
         return out, lse
     h = q.size(1)
@@ -86,70 +89,138 @@ def _sdpa_forward(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool) -
 def _sdpa_backward(
     dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, scale: float, causal: bool
 ) -> tuple[Tensor, Tensor, Tensor]:
-    if not q.is_cuda:
+    if q.device.type == "cpu":
         dq, dk, dv = _aten._scaled_dot_product_flash_attention_for_cpu_backward(
             dout, q, k, v, out, lse, 0.0, causal, scale=scale
         )
         return dq, dk, dv
     h, g = q.size(1), k.size(1)
     ke, ve = _expand_kv(k, h), _expand_kv(v, h)
-    empty = torch.empty(0, device=q.device)
     if q.dtype in (torch.float16, torch.bfloat16):
-        cum = torch.empty(0, dtype=torch.int32, device=q.device)
+        # cum_seq_q/k: what the dense forward returns, i.e. undefined (None). A defined tensor, even
+        # an empty one, sends PyTorch's CUDA kernel down its varlen branch (batch = numel - 1).
+        seed, offset = _no_dropout_rng(q.device)
         dq, dk, dv = _aten._scaled_dot_product_flash_attention_backward(
-            dout, q, ke, ve, out, lse, cum, cum, q.size(2), k.size(2), 0.0, causal, empty, empty, scale=scale
+            dout, q, ke, ve, out, lse, None, None, q.size(2), k.size(2), 0.0, causal, seed, offset, scale=scale
         )
     else:
+        empty = torch.empty(0, device=q.device)
         dq, dk, dv, _ = _aten._scaled_dot_product_efficient_attention_backward(
             dout, q, ke, ve, None, out, lse, empty, empty, 0.0, [True, True, True, False], causal, scale=scale
         )
     return dq, _fold_kv_grad(dk, g), _fold_kv_grad(dv, g)
 
 
-# --- flash-attn 2 (optional) ----------------------------------------------------------------------
-
-def _flash_attn_call(fn: Callable, **kwargs):
-    """Call a private flash-attn function with the keywords its installed version declares.
-
-    flash-attn 2.6+ split `window_size` into left/right and added `softcap`; older releases take a
-    tuple. Binding by name keeps the version handling in this one place.
-    """
-    params = inspect.signature(fn).parameters
-    if "window_size" in params:
-        kwargs["window_size"] = (kwargs.pop("window_size_left"), kwargs.pop("window_size_right"))
-    return fn(**{name: value for name, value in kwargs.items() if name in params})
+def _cudnn_forward(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool) -> tuple[Tensor, Tensor]:
+    h = q.size(1)
+    k, v = _expand_kv(k, h), _expand_kv(v, h)
+    res = _aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, causal, False, scale=scale)
+    lse = res[1]
+    return res[0], (lse.squeeze(-1) if lse.dim() == 4 else lse).float()  # [b, h, s, 1] in torch >= 2.5
 
 
-def _flash_forward(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool) -> tuple[Tensor, Tensor]:
-    from flash_attn.flash_attn_interface import _flash_attn_forward
-
-    # flash-attn is [b, s, h, d]; its lse is [b, h, s] fp32 already.
-    res = _flash_attn_call(
-        _flash_attn_forward, q=q.transpose(1, 2), k=k.transpose(1, 2), v=v.transpose(1, 2),
-        dropout_p=0.0, softmax_scale=scale, causal=causal, window_size_left=-1, window_size_right=-1,
-        softcap=0.0, alibi_slopes=None, return_softmax=False,
-    )
-    return res[0].transpose(1, 2), res[1]
-
-
-def _flash_backward(
+def _cudnn_backward(
     dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, scale: float, causal: bool
 ) -> tuple[Tensor, Tensor, Tensor]:
-    from flash_attn.flash_attn_interface import _flash_attn_backward
-
-    qt, kt, vt = (t.transpose(1, 2).contiguous() for t in (q, k, v))
-    dq, dk, dv = torch.empty_like(qt), torch.empty_like(kt), torch.empty_like(vt)
-    _flash_attn_call(
-        _flash_attn_backward, dout=dout.transpose(1, 2).contiguous(), q=qt, k=kt, v=vt,
-        out=out.transpose(1, 2).contiguous(), softmax_lse=lse.contiguous(), dq=dq, dk=dk, dv=dv,
-        dropout_p=0.0, softmax_scale=scale, causal=causal, window_size_left=-1, window_size_right=-1,
-        softcap=0.0, alibi_slopes=None, deterministic=False, rng_state=None,
+    h, g = q.size(1), k.size(1)
+    ke, ve = _expand_kv(k, h), _expand_kv(v, h)
+    seed, offset = _no_dropout_rng(q.device)
+    # attn_bias and cum_seq_q/k undefined (None): dense inputs, no bias, as in the forward.
+    dq, dk, dv = _aten._scaled_dot_product_cudnn_attention_backward(
+        dout.contiguous(), q, ke, ve, out.contiguous(), lse.unsqueeze(-1).contiguous(), seed, offset, None, None,
+        None, q.size(2), k.size(2), 0.0, causal, scale=scale,
     )
-    return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
+    return dq, _fold_kv_grad(dk, g), _fold_kv_grad(dv, g)
 
 
-_FORWARD = {"sdpa": _sdpa_forward, "flash_attn": _flash_forward}
-_BACKWARD = {"sdpa": _sdpa_backward, "flash_attn": _flash_backward}
+def _flash_package(name: str) -> Callable:
+    def forward(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool) -> tuple[Tensor, Tensor]:
+        return load_binding(name).forward(q, k, v, scale, causal)
+
+    def backward(*args) -> tuple[Tensor, Tensor, Tensor]:
+        return load_binding(name).backward(*args)
+
+    return forward, backward
+
+
+_FORWARD: dict[str, Callable] = {"sdpa": _sdpa_forward, "cudnn": _cudnn_forward}
+_BACKWARD: dict[str, Callable] = {"sdpa": _sdpa_backward, "cudnn": _cudnn_backward}
+for _name in ("flash_attn", "fa3"):
+    _FORWARD[_name], _BACKWARD[_name] = _flash_package(_name)
+
+
+# --- backend choice -------------------------------------------------------------------------------
+
+def _available(name: str, q: Tensor) -> bool:
+    """Whether backend `name` can run on q's device and dtype at all (before the self-check)."""
+    if name == "sdpa":
+        return True
+    if not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16):
+        return False
+    if name == "cudnn":
+        return hasattr(_aten, "_scaled_dot_product_cudnn_attention") and torch.backends.cudnn.is_available()
+    return load_binding(name) is not None
+
+
+def self_check(forward: Callable, backward: Callable, device: torch.device, dtype: torch.dtype,
+               tol: float = 3e-2) -> tuple[bool, str]:
+    """Run one GQA block (causal and full) through a backend and compare out, lse and the gradients
+    with F.scaled_dot_product_attention in fp32 autograd. Returns (passed, reason)."""
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    b, h, g, s, d = 1, 4, 2, 128, 64
+    q, k, v, dout = (torch.randn(b, n, s, d, generator=gen).to(device, dtype) for n in (h, g, g, h))
+    scale = d ** -0.5
+    try:
+        for causal in (True, False):
+            out, lse = forward(q, k, v, scale, causal)
+            dq, dk, dv = backward(dout, q, k, v, out, lse, scale, causal)
+            ref_q, ref_k, ref_v = (t.detach().float().clone().requires_grad_() for t in (q, k, v))
+            ref = F.scaled_dot_product_attention(ref_q, ref_k, ref_v, is_causal=causal, scale=scale, enable_gqa=True)
+            ref.backward(dout.float())
+            scores = (ref_q @ _expand_kv(ref_k, h).transpose(-1, -2)) * scale
+            if causal:
+                scores = scores.masked_fill(torch.ones(s, s, dtype=torch.bool, device=device).triu(1), float("-inf"))
+            pairs = (("out", out, ref), ("lse", lse, scores.logsumexp(-1)), ("dq", dq, ref_q.grad),
+                     ("dk", dk, ref_k.grad), ("dv", dv, ref_v.grad))
+            for name, got, want in pairs:
+                if got.shape != want.shape:
+                    return False, f"{name} shape {tuple(got.shape)} != {tuple(want.shape)}"
+                err = (got.float() - want.detach()).abs().max().item()
+                if not err <= tol * max(1.0, want.detach().abs().max().item()):
+                    return False, f"{name} max error {err:.3g} (causal={causal})"
+    except Exception as exc:  # noqa: BLE001 - any failure means "do not use this backend"
+        return False, f"{type(exc).__name__}: {exc}"
+    return True, "ok"
+
+
+@functools.lru_cache(maxsize=None)
+def _auto_choice(device: torch.device, dtype: torch.dtype) -> str:
+    probe = torch.empty(0, device=device, dtype=dtype)
+    for name in AUTO_ORDER:
+        if not _available(name, probe):
+            continue
+        ok, reason = self_check(_FORWARD[name], _BACKWARD[name], device, dtype)
+        if ok:
+            logger.info("attention backend auto -> %s (%s, %s)", name, device, dtype)
+            return name
+        logger.warning("attention backend %s failed its self-check, not used: %s", name, reason)
+    return "sdpa"
+
+
+def select_backend(backend: str, q: Tensor) -> str:
+    """Resolve "auto" (see the module docstring); refuse an explicit backend that cannot run on q."""
+    if backend not in BACKENDS:
+        raise ValueError(f"attention backend={backend!r}: expected one of {BACKENDS}")
+    if backend == "auto":
+        if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+            return _auto_choice(q.device, q.dtype)
+        return "sdpa"
+    if not _available(backend, q):
+        raise ValueError(
+            f"attention backend={backend!r} needs CUDA fp16/bf16 tensors and its package "
+            f"(got {q.device.type} {q.dtype}); 'sdpa' runs everywhere"
+        )
+    return backend
 
 
 # --- the interface --------------------------------------------------------------------------------

@@ -36,7 +36,7 @@ from torch import Tensor
 from megatron_ultralong.attention.comm import TAG_DKV, TAG_KV, CommStats, RingComm
 from megatron_ultralong.attention.kernels import attention_backward_into, attention_forward_into
 from megatron_ultralong.attention.segments import DocBoundaries, build_segments
-from megatron_ultralong.attention.softmax_merge import empty_accumulator
+from megatron_ultralong.attention.softmax_merge import empty_accumulator, final_output
 from megatron_ultralong.parallel.cp_layout import local_ranges
 
 
@@ -60,7 +60,7 @@ def ring_forward(
         if step + 1 < cp:
             comm.wait()
             kv = next_kv
-    return out.to(q.dtype), lse
+    return final_output(out, q.dtype), lse
 
 
 def ring_backward(

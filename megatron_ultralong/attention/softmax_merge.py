@@ -27,6 +27,17 @@ def empty_accumulator(q: Tensor) -> tuple[Tensor, Tensor]:
     return out, lse
 
 
+def final_output(out: Tensor, dtype: torch.dtype) -> Tensor:
+    """The merged fp32 out [b, h, s, d] in `dtype`, stored in Megatron's [s, b, h, d] memory order.
+
+    Core attention hands Megatron [s, b, h*d]; from this layout that is a view, so the tensor the
+    autograd Function saves for backward and the one linear_proj saves are the same storage
+    (a [b, h, s, d]-contiguous result would be copied, keeping two per layer).
+    """
+    b, h, s, d = out.shape
+    return torch.empty((s, b, h, d), dtype=dtype, device=out.device).permute(1, 2, 0, 3).copy_(out)
+
+
 def merge_attention_(out: Tensor, lse: Tensor, block_out: Tensor, block_lse: Tensor) -> None:
     """Merge one partial block into the running result, in place.
 

@@ -273,16 +273,44 @@ def load_megatron_checkpoint(model: nn.Module, path: str | os.PathLike, strict: 
     info = read_checkpoint_info(path)
     if strict:
         check_compatible(model.model_config, info.model_config, path)
-    state = dist_checkpointing.load(
-        model.sharded_state_dict(),
-        str(path),
-        strict=StrictHandling.RAISE_ALL if strict else StrictHandling.LOG_ALL,
-    )
+    # RETURN_ALL: megatron drops the requested keys the checkpoint lacks and reports both kinds of
+    # mismatch; only `_extra_state` entries may differ (see _check_mismatch).
+    if strict:
+        state, ckpt_only, model_only = dist_checkpointing.load(
+            model.sharded_state_dict(), str(path), strict=StrictHandling.RETURN_ALL
+        )
+        _check_mismatch(path, {k.key if hasattr(k, "key") else k for k in ckpt_only},
+                        {k.key if hasattr(k, "key") else k for k in model_only})
+    else:
+        state = dist_checkpointing.load(model.sharded_state_dict(), str(path), strict=StrictHandling.LOG_ALL)
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith("_extra_state")]
     if strict and (missing or unexpected):
         raise ValueError(f"{path}: missing weights {missing}, unexpected {unexpected}")
     return info
+
+
+def _is_extra_state(key: str) -> bool:
+    """Megatron names a module's extra state `<module>._extra_state` (plus a shard suffix)."""
+    return "._extra_state" in key or key.startswith("_extra_state")
+
+
+def _check_mismatch(path: Path, ckpt_only: set, model_only: set) -> None:
+    """Allow `_extra_state` to differ; refuse any other key the checkpoint or the model lacks.
+
+    Transformer Engine modules carry `_extra_state` (FP8 scaling metadata; TE's RMSNorm and linear
+    layers each have one), torch modules do not. A checkpoint converted on CPU with the torch
+    layer spec must load into the TE spec of a GPU run and back: an extra state absent from the
+    checkpoint keeps the module's freshly initialised one (no FP8 history yet, which is what TE
+    starts from anyway), and one the model has no slot for is ignored.
+    """
+    model_only = {k for k in model_only if not _is_extra_state(k)}
+    ckpt_only = {k for k in ckpt_only if not _is_extra_state(k)}
+    if model_only or ckpt_only:
+        raise ValueError(
+            f"{path}: the checkpoint lacks {sorted(model_only)[:8]} and has no slot in the model for "
+            f"{sorted(ckpt_only)[:8]} (an architecture or layer-spec mismatch beyond _extra_state)"
+        )
 
 
 def _write_json(path: Path, obj: dict) -> None:

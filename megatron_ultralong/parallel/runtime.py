@@ -10,7 +10,10 @@ tests/test_runtime.py fails if megatron-core changes under one of them:
    ranks -> TP=2 weights are exactly TP=1's.
 2. Fusions. Masked-softmax, bias-GeLU/SwiGLU, bias-dropout-add, persistent layer norm, gradient
    accumulation fusion and TE/apex RoPE fusion are CUDA kernels; `megatron_config_overrides()`
-   turns them off on CPU. RoPE fusion is off everywhere: our angles are [s, b, 1, d] from position
+   turns them off on CPU. Gradient accumulation fusion stays on for GPU runs whenever megatron-core
+   found apex's `fused_weight_gradient_mlp_cuda` (its private flag
+   `tensor_parallel.layers._grad_accum_fusion_available`; megatron's linear layers raise without
+   it, and TE's layers fuse the same accumulation themselves). RoPE fusion is off everywhere: our angles are [s, b, 1, d] from position
    ids, and fused RoPE cannot apply a YaRN attention factor anyway.
 3. Rotary embedding. megatron-core's `RotaryEmbedding` allocates on `torch.cuda.current_device()`;
    the plugin never builds it (GPTModel gets position_embedding_type="none" and our
@@ -220,9 +223,16 @@ def megatron_config_overrides(device: torch.device) -> dict:
         bias_activation_fusion=on_gpu,
         bias_dropout_fusion=on_gpu,
         persist_layer_norm=False,
-        gradient_accumulation_fusion=False,  # needs apex's fused_weight_gradient_mlp_cuda
+        gradient_accumulation_fusion=on_gpu and grad_accum_fusion_available(),
         apply_rope_fusion=False,  # see accommodation 2
     )
+
+
+def grad_accum_fusion_available() -> bool:
+    """Whether megatron-core imported apex's fused wgrad-accumulation kernel (accommodation 2)."""
+    from megatron.core.tensor_parallel import layers
+
+    return bool(getattr(layers, "_grad_accum_fusion_available", False))
 
 
 def check_device_support(parallel: ParallelConfig, device: torch.device, tied_embeddings: bool = False) -> None:

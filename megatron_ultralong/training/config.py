@@ -48,8 +48,15 @@ class ModelSection:
     """Layer spec with TE modules; None = when importable."""
 
     recompute: Literal["none", "selective", "full"] = "none"
-    """Activation recompute: selective = core attention only; full = whole layers (GPU only:
-    megatron-core's checkpoint saves CUDA RNG states)."""
+    """Activation recompute (megatron-core's `recompute_granularity`; GPU only: its checkpoints save
+    CUDA RNG states): none; selective = the submodules in `recompute_modules`; full = whole layers.
+    Choose the cheapest mode that fits (training/memory.py `choose_recompute`)."""
+
+    recompute_modules: tuple[Literal["core_attn", "layernorm", "mlp"], ...] = ("layernorm", "mlp")
+    """With selective recompute: megatron-core's `recompute_modules`. "layernorm" drops both RMSNorm
+    outputs (almost free to recompute), "mlp" the SwiGLU MLP's internals (+1 MLP forward, ~1% of a
+    1M-token step), "core_attn" only the attention kernel's lse while re-running attention itself
+    (the costliest part at long context; rarely worth it)."""
 
     recompute_num_layers: int = 1
     """With full recompute: layers per recompute chunk (uniform method)."""
@@ -62,6 +69,8 @@ class ModelSection:
                 f"model.yarn_target_length={self.yarn_target_length} must exceed "
                 f"model.yarn_original_length={self.yarn_original_length}"
             )
+        if self.recompute == "selective" and not self.recompute_modules:
+            raise ValueError("model.recompute=selective needs model.recompute_modules (e.g. [layernorm, mlp])")
         if self.recompute_num_layers < 1:
             raise ValueError(f"model.recompute_num_layers={self.recompute_num_layers}: expected >= 1")
 

@@ -199,7 +199,13 @@ class MegatronOptimizer:
             params_dtype=torch.bfloat16 if bf16 else torch.float32,
             use_distributed_optimizer=True,
         )
-        self.inner = get_megatron_optimizer(config, [ddp_model], pg_collection=pg_collection)
+        # With explicit process groups megatron-core 0.16.1 refuses its default gloo groups
+        # ("Gloo process groups are not supported when pg_collection is provided",
+        # ProcessGroupCollection.setup_process_groups_for_optimizer); they only serve CPU-side
+        # optimizer-state checkpoint gathers, which torch_dist checkpoints do not use.
+        self.inner = get_megatron_optimizer(
+            config, [ddp_model], use_gloo_process_groups=False, pg_collection=pg_collection
+        )
 
     @property
     def param_groups(self) -> list:

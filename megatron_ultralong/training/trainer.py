@@ -60,7 +60,7 @@ def _recompute_overrides(cfg: TrainConfig, on_gpu: bool) -> dict:
             "RNG states (runtime.py, accommodation 5)"
         )
     if mode == "selective":
-        return dict(recompute_granularity="selective", recompute_modules=["core_attn"])
+        return dict(recompute_granularity="selective", recompute_modules=list(cfg.model.recompute_modules))
     return dict(recompute_granularity="full", recompute_method="uniform",
                 recompute_num_layers=cfg.model.recompute_num_layers)
 
