@@ -188,6 +188,10 @@ def test_start_up_data_checks(tmp_path):
     cache = str(tmp_path / "cache")
     assert sc.stale_cache_problem([prefix], cache) is None  # records the fingerprint
     assert sc.stale_cache_problem([prefix], cache) is None
+    assert sc.token_id_problem([prefix], vocab_size=1001, cache_dir=cache) is None
+    record = json.loads((tmp_path / "cache" / sc.FINGERPRINT_FILE).read_text())
+    assert record[os.path.abspath(prefix)]["max_token"] == [1000, 6]  # a requeued job does not rescan
+    assert sc.token_id_problem([prefix], vocab_size=1000, cache_dir=cache).startswith(f"{prefix}.bin holds token id 1000")
     _indexed(prefix, [[1, 2, 3, 999]] * 3)  # rebuilt in place
     assert "changed since megatron's sample index" in sc.stale_cache_problem([prefix], cache)
 
@@ -197,3 +201,31 @@ def test_start_up_data_checks(tmp_path):
     ro.mkdir()
     (ro / "file").write_text("")
     assert "train.save=" in sc.output_problem(None, str(ro / "file" / "sub"), None)
+
+
+def test_guard_counts_consecutive_bad_steps_and_stop_conditions(caplog):
+    import signal as sig
+
+    from megatron_ultralong.training.guards import NonFiniteError, NonFiniteGuard, StopConditions
+
+    guard = NonFiniteGuard(max_bad_steps=2, device=torch.device("cpu"))
+    assert guard.loss_is_finite(1, 2.5) and guard.record(1, 2.5, 1.0, True) is None
+    assert not guard.loss_is_finite(2, float("nan"))
+    with caplog.at_level("WARNING"):
+        assert guard.record(2, float("nan"), float("nan"), False) == "loss"
+    assert "step 2: non-finite loss, update skipped (1 of train.max_bad_steps=2)" in caplog.text
+    assert guard.record(3, 2.0, 1.0, True) is None  # a good step resets the count
+    guard.record(4, 2.0, float("inf"), True)
+    with pytest.raises(NonFiniteError, match=r"step 5: non-finite gradient norm .* 2 consecutive"):
+        guard.record(5, 2.0, float("nan"), True)
+    with pytest.raises(NonFiniteError, match="step 1: non-finite loss"):
+        NonFiniteGuard(1, torch.device("cpu")).record(1, float("inf"), float("nan"), False)
+
+    before = sig.getsignal(sig.SIGUSR1)
+    stops = StopConditions(["SIGUSR1"], None, torch.device("cpu"))
+    assert stops.check() is None
+    os.kill(os.getpid(), sig.SIGUSR1)  # handled: the process lives on
+    assert stops.check() == "signal SIGUSR1"
+    stops.restore()
+    assert sig.getsignal(sig.SIGUSR1) is before
+    assert StopConditions([], 1e-9, torch.device("cpu")).check() == "train.exit_duration_minutes=1e-09 reached"

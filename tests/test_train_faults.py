@@ -72,11 +72,13 @@ def test_huge_lr_stops_at_the_first_bad_steps_and_never_saves_them(dataset, tmp_
              "train.save_interval": 1, "train.log_file": log, "train.log_interval": 1, "train.max_bad_steps": 2}
     run_distributed(_nan_body, 2, args=(_overrides(dataset, **extra), str(tmp_path / "r.json")))
     error = json.loads((tmp_path / "r.json").read_text())["error"]
-    assert error is not None and "step 3: non-finite loss" in error and "2 consecutive" in error
+    # Weights of ~1e30 after step 1: the gradient of step 2 is NaN (before the fix: skipped silently,
+    # exit 0, and the broken run saved as `latest`).
+    assert error is not None and "step 3: non-finite gradient norm" in error and "2 consecutive" in error
     lines = _strict_lines(log)
-    assert [m["step"] for m in lines] == [1, 2, 3]
-    assert lines[0]["nonfinite"] is None and lines[1]["nonfinite"] == "loss" and lines[1]["loss"] is None
-    assert not lines[1]["applied"] and not lines[2]["applied"]
+    assert [m["step"] for m in lines] == [1, 2]  # step 3 stopped the run
+    assert lines[0]["nonfinite"] is None and lines[0]["applied"]
+    assert lines[1]["nonfinite"] == "gradient norm" and lines[1]["grad_norm"] is None and not lines[1]["applied"]
     assert (ckpt / "latest").read_text().strip() == "iter_0000001"  # the bad steps were never saved
     assert sorted(p.name for p in ckpt.glob("iter_*")) == ["iter_0000001"]
 
@@ -126,7 +128,8 @@ def _run(world, overrides, tmp_path, name):
 
 def test_flipped_byte_falls_back_and_misspelled_load_touches_nothing(dataset, tmp_path):
     ckpt, log = tmp_path / "ckpt", tmp_path / "m.jsonl"
-    kw = {"train.save": ckpt, "train.save_interval": 1, "train.log_file": log, "train.log_interval": 1}
+    kw = {"train.save": ckpt, "train.save_interval": 1, "train.log_file": log, "train.log_interval": 1,
+          "optim.warmup_steps": 1}
     first, _ = _run(1, _overrides(dataset, **{**kw, "train.steps": 2}), tmp_path, "a")
     assert first["steps"] == [1, 2]
 
@@ -222,7 +225,7 @@ def test_a_signal_on_one_rank_stops_every_rank_at_the_same_step_and_retention(da
 
 def test_changed_tp_on_resume_is_refused_naming_both_layouts(dataset, tmp_path):
     ckpt = tmp_path / "ckpt"
-    kw = {"train.save": ckpt, "train.steps": 1, "train.global_batch_size": 2}
+    kw = {"train.save": ckpt, "train.steps": 1, "train.global_batch_size": 2, "optim.warmup_steps": 0}
     _run(2, _overrides(dataset, **kw, **{"parallel.tensor_parallel": 2}), tmp_path, "tp2")
     with pytest.raises(AssertionError, match=r"parallel.tensor_parallel: saved 2, requested 1"):
         _run(2, _overrides(dataset, **{**kw, "train.steps": 2}), tmp_path, "tp1")

@@ -124,10 +124,10 @@ def read_manifest(root: Path) -> Optional[dict]:
 def verify_manifest(root: Path) -> Optional[str]:
     """Collective: recompute every file's size and CRC-32 (shared over the ranks).
 
-    Returns None when the checkpoint matches its manifest, else one line naming the first bad file
-    (the same line on every rank). Raises CheckpointCorruptError when there is no manifest to check
-    against only through `read_manifest` (a broken manifest); a checkpoint without one returns None
-    and the caller says it was not verified."""
+    Returns None when every file matches its manifest entry, else one line naming the first bad
+    file (the same line on every rank). A checkpoint without a manifest (saved before they existed)
+    also returns None: the caller says it loads unverified. An unreadable manifest raises
+    CheckpointCorruptError."""
     root = Path(root)
     files = read_manifest(root)
     if files is None:

@@ -18,6 +18,7 @@ import logging
 import math
 import os
 import signal
+import threading
 import time
 from pathlib import Path
 from typing import Optional, Sequence
@@ -101,6 +102,9 @@ class StopConditions:
         self.device = device
         self.received: Optional[str] = None
         self._previous = {}
+        if exit_signals and threading.current_thread() is not threading.main_thread():
+            logger.warning("the trainer runs outside the main thread: train.exit_signals not installed")
+            exit_signals = ()
         for name in exit_signals:
             sig = getattr(signal, name)
             self._previous[sig] = signal.signal(sig, self._on_signal)

@@ -83,17 +83,38 @@ def _max_token(prefix: str) -> tuple[int, int]:
     return best, where
 
 
-def token_id_problem(paths, vocab_size: int) -> Optional[str]:
+def token_id_problem(paths, vocab_size: int, cache_dir: Optional[str] = None) -> Optional[str]:
     """An error line if a dataset holds a token id the model cannot embed (>= vocab_size).
 
     vocab_size: the model's real vocabulary (ids between it and the padded size would train against
-    a never-trained output row: loss inf; ids past the padded size index out of range)."""
+    a never-trained output row: loss inf; ids past the padded size index out of range).
+    cache_dir: remember each file's maximum next to megatron's index cache, keyed by the file's size
+    and mtime, so a requeued job does not scan a 100 GB .bin again."""
+    record = Path(cache_dir) / FINGERPRINT_FILE if cache_dir else None
+    known = json.loads(record.read_text()) if record is not None and record.is_file() else {}
+    changed = False
     for prefix in paths:
-        best, where = _max_token(prefix)
+        entry = known.get(os.path.abspath(prefix))
+        if entry is not None and "max_token" in entry and {k: entry[k] for k in (".bin", ".idx")} == _fingerprint(prefix):
+            best, where = entry["max_token"]
+        else:
+            best, where = _max_token(prefix)
+            if record is not None:
+                known[os.path.abspath(prefix)] = {**_fingerprint(prefix), "max_token": [best, where]}
+                changed = True
         if best >= vocab_size:
             return (f"{prefix}.bin holds token id {best} (first at token {where}), outside the model's "
                     f"vocabulary of {vocab_size}: was it tokenized with another tokenizer?")
+    if changed:
+        _write_record(record, known)
     return None
+
+
+def _write_record(record: Path, body: dict) -> None:
+    record.parent.mkdir(parents=True, exist_ok=True)
+    tmp = record.with_name(record.name + ".tmp")
+    tmp.write_text(json.dumps(body, indent=1))
+    os.replace(tmp, record)
 
 
 # --- data length against the schedule ---
@@ -158,14 +179,12 @@ def stale_cache_problem(paths, cache_dir: str) -> Optional[str]:
     current = {os.path.abspath(p): _fingerprint(p) for p in paths}
     for path, fp in current.items():
         old = known.get(path)
-        if old is not None and old != fp:
+        if old is not None and {k: old.get(k) for k in fp} != fp:
             return (f"{path}.bin/.idx changed since megatron's sample index in {cache_dir} was built from it: "
                     f"delete {cache_dir} (or set data.cache_dir to a new directory) so it is rebuilt")
-    if any(known.get(p) != fp for p, fp in current.items()):
-        os.makedirs(cache_dir, exist_ok=True)
-        tmp = record.with_name(record.name + ".tmp")
-        tmp.write_text(json.dumps({**known, **current}, indent=1))
-        os.replace(tmp, record)
+    new = {p: fp for p, fp in current.items() if p not in known}
+    if new:
+        _write_record(record, {**known, **new})
     return None
 
 

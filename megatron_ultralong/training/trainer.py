@@ -168,8 +168,9 @@ class Trainer:
         data = self.cfg.data
         if data.kind != "pretrain":
             return
-        startup_checks.on_rank0(lambda: startup_checks.stale_cache_problem(data.paths, startup_checks.index_cache_dir(data)))
-        startup_checks.on_rank0(lambda: startup_checks.token_id_problem(data.paths, self.model_cfg.vocab_size))
+        cache = startup_checks.index_cache_dir(data)
+        startup_checks.on_rank0(lambda: startup_checks.stale_cache_problem(data.paths, cache))
+        startup_checks.on_rank0(lambda: startup_checks.token_id_problem(data.paths, self.model_cfg.vocab_size, cache))
 
     def _resume(self) -> None:
         """Load the newest checkpoint that verifies (checkpoint/train_state.py), or say loudly that
