@@ -229,3 +229,27 @@ def test_guard_counts_consecutive_bad_steps_and_stop_conditions(caplog):
     stops.restore()
     assert sig.getsignal(sig.SIGUSR1) is before
     assert StopConditions([], 1e-9, torch.device("cpu")).check() == "train.exit_duration_minutes=1e-09 reached"
+
+
+def test_dcp_metadata_that_would_run_code_is_refused(tmp_path):
+    import torch.distributed.checkpoint as dcp
+
+    from megatron_ultralong.checkpoint.safe_metadata import check_dcp_metadata
+
+    good = tmp_path / "good"
+    dcp.save({"w": torch.randn(4, 3), "b": torch.zeros(2, dtype=torch.bfloat16)},
+             storage_writer=dcp.FileSystemWriter(str(good)))
+    check_dcp_metadata(good)  # what torch's writer emits passes
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    with open(bad / ".metadata", "wb") as f:
+        pickle.dump({"state_dict_metadata": _Boom()}, f)
+    if os.path.exists("/tmp/i13_pwned_marker"):
+        os.remove("/tmp/i13_pwned_marker")
+    with pytest.raises(mf.CheckpointCorruptError, match=r"bad/.metadata: refuses to unpickle posix.system"):
+        check_dcp_metadata(bad)
+    assert not os.path.exists("/tmp/i13_pwned_marker")
+    (bad / ".metadata").write_bytes(b"\x80\x04garbage")
+    with pytest.raises(mf.CheckpointCorruptError, match="unreadable checkpoint metadata"):
+        check_dcp_metadata(bad)

@@ -14,7 +14,9 @@ complete checkpoint):
 Resume (`find_resume_checkpoint` + `load_train_checkpoint`): `latest` names the checkpoint; if it is
 missing, names something outside the save directory, or names an iteration that is incomplete or
 fails its checksums, the newest complete iteration that verifies is used instead, and the log says
-which and why. Nothing read from a checkpoint is unpickled (weights_only=True everywhere).
+which and why. Nothing read from a checkpoint is unpickled freely: `.pt` files load with
+weights_only=True, and the `.metadata` files torch reads with plain pickle are vetted first
+(checkpoint/safe_metadata.py).
 
 Retention (`apply_retention`): after a new checkpoint is complete, fsynced and named by `latest`,
 older iterations beyond `keep_last` (except multiples of `keep_every`) are removed: renamed to a
@@ -44,6 +46,7 @@ from megatron_ultralong.checkpoint.manifest import (
     write_file_durably,
     write_manifest,
 )
+from megatron_ultralong.checkpoint.safe_metadata import check_dcp_metadata
 from megatron_ultralong.checkpoint.torch_dist import (
     begin_atomic_dir,
     finish_atomic_dir,
@@ -289,6 +292,8 @@ def load_train_checkpoint(
     if parallel is not None:
         check_layout(path, state, parallel)
     world = dist.get_world_size() if dist.is_initialized() else 1
+    for sub in ("model", "optimizer"):
+        check_dcp_metadata(path / sub)  # torch reads .metadata with plain pickle: vet it first
     _named(f"{path / 'model'}", lambda: load_megatron_checkpoint(model, path / "model"))
     _named(f"{path / 'optimizer'}", lambda: optimizer.load(str(path / "optimizer"), model.sharded_state_dict()))
     _named(f"{path / STATE} (scheduler)", lambda: scheduler.load_state_dict(state["scheduler"]))
