@@ -195,6 +195,13 @@ def test_start_up_data_checks(tmp_path):
     _indexed(prefix, [[1, 2, 3, 999]] * 3)  # rebuilt in place
     assert "changed since megatron's sample index" in sc.stale_cache_problem([prefix], cache)
 
+    class _Sft:
+        _ids = np.array([5, 1200, 7], dtype=np.int32)
+    assert "produced token id 1200, outside the model's vocabulary of 1000" in \
+        sc.sft_token_id_problem(_Sft(), ["c.jsonl"], 0, 1000)
+    assert sc.sft_token_id_problem(_Sft(), ["c.jsonl"], 0, 1201) is None
+    assert "data.pad_token_id=1201" in sc.sft_token_id_problem(_Sft(), ["c.jsonl"], 1201, 1201)
+
     assert "directory /nope/dir does not exist" in sc.output_problem("/nope/dir/m.jsonl", None, None)
     assert sc.output_problem(str(tmp_path / "m.jsonl"), str(tmp_path / "save"), None) is None
     ro = tmp_path / "ro"

@@ -117,6 +117,19 @@ def _write_record(record: Path, body: dict) -> None:
     os.replace(tmp, record)
 
 
+def sft_token_id_problem(dataset, paths, pad_token_id: int, vocab_size: int) -> Optional[str]:
+    """The same check for chat data: SFTDataset keeps every tokenized conversation in one flat id
+    array (data/samples/sft.py, `_ids`); its maximum and the padding id must fit the vocabulary."""
+    ids = getattr(dataset, "_ids", None)
+    best = int(ids.max()) if ids is not None and len(ids) else -1
+    if best >= vocab_size:
+        return (f"data.paths={list(paths)}: the tokenizer (data.tokenizer) produced token id {best}, outside "
+                f"the model's vocabulary of {vocab_size}")
+    if pad_token_id >= vocab_size:
+        return f"data.pad_token_id={pad_token_id} is outside the model's vocabulary of {vocab_size}"
+    return None
+
+
 # --- data length against the schedule ---
 
 def epoch_warnings(paths, weights, seq_length: int, num_samples: int, steps: int, global_batch: int) -> list[str]:

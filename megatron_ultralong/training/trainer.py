@@ -130,6 +130,11 @@ class Trainer:
         num_samples = cfg.train.steps * cfg.train.global_batch_size
         self._check_data()
         self.dataset = build_dataset(cfg.data, num_samples, cfg.train.seed, self.model_cfg.vocab_size)
+        if cfg.data.kind == "sft":  # every rank holds the same tokenized rows: same verdict everywhere
+            problem = startup_checks.sft_token_id_problem(self.dataset, cfg.data.paths, cfg.data.pad_token_id,
+                                                          self.model_cfg.vocab_size)
+            if problem:
+                raise ValueError(problem)
         if self.is_logger:
             startup_checks.warn_if_schedule_exceeds_data(cfg, num_samples, len(self.dataset))
         self.schedule = BatchSchedule(self.dataset, cfg.train.micro_batch_size, self.dp, pg.dp.rank())
