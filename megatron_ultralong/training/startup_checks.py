@@ -181,6 +181,15 @@ def _fingerprint(prefix: str) -> dict:
     return out
 
 
+def missing_data_problem(paths) -> Optional[str]:
+    """The first missing .bin/.idx (the same line data/samples/pretrain.py raises, before our scans)."""
+    for prefix in paths:
+        for ext in (".bin", ".idx"):
+            if not os.path.isfile(prefix + ext):
+                return f"data.paths: {prefix + ext} does not exist"
+    return None
+
+
 def stale_cache_problem(paths, cache_dir: str) -> Optional[str]:
     """An error line if a dataset changed since megatron built its sample index in cache_dir.
 

@@ -173,6 +173,7 @@ class Trainer:
         data = self.cfg.data
         if data.kind != "pretrain":
             return
+        startup_checks.on_rank0(lambda: startup_checks.missing_data_problem(data.paths))
         cache = startup_checks.index_cache_dir(data)
         startup_checks.on_rank0(lambda: startup_checks.stale_cache_problem(data.paths, cache))
         startup_checks.on_rank0(lambda: startup_checks.token_id_problem(data.paths, self.model_cfg.vocab_size, cache))
