@@ -13,6 +13,9 @@ from megatron_ultralong.config_io import apply_overrides, from_dict, load_yaml
 from megatron_ultralong.data.samples.config import DataSection
 from megatron_ultralong.parallel.runtime import ParallelConfig
 
+_EXIT_SIGNALS = frozenset({"SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT", "SIGHUP", "SIGQUIT"})
+"""Signals train.exit_signals may name (catchable, and ones Slurm or a launcher sends)."""
+
 
 @dataclass(frozen=True)
 class ModelSection:
@@ -139,7 +142,30 @@ class TrainSection:
     """Save every N steps (0: only at the end, if save is set)."""
 
     load: Optional[str] = None
-    """Resume from the latest complete checkpoint here (model, optimizer, scheduler, RNG, data)."""
+    """Resume from the latest complete checkpoint here (model, optimizer, scheduler, RNG, data).
+    None = train.save (auto-resume: a requeued job continues with no extra flag). When it holds no
+    checkpoint the run says so and starts from scratch."""
+
+    overwrite: bool = False
+    """Allow starting in a train.save that holds checkpoints this run did not resume from (they are
+    moved aside to `<save>/.overwritten-<time>/`, never deleted). False: refuse at start."""
+
+    max_bad_steps: int = 1
+    """Consecutive steps with a NaN/Inf loss or grad norm before the run stops (exit code 3); bad
+    steps apply no update and are never saved. 1 = stop at the first."""
+
+    exit_signals: tuple[str, ...] = ("SIGTERM", "SIGUSR1")
+    """On these signals finish the current step, save, and exit with code 75 (requeue)."""
+
+    exit_duration_minutes: Optional[float] = None
+    """Save and exit (code 75) after this many minutes of wall time since start; set it to the
+    allocation minus one step, one save and start-up. None = no limit."""
+
+    keep_last: Optional[int] = None
+    """Keep only the newest N checkpoints (older ones deleted after a new one is complete); None = all."""
+
+    keep_every: Optional[int] = None
+    """With keep_last: also keep every checkpoint whose step is a multiple of this."""
 
     log_interval: int = 1
     """Print metrics every N steps."""
@@ -171,6 +197,21 @@ class TrainSection:
                 f"train.global_batch_size={self.global_batch_size} is not a multiple of "
                 f"train.micro_batch_size={self.micro_batch_size}"
             )
+        if self.max_bad_steps < 1:
+            raise ValueError(f"train.max_bad_steps={self.max_bad_steps}: expected >= 1")
+        for name in ("keep_last", "keep_every"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"train.{name}={getattr(self, name)}: expected >= 1 or null")
+        if self.exit_duration_minutes is not None and self.exit_duration_minutes <= 0:
+            raise ValueError(f"train.exit_duration_minutes={self.exit_duration_minutes}: expected > 0 or null")
+        for name in self.exit_signals:
+            if name not in _EXIT_SIGNALS:
+                raise ValueError(f"train.exit_signals: {name!r} is not one of {sorted(_EXIT_SIGNALS)}")
+
+    @property
+    def load_dir(self) -> Optional[str]:
+        """Where to resume from: train.load, else train.save."""
+        return self.load if self.load is not None else self.save
 
 
 @dataclass(frozen=True)
@@ -193,6 +234,11 @@ class TrainConfig:
     """Loop, checkpoints, logging."""
 
     def __post_init__(self) -> None:
+        if self.optim.warmup_steps and self.optim.warmup_steps >= self.train.steps:
+            raise ValueError(
+                f"optim.warmup_steps={self.optim.warmup_steps} must be < train.steps={self.train.steps} "
+                "(the schedule decays over train.steps after the warmup)"
+            )
         cp = self.parallel.context_parallel
         if self.data.seq_length % (2 * cp):
             raise ValueError(

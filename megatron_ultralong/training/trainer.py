@@ -13,7 +13,7 @@ micro-batch of the step; a rank or micro-batch with no loss tokens contributes z
 """
 from __future__ import annotations
 
-import json
+import logging
 import os
 import resource
 import time
@@ -29,14 +29,17 @@ from megatron_ultralong.dtypes import parse_dtype
 from megatron_ultralong.model import build_model, load_model_config
 from megatron_ultralong.model.config import LlamaConfig, extend_context
 from megatron_ultralong.parallel.runtime import init_runtime
-from megatron_ultralong.checkpoint.train_state import latest_checkpoint, load_train_checkpoint, save_train_checkpoint
+from megatron_ultralong.checkpoint.train_state import resume, save_dir_conflict, save_train_checkpoint
 from megatron_ultralong.training.config import TrainConfig
 from megatron_ultralong.data.samples.pretrain import BatchSchedule, build_sample_dataset, cu_seqlens_from_document_ids
+from megatron_ultralong.training import startup_checks
+from megatron_ultralong.training.guards import NonFiniteGuard, StopConditions, metrics_line, trim_metrics_log
 from megatron_ultralong.training.loss import reduce_loss_over_dp_cp
 from megatron_ultralong.training.memory import estimate_memory_per_device, format_estimate
 from megatron_ultralong.training.metrics import training_flops_per_token
 from megatron_ultralong.training.optimizer import build_data_parallel, build_optimizer, build_scheduler, finalize_grads
 
+logger = logging.getLogger(__name__)
 
 
 def resolve_model_config(cfg: TrainConfig) -> LlamaConfig:
@@ -83,6 +86,11 @@ class Trainer:
         pg = self.rt.pg_collection
         self.cp_size, self.cp_rank = pg.cp.size(), pg.cp.rank()
         self.is_logger = self.rt.rank == 0
+        t = cfg.train
+        startup_checks.on_rank0(lambda: startup_checks.output_problem(t.log_file, t.save, t.tensorboard_dir))
+        self.guard = NonFiniteGuard(t.max_bad_steps, self.rt.device)
+        self.stops = StopConditions(t.exit_signals, t.exit_duration_minutes, self.rt.device)
+        self.stop_reason = None
 
         # 2. The architecture (context extension included) and its memory estimate.
         self.model_cfg = resolve_model_config(cfg)
@@ -113,16 +121,19 @@ class Trainer:
 
         # 5. Data: enough samples for every step, in a resumable order.
         num_samples = cfg.train.steps * cfg.train.global_batch_size
+        self._check_data()
         self.dataset = build_sample_dataset(cfg.data, num_samples, cfg.train.seed, self.model_cfg.vocab_size)
+        if cfg.data.kind == "sft":  # every rank holds the same tokenized rows: same verdict everywhere
+            problem = startup_checks.sft_token_id_problem(self.dataset, cfg.data.paths, cfg.data.pad_token_id,
+                                                          self.model_cfg.vocab_size)
+            if problem:
+                raise ValueError(problem)
+        if self.is_logger:
+            startup_checks.warn_if_schedule_exceeds_data(cfg, num_samples, len(self.dataset))
         self.schedule = BatchSchedule(self.dataset, cfg.train.micro_batch_size, self.dp, pg.dp.rank())
 
-        # 6. Resume: model, optimizer, scheduler, RNG and data position.
-        self.step, self.consumed = 0, 0
-        if cfg.train.load:
-            latest = latest_checkpoint(cfg.train.load)
-            if latest is not None:
-                self.step, self.consumed = load_train_checkpoint(latest, model, self.optimizer, self.scheduler)
-                self._log_text(f"[train] resumed from {latest} at step {self.step}")
+        # 6. Resume (train.load, default train.save): model, optimizer, scheduler, RNG, data position.
+        self._resume()
         self.flops_per_token = training_flops_per_token(self.model_cfg, cfg.data.seq_length)
         self.tb = None
         if cfg.train.tensorboard_dir and self.is_logger:
@@ -148,6 +159,34 @@ class Trainer:
             side = os.path.join(m.megatron_checkpoint, SIDE_DIR)
             if os.path.isdir(side):
                 self.side_files = sorted(os.path.join(side, f) for f in os.listdir(side))
+
+    def _check_data(self) -> None:
+        """Before megatron builds or reads its sample index: the data's ids fit the vocabulary, and
+        the index cache was built from these files (training/startup_checks.py)."""
+        data = self.cfg.data
+        if data.kind != "pretrain":
+            return
+        startup_checks.on_rank0(lambda: startup_checks.missing_data_problem(data.paths))
+        cache = startup_checks.index_cache_dir(data)
+        startup_checks.on_rank0(lambda: startup_checks.stale_cache_problem(data.paths, cache))
+        startup_checks.on_rank0(lambda: startup_checks.token_id_problem(data.paths, self.model_cfg.vocab_size, cache))
+
+    def _resume(self) -> None:
+        """Load the newest checkpoint that verifies (checkpoint/train_state.py), or say loudly that
+        there is none; then refuse a save directory that holds another run's checkpoints."""
+        t = self.cfg.train
+        self.step, self.consumed, resumed_from = 0, 0, None
+        if t.load_dir:
+            found = resume(t.load_dir, self.model, self.optimizer, self.scheduler, to_dict(self.cfg.parallel))
+            if found is None:
+                logger.warning("no checkpoint found in %s, starting from scratch", t.load_dir)
+            else:
+                resumed_from, self.step, self.consumed = found
+                logger.info("resumed from %s at step %d", resumed_from, self.step)
+                if self.is_logger:
+                    trim_metrics_log(t.log_file, self.step)
+        startup_checks.on_rank0(lambda: save_dir_conflict(t.save, resumed_from, t.overwrite))
+        self.resumed_step = self.step
 
     def _log_text(self, text: str) -> None:
         if self.is_logger:
@@ -189,8 +228,10 @@ class Trainer:
             step_loss += share.mean_loss.item()
         finalize_grads(self.ddp, self.rt)  # sums grads over DP x CP (+ SP norm grads over TP)
         applied, grad_norm = False, float("nan")
-        if num_tokens > 0:  # a step with no loss token anywhere changes nothing
+        loss_ok = self.guard.loss_is_finite(self.step + 1, step_loss)  # all ranks agree
+        if num_tokens > 0 and loss_ok:  # no loss token anywhere, or a NaN loss: no update
             applied, grad_norm = self.optimizer.step()
+        nonfinite = self.guard.record(self.step + 1, step_loss, grad_norm if num_tokens > 0 else 0.0, loss_ok)
         self.scheduler.step(increment=1)
         self.step += 1
         self.consumed += self.cfg.train.global_batch_size
@@ -204,6 +245,7 @@ class Trainer:
             "lr": self.optimizer.param_groups[0]["lr"],
             "grad_norm": grad_norm,
             "applied": applied,
+            "nonfinite": nonfinite,
             "seconds": elapsed,
             "tokens_per_s": tokens / elapsed,
             "tflops_per_device": tflops,
@@ -219,26 +261,42 @@ class Trainer:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # peak RSS (KiB -> GiB)
 
     def save(self) -> None:
+        t = self.cfg.train
         save_train_checkpoint(
-            self.cfg.train.save, self.step, self.model, self.optimizer, self.scheduler,
+            t.save, self.step, self.model, self.optimizer, self.scheduler,
             self.consumed, to_dict(self.cfg), self.rt.is_cuda, self.side_files,
+            keep_last=t.keep_last, keep_every=t.keep_every,
         )
         self._log_text(f"[train] saved {self.cfg.train.save}/iter_{self.step:07d}")
 
     def train(self) -> list[dict]:
-        """Run until train.steps; returns the metrics of every step run here."""
+        """Run until train.steps, or until a signal / the time limit (then `stop_reason` is set:
+        the current step is saved first); returns the metrics of every step run here. Raises
+        NonFiniteError after train.max_bad_steps bad steps in a row, without saving them."""
         t = self.cfg.train
         history = []
         self.ddp.train()
-        while self.step < t.steps:
-            metrics = self.train_step()
-            history.append(metrics)
-            if self.step % t.log_interval == 0 or self.step == t.steps:
-                self._report(metrics)
-            if t.save and t.save_interval and self.step % t.save_interval == 0:
-                self.save()
-        if t.save and (not t.save_interval or self.step % t.save_interval):
-            self.save()
+        saved_at = None
+        pending = False  # a save fell due while the step was non-finite: save at the next good one
+        if self.step >= t.steps:
+            logger.info("step %d >= train.steps=%d: nothing to train", self.step, t.steps)
+        try:
+            while self.step < t.steps:
+                metrics = self.train_step()
+                history.append(metrics)
+                if self.step % t.log_interval == 0 or self.step == t.steps:
+                    self._report(metrics)
+                self.stop_reason = self.stops.check()  # collective: every rank stops at the same step
+                pending = pending or self.step == t.steps or bool(t.save_interval and self.step % t.save_interval == 0)
+                if t.save and (pending or self.stop_reason) and self.guard.consecutive == 0:
+                    self.save()
+                    saved_at, pending = self.step, False
+                if self.stop_reason:
+                    logger.warning("%s: stopping after step %d (%s)", self.stop_reason, self.step,
+                                   f"saved {t.save}/iter_{self.step:07d}" if saved_at == self.step else "NOT saved")
+                    break
+        finally:
+            self.stops.restore()
         return history
 
     def _report(self, metrics: dict) -> None:
@@ -253,7 +311,7 @@ class Trainer:
         )
         if self.cfg.train.log_file:
             with open(self.cfg.train.log_file, "a", encoding="utf-8") as f:
-                f.write(json.dumps(metrics) + "\n")
+                f.write(metrics_line(metrics))
         if self.tb is not None:
             for key in ("loss", "lr", "grad_norm", "tokens_per_s", "tflops_per_device"):
                 self.tb.add_scalar(f"train/{key}", metrics[key], metrics["step"])
