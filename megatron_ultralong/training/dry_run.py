@@ -57,6 +57,10 @@ class DryRunReport:
         return "\n".join(out)
 
 
+def _hours(seconds: float) -> str:
+    return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.0f} min"
+
+
 def _check_paths(cfg: TrainConfig, rep: DryRunReport) -> None:
     d, m, t = cfg.data, cfg.model, cfg.train
     for i, path in enumerate(d.paths):
@@ -160,8 +164,8 @@ def dry_run(cfg: TrainConfig, world_size: int, device_memory_gib: float = 80.0,
         rep.step_seconds = (lo, hi)
         rep.lines.append(
             f"step time (predicted, MFU {min(mfu_range):.0%}..{max(mfu_range):.0%} of {peak:g} TFLOP/s): "
-            f"{lo:.1f}..{hi:.1f} s/step; {cfg.train.steps} steps in {lo * cfg.train.steps / 3600:.1f}.."
-            f"{hi * cfg.train.steps / 3600:.1f} h ({flops_step:.3e} model FLOPs/step)")
+            f"{lo:.1f}..{hi:.1f} s/step; {cfg.train.steps} steps in {_hours(lo * cfg.train.steps)}.."
+            f"{_hours(hi * cfg.train.steps)} ({flops_step:.3e} model FLOPs/step)")
     else:
         rep.lines.append("step time: not predicted (set train.peak_tflops, e.g. 989 for H100 SXM bf16)")
     return rep
