@@ -4,6 +4,10 @@
                [--rope-yarn-target 1048576 --yarn-beta-fast 4] [--verify]
     mu-convert mcore-to-hf MCORE_DIR HF_DIR [--tp 1] [--dtype bf16] [--max-shard-size 2GB] [--verify]
 
+MCORE_DIR may be a converted model directory, a training checkpoint `iter_XXXXXXX/` (its model/)
+or a training save directory (the checkpoint `latest` names): checkpoint/paths.py resolves it.
+--verify compares logits with transformers and exits 1 when max |logit diff| exceeds --verify-tol.
+
 Processes: under torchrun (WORLD_SIZE set) every rank runs the conversion itself; otherwise the tool
 runs `--nproc` (default TP x PP = 1) local gloo processes. The Megatron checkpoint is TP/PP-agnostic,
 so --tp/--pp only split the work across processes; memory is bounded by the largest tensor either
@@ -13,19 +17,22 @@ TP/PP divisibility) before any process starts.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import socket
 import sys
 from typing import Optional, Sequence
 
-import torch
-import torch.multiprocessing as mp
+from typing import TYPE_CHECKING
 
-from megatron_ultralong.checkpoint.torch_dist import read_checkpoint_info
-from megatron_ultralong.convert.hf_io import HFCheckpointReader, parse_dtype, parse_size
-from megatron_ultralong.convert.hf_to_mcore import check_hf_weights, check_parallel_fits, model_config_from_hf
-from megatron_ultralong.model.config import LlamaConfig
-from megatron_ultralong.rope import RopeConfig, yarn_for_context_length
+from megatron_ultralong.checkpoint.paths import require_megatron_checkpoint
+
+if TYPE_CHECKING:  # the heavy modules load after the arguments are parsed (fast --help and errors)
+    from megatron_ultralong.model.config import LlamaConfig
+    from megatron_ultralong.rope import RopeConfig
+
+VERIFY_FAILED = 1
+"""Exit status when --verify finds the logits further apart than --verify-tol (usage errors: 2)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,7 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--yarn-beta-fast", type=float, default=32.0, help="YaRN beta_fast (paper: 4)")
         s.add_argument("--yarn-beta-slow", type=float, default=1.0, help="YaRN beta_slow (paper: 1)")
         s.add_argument("--verify", action="store_true",
-                       help="compare logits with transformers on a short prompt")
+                       help="compare logits with transformers on a short prompt; exit 1 beyond --verify-tol")
+        s.add_argument("--verify-tol", type=float, default=None,
+                       help="largest acceptable max |logit diff| (default by dtype: fp32 1e-3, fp16 5e-2, bf16 0.5)")
         s.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
         s.add_argument("--no-progress", action="store_true", help="no progress bar")
         if name == "mcore-to-hf":
@@ -54,8 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def source_config(args: argparse.Namespace) -> LlamaConfig:
+def source_config(args: argparse.Namespace) -> "LlamaConfig":
     """The input's model config, validated (HF: also every tensor's name and shape)."""
+    from megatron_ultralong.checkpoint.torch_dist import read_checkpoint_info
+    from megatron_ultralong.convert.hf_io import HFCheckpointReader
+    from megatron_ultralong.convert.hf_to_mcore import check_hf_weights, model_config_from_hf
+
     if args.direction == "hf-to-mcore":
         reader = HFCheckpointReader(args.src)
         cfg = model_config_from_hf(reader.config, str(reader.path / "config.json"))
@@ -64,8 +77,10 @@ def source_config(args: argparse.Namespace) -> LlamaConfig:
     return read_checkpoint_info(args.src).model_config
 
 
-def rope_override(args: argparse.Namespace, cfg: LlamaConfig) -> Optional[RopeConfig]:
+def rope_override(args: argparse.Namespace, cfg: "LlamaConfig") -> Optional["RopeConfig"]:
     """YaRN from the flags, keeping the model's RoPE base; None when no override was asked."""
+    from megatron_ultralong.rope import yarn_for_context_length
+
     if args.rope_yarn_target is None:
         return None
     return yarn_for_context_length(
@@ -74,8 +89,10 @@ def rope_override(args: argparse.Namespace, cfg: LlamaConfig) -> Optional[RopeCo
     )
 
 
-def run_conversion(args: argparse.Namespace, rope: Optional[RopeConfig]) -> None:
-    """Body run by every rank (torch.distributed env already set)."""
+def run_conversion(args: argparse.Namespace, rope: Optional["RopeConfig"]) -> int:
+    """Body run by every rank (torch.distributed env already set). Returns this rank's exit status:
+    VERIFY_FAILED on rank 0 when the verification exceeds the tolerance, else 0."""
+    from megatron_ultralong.convert.hf_io import parse_dtype
     from megatron_ultralong.convert.hf_to_mcore import convert_hf_to_mcore
     from megatron_ultralong.convert.mcore_to_hf import convert_mcore_to_hf
     from megatron_ultralong.parallel.runtime import ParallelConfig, init_runtime, shutdown_runtime
@@ -89,19 +106,38 @@ def run_conversion(args: argparse.Namespace, rope: Optional[RopeConfig]) -> None
         else:
             path, report = convert_mcore_to_hf(args.src, args.dst, runtime, max_shard_size=args.max_shard_size,
                                                **common)
+        status = 0
         if runtime.rank == 0:
             print(f"wrote {path}", flush=True)
             if report is not None:
+                report = dataclasses.replace(report, tolerance=args.verify_tol)
                 print(report, flush=True)
+                if not report.passed:
+                    print(f"mu-convert: error: verification failed: max |logit diff| {report.max_abs_logit_diff:.3e} "
+                          f"exceeds --verify-tol {report.tol:.1e} ({path} was written; inspect it before use)",
+                          file=sys.stderr, flush=True)
+                    status = VERIFY_FAILED
+        return status
     finally:
         shutdown_runtime()
 
 
-def _spawned(rank: int, world_size: int, port: int, args: argparse.Namespace, rope: Optional[RopeConfig]) -> None:
+def _spawned(rank: int, world_size: int, port: int, args: argparse.Namespace,
+             rope: Optional["RopeConfig"]) -> int:
+    import torch
+
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(world_size))
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
-    run_conversion(args, rope)
+    return run_conversion(args, rope)
+
+
+def _spawned_exit(rank: int, world_size: int, port: int, args: argparse.Namespace,
+                  rope: Optional["RopeConfig"]) -> None:
+    """mp.spawn target: a failed verification becomes the child's exit status."""
+    status = _spawned(rank, world_size, port, args, rope)
+    if status:
+        sys.exit(status)
 
 
 def _free_port() -> int:
@@ -113,6 +149,11 @@ def _free_port() -> int:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        from megatron_ultralong.convert.hf_io import parse_dtype, parse_size
+        from megatron_ultralong.convert.hf_to_mcore import check_parallel_fits
+
+        if args.direction == "mcore-to-hf":  # a save dir, an iter_* dir or a model dir
+            args.src = str(require_megatron_checkpoint(args.src, "MCORE_DIR"))
         parse_dtype(args.dtype)
         if args.direction == "mcore-to-hf":
             parse_size(args.max_shard_size)
@@ -125,8 +166,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"mu-convert: error: {e}", file=sys.stderr)
         return 2
     if "WORLD_SIZE" in os.environ:  # torchrun
-        run_conversion(args, rope)
-        return 0
+        return run_conversion(args, rope)
     nproc = args.nproc or args.tp * args.pp
     if nproc % (args.tp * args.pp):
         print(f"mu-convert: error: --nproc {nproc} is not a multiple of --tp * --pp = {args.tp * args.pp}",
@@ -134,9 +174,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     port = _free_port()
     if nproc == 1:
-        _spawned(0, 1, port, args, rope)
-    else:
-        mp.spawn(_spawned, args=(nproc, port, args, rope), nprocs=nproc, join=True)
+        return _spawned(0, 1, port, args, rope)
+    import torch.multiprocessing as mp
+
+    try:
+        mp.spawn(_spawned_exit, args=(nproc, port, args, rope), nprocs=nproc, join=True)
+    except mp.ProcessExitedException as e:
+        if e.exit_code == VERIFY_FAILED:
+            return VERIFY_FAILED
+        raise
     return 0
 
 
