@@ -22,7 +22,7 @@ from cp_reference import reference_attention
 from dist_utils import run_distributed
 
 from megatron_ultralong.parallel.cp_layout import shard_tensor
-from megatron_ultralong.parallel.runtime import CpCommType
+from megatron_ultralong.parallel.config import CpCommType
 
 SEQ = 32  # divisible by 2*cp for cp in (2, 4): chunks of 8 and 4 tokens
 BATCH = 2

@@ -17,6 +17,16 @@ LLAMA31_SCALING = {
 }
 
 
+def _hf_rope_init(rope_type: str):
+    """transformers' own RoPE init: 5.x moved "default" out of ROPE_INIT_FUNCTIONS into the model's
+    rotary embedding class; 4.x has it in the table."""
+    if rope_type == "default" and "default" not in ROPE_INIT_FUNCTIONS:
+        from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+        return lambda config, device: LlamaRotaryEmbedding.compute_default_rope_parameters(config, device=device)
+    return ROPE_INIT_FUNCTIONS[rope_type]
+
+
 def _hf_config(rope_scaling, head_dim=128, theta=500000.0, max_pos=131072):
     return LlamaConfig(
         hidden_size=head_dim * 4,
@@ -69,7 +79,7 @@ CASES += [
 def test_inv_freq_and_attention_factor_equal_transformers(name, scaling, head_dim, theta):
     hf = _hf_config(scaling, head_dim=head_dim, theta=theta, max_pos=8192 if "implicit" in name else 131072)
     rope_type = scaling["rope_type"] if scaling else "default"
-    hf_inv, hf_af = ROPE_INIT_FUNCTIONS[rope_type](hf, torch.device("cpu"))
+    hf_inv, hf_af = _hf_rope_init(rope_type)(hf, torch.device("cpu"))
 
     ours = RopeConfig.from_hf(hf)
     inv, af = compute_rope_parameters(ours, head_dim)

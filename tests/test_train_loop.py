@@ -47,7 +47,7 @@ def _train(rank, world_size, overrides, out_file):
     from megatron_ultralong.training.config import load_train_config
     from megatron_ultralong.training.trainer import Trainer
 
-    trainer = Trainer(load_train_config(None, overrides), log=lambda s: None)
+    trainer = Trainer(load_train_config(None, overrides))
     history = trainer.train()
     if rank == 0:
         with open(out_file, "w") as f:
@@ -59,7 +59,7 @@ def _train_then_die(rank, world_size, overrides, out_file, steps):
     from megatron_ultralong.training.config import load_train_config
     from megatron_ultralong.training.trainer import Trainer
 
-    trainer = Trainer(load_train_config(None, overrides), log=lambda s: None)
+    trainer = Trainer(load_train_config(None, overrides))
     history = [trainer.train_step() for _ in range(steps)]
     trainer.save()
     if rank == 0:
@@ -144,10 +144,10 @@ def _world_checks(rank, world_size, dataset):
         base = ("data.paths=[%s]" % dataset, "data.seq_length=64", "train.steps=1", "train.global_batch_size=2")
         cfg = load_train_config(None, base + extra)
         if match is None:
-            Trainer(cfg, log=lambda s: None).train()  # TP=2 trains
+            Trainer(cfg).train()  # TP=2 trains
             continue
         with pytest.raises(ValueError, match=match):
-            Trainer(cfg, log=lambda s: None)
+            Trainer(cfg)
 
 
 def test_start_up_checks_name_the_problem(dataset):
@@ -160,7 +160,7 @@ def _sft_body(rank, world_size, overrides, out_file):
     from megatron_ultralong.training.trainer import Trainer
 
     cfg = load_train_config(None, overrides)
-    trainer = Trainer(cfg, log=lambda s: None)
+    trainer = Trainer(cfg)
     history = trainer.train()
     # The step's loss tokens are exactly the assistant tokens of the rows it read (the SFT dataset's
     # mask is checked against transformers' own assistant mask in tests/test_sft_dataset.py).

@@ -11,9 +11,10 @@
 #   examples/recipes/run_llama31_8b_1m.sh [section.field=value ...]
 #   NPROC=8 TP=8 SEQ=131072 CKPT=checkpoints/ultralong_1m_node examples/recipes/run_llama31_8b_1m.sh
 set -euo pipefail
-cd "$(dirname "$0")/../.."
+REPO=$(cd "$(dirname "$0")/../.." && pwd)
+cd "${WORK:-$PWD}"   # the recipe's paths are relative to $WORK (docs/training.md "Path layout")
 
-CONFIG=examples/recipes/llama31_8b_1m.yaml
+CONFIG=$REPO/examples/recipes/llama31_8b_1m.yaml
 NPROC=${NPROC:-8}
 TP=${TP:-8}
 CP=${CP:-$((NPROC / TP))}
@@ -26,6 +27,6 @@ export CUDA_DEVICE_MAX_CONNECTIONS=1
 export TOKENIZERS_PARALLELISM=false
 
 # train.load = train.save: a rerun continues from the last complete checkpoint (none yet: fresh start).
-exec torchrun --standalone --nproc-per-node "$NPROC" tools/train.py --config "$CONFIG" \
+exec torchrun --standalone --nproc-per-node "$NPROC" "$REPO/tools/train.py" --config "$CONFIG" \
     data.seq_length="$SEQ" parallel.tensor_parallel="$TP" parallel.context_parallel="$CP" model.recompute="$RECOMPUTE" \
     train.save="$CKPT" train.load="$CKPT" "$@"

@@ -9,9 +9,10 @@
 #   examples/recipes/run_llama31_8b_4m.sh [section.field=value ...]
 #   NPROC=8 TP=8 SEQ=131072 CKPT=checkpoints/ultralong_4m_node examples/recipes/run_llama31_8b_4m.sh
 set -euo pipefail
-cd "$(dirname "$0")/../.."
+REPO=$(cd "$(dirname "$0")/../.." && pwd)
+cd "${WORK:-$PWD}"   # the recipe's paths are relative to $WORK (docs/training.md "Path layout")
 
-CONFIG=examples/recipes/llama31_8b_4m.yaml
+CONFIG=$REPO/examples/recipes/llama31_8b_4m.yaml
 NPROC=${NPROC:-8}
 TP=${TP:-8}
 CP=${CP:-$((NPROC / TP))}
@@ -23,6 +24,6 @@ export CUDA_DEVICE_MAX_CONNECTIONS=1
 export TOKENIZERS_PARALLELISM=false
 
 # train.load = train.save: a rerun continues from the last complete checkpoint (none yet: fresh start).
-exec torchrun --standalone --nproc-per-node "$NPROC" tools/train.py --config "$CONFIG" \
+exec torchrun --standalone --nproc-per-node "$NPROC" "$REPO/tools/train.py" --config "$CONFIG" \
     data.seq_length="$SEQ" parallel.tensor_parallel="$TP" parallel.context_parallel="$CP" \
     train.save="$CKPT" train.load="$CKPT" "$@"

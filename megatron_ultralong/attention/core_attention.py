@@ -40,7 +40,7 @@ from megatron_ultralong.attention.comm import CommStats
 from megatron_ultralong.attention.kernels import BACKENDS, AttentionBackend
 from megatron_ultralong.attention.ring import ring_attention
 from megatron_ultralong.attention.segments import document_boundaries
-from megatron_ultralong.parallel.runtime import CpCommType
+from megatron_ultralong.parallel.config import CpCommType
 
 _ALGORITHMS = {"p2p": ring_attention, "all_gather": all_gather_attention, "a2a": ulysses_attention}
 CP_ATTENTION: dict[str, Callable] = {name: _ALGORITHMS[name] for name in get_args(CpCommType)}

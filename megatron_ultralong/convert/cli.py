@@ -4,6 +4,10 @@
                [--rope-yarn-target 1048576 --yarn-beta-fast 4] [--verify]
     mu-convert mcore-to-hf MCORE_DIR HF_DIR [--tp 1] [--dtype bf16] [--max-shard-size 2GB] [--verify]
 
+MCORE_DIR may be a converted model directory, a training checkpoint `iter_XXXXXXX/` (its model/)
+or a training save directory (the checkpoint `latest` names): checkpoint/paths.py resolves it.
+--verify compares logits with transformers and exits 1 when max |logit diff| exceeds --verify-tol.
+
 Processes: under torchrun (WORLD_SIZE set) every rank runs the conversion itself; otherwise the tool
 runs `--nproc` (default TP x PP = 1) local gloo processes. The Megatron checkpoint is TP/PP-agnostic,
 so --tp/--pp only split the work across processes; memory is bounded by the largest tensor either
@@ -13,23 +17,22 @@ TP/PP divisibility) before any process starts.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
-import torch
-import torch.multiprocessing as mp
-
-from megatron_ultralong.checkpoint.torch_dist import read_checkpoint_info
-from megatron_ultralong.convert.hf_io import HFCheckpointReader, parse_size
-from megatron_ultralong.convert.hf_to_mcore import check_hf_weights, model_config_from_hf
-from megatron_ultralong.dtypes import parse_dtype
+from megatron_ultralong.checkpoint.paths import require_megatron_checkpoint
 from megatron_ultralong.logs import setup_logging
-from megatron_ultralong.model.config import ContextExtension, LlamaConfig, check_parallel_fits
-from megatron_ultralong.parallel.runtime import free_port
+
+if TYPE_CHECKING:  # the heavy modules load after the arguments are parsed (fast --help and errors)
+    from megatron_ultralong.model.config import ContextExtension, LlamaConfig
 
 log = logging.getLogger(__name__)
+
+VERIFY_FAILED = 1
+"""Exit status when --verify finds the logits further apart than --verify-tol (usage errors: 2)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,7 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--yarn-beta-fast", type=float, default=32.0, help="YaRN beta_fast (paper: 4)")
         s.add_argument("--yarn-beta-slow", type=float, default=1.0, help="YaRN beta_slow (paper: 1)")
         s.add_argument("--verify", action="store_true",
-                       help="compare logits with transformers on a short prompt")
+                       help="compare logits with transformers on a short prompt; exit 1 beyond --verify-tol")
+        s.add_argument("--verify-tol", type=float, default=None,
+                       help="largest acceptable max |logit diff| (default by dtype: fp32 1e-3, fp16 5e-2, bf16 0.5)")
         s.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
         s.add_argument("--no-progress", action="store_true", help="no progress bar")
         if name == "mcore-to-hf":
@@ -58,13 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _dtype_flag(args: argparse.Namespace) -> Optional[torch.dtype]:
-    """--dtype as a torch dtype; None keeps the input's."""
-    return None if args.dtype is None else parse_dtype(args.dtype, "--dtype")
-
-
-def source_config(args: argparse.Namespace) -> LlamaConfig:
+def source_config(args: argparse.Namespace) -> "LlamaConfig":
     """The input's model config, validated (HF: also every tensor's name and shape)."""
+    from megatron_ultralong.checkpoint.torch_dist import read_checkpoint_info
+    from megatron_ultralong.convert.hf_io import HFCheckpointReader
+    from megatron_ultralong.convert.hf_to_mcore import check_hf_weights, model_config_from_hf
+
     if args.direction == "hf-to-mcore":
         reader = HFCheckpointReader(args.src)
         cfg = model_config_from_hf(reader.config, str(reader.path / "config.json"))
@@ -73,8 +77,17 @@ def source_config(args: argparse.Namespace) -> LlamaConfig:
     return read_checkpoint_info(args.src).model_config
 
 
-def context_extension(args: argparse.Namespace, cfg: LlamaConfig) -> Optional[ContextExtension]:
+def _dtype_flag(args: argparse.Namespace):
+    """--dtype as a torch dtype; None keeps the input's."""
+    from megatron_ultralong.dtypes import parse_dtype
+
+    return None if args.dtype is None else parse_dtype(args.dtype, "--dtype")
+
+
+def context_extension(args: argparse.Namespace, cfg: "LlamaConfig") -> Optional["ContextExtension"]:
     """The YaRN extension the flags ask for (None: keep the RoPE), checked against `cfg` now."""
+    from megatron_ultralong.model.config import ContextExtension
+
     if args.rope_yarn_target is None:
         return None
     context = ContextExtension(args.rope_yarn_target, args.yarn_original_max_position, args.yarn_beta_fast,
@@ -83,8 +96,9 @@ def context_extension(args: argparse.Namespace, cfg: LlamaConfig) -> Optional[Co
     return context
 
 
-def run_conversion(args: argparse.Namespace, context: Optional[ContextExtension]) -> None:
-    """Body run by every rank (torch.distributed env already set)."""
+def run_conversion(args: argparse.Namespace, context: Optional["ContextExtension"]) -> int:
+    """Body run by every rank (torch.distributed env already set). Returns this rank's exit status:
+    VERIFY_FAILED on rank 0 when the verification exceeds the tolerance, else 0."""
     from megatron_ultralong.convert.hf_to_mcore import convert_hf_to_mcore
     from megatron_ultralong.convert.mcore_to_hf import convert_mcore_to_hf
     from megatron_ultralong.parallel.runtime import ParallelConfig, init_runtime, shutdown_runtime
@@ -101,25 +115,49 @@ def run_conversion(args: argparse.Namespace, context: Optional[ContextExtension]
         else:
             path, report = convert_mcore_to_hf(args.src, args.dst, runtime, max_shard_size=args.max_shard_size,
                                                **common)
+        status = 0
         if runtime.rank == 0:
             print(f"wrote {path}", flush=True)
             if report is not None:
+                report = dataclasses.replace(report, tolerance=args.verify_tol)
                 print(report, flush=True)
+                if not report.passed:
+                    print(f"mu-convert: error: verification failed: max |logit diff| {report.max_abs_logit_diff:.3e} "
+                          f"exceeds --verify-tol {report.tol:.1e} ({path} was written; inspect it before use)",
+                          file=sys.stderr, flush=True)
+                    status = VERIFY_FAILED
+        return status
     finally:
         shutdown_runtime()
 
 
-def _spawned(rank: int, world_size: int, port: int, args: argparse.Namespace, context: Optional[ContextExtension]) -> None:
+def _spawned(rank: int, world_size: int, port: int, args: argparse.Namespace,
+             context: Optional["ContextExtension"]) -> int:
+    import torch
+
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(world_size))
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
-    run_conversion(args, context)
+    return run_conversion(args, context)
+
+
+def _spawned_exit(rank: int, world_size: int, port: int, args: argparse.Namespace,
+                  context: Optional["ContextExtension"]) -> None:
+    """mp.spawn target: a failed verification becomes the child's exit status."""
+    status = _spawned(rank, world_size, port, args, context)
+    if status:
+        sys.exit(status)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(stream=sys.stderr)  # progress on stderr; results on stdout
     try:
+        from megatron_ultralong.convert.hf_io import parse_size
+        from megatron_ultralong.model.config import check_parallel_fits
+
+        if args.direction == "mcore-to-hf":  # a save dir, an iter_* dir or a model dir
+            args.src = str(require_megatron_checkpoint(args.src, "MCORE_DIR"))
         _dtype_flag(args)
         if args.direction == "mcore-to-hf":
             parse_size(args.max_shard_size)
@@ -132,18 +170,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"mu-convert: error: {e}", file=sys.stderr)
         return 2
     if "WORLD_SIZE" in os.environ:  # torchrun
-        run_conversion(args, context)
-        return 0
+        return run_conversion(args, context)
     nproc = args.nproc or args.tp * args.pp
     if nproc % (args.tp * args.pp):
         print(f"mu-convert: error: --nproc {nproc} is not a multiple of --tp * --pp = {args.tp * args.pp}",
               file=sys.stderr)
         return 2
+    from megatron_ultralong.parallel.runtime import free_port
+
     port = free_port()
     if nproc == 1:
-        _spawned(0, 1, port, args, context)
-    else:
-        mp.spawn(_spawned, args=(nproc, port, args, context), nprocs=nproc, join=True)
+        return _spawned(0, 1, port, args, context)
+    import torch.multiprocessing as mp
+
+    try:
+        mp.spawn(_spawned_exit, args=(nproc, port, args, context), nprocs=nproc, join=True)
+    except mp.ProcessExitedException as e:
+        if e.exit_code == VERIFY_FAILED:
+            return VERIFY_FAILED
+        raise
     return 0
 
 

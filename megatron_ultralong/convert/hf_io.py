@@ -121,7 +121,32 @@ ST_DTYPES = {  # safetensors header dtype names -> torch dtypes
 }
 
 
+def dual_format_hf_config(config: dict) -> dict:
+    """A config.json dict that transformers 4.x and 5.x read the same way.
+
+    4.x reads `rope_theta` + `rope_scaling` and `torch_dtype`; 5.x keeps the RoPE in
+    `rope_parameters` (theta inside) and the dtype in `dtype`, and still accepts the 4.x keys
+    (`rope_scaling` wins when both are present). A 5.x-only file (`rope_parameters` alone) is read by
+    4.x with its default RoPE, silently: so both spellings are written, with the same values."""
+    out = dict(config)
+    theta, scaling = out.get("rope_theta"), out.get("rope_scaling")
+    params = out.get("rope_parameters")
+    if isinstance(params, dict) and scaling is None and theta is None:  # 5.x-only input: add the 4.x keys
+        params = dict(params)
+        theta = params.pop("rope_theta", None)
+        scaling = params if params.get("rope_type", "default") != "default" else None
+        out["rope_theta"], out["rope_scaling"] = theta, scaling
+    if theta is not None:
+        out["rope_parameters"] = {"rope_type": "default", **(scaling or {}), "rope_theta": theta}
+        out["rope_parameters"].pop("type", None)
+    dtype = out.get("torch_dtype") or out.get("dtype")
+    if dtype is not None:
+        out["torch_dtype"] = out["dtype"] = dtype
+    return out
+
+
 def write_hf_config(out_dir: Union[str, os.PathLike], config: dict) -> None:
+    """Write config.json in the format both transformers 4.x and 5.x read (`dual_format_hf_config`)."""
     with open(Path(out_dir) / "config.json", "w", encoding="utf-8") as f:
-        json.dump(config, f, indent=2, sort_keys=True)
+        json.dump(dual_format_hf_config(config), f, indent=2, sort_keys=True)
         f.write("\n")

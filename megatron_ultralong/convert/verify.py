@@ -1,5 +1,6 @@
 """`--verify`: run the Megatron model stage(s) and transformers' LlamaForCausalLM on the same short
-prompt and report the max logit difference and the argmax agreement.
+prompt and report the max logit difference and the argmax agreement; `VerifyReport.passed` compares
+the difference with a tolerance (`--verify-tol`, default by dtype), and `mu-convert` exits 1 beyond it.
 
 transformers is the independent reference: it loads the HF directory its own way (its RoPE, its
 attention, its tied/untied head). The Megatron side runs on whatever TP/PP the conversion used: the
@@ -38,9 +39,36 @@ class VerifyReport:
     num_tokens: int
     dtype: str
 
+    tolerance: Optional[float] = None
+    """Largest acceptable max |logit diff| (None: `default_tolerance(dtype)`)."""
+
+    @property
+    def tol(self) -> float:
+        return self.tolerance if self.tolerance is not None else default_tolerance(self.dtype)
+
+    @property
+    def passed(self) -> bool:
+        # NaN never passes: `nan <= tol` is False.
+        return self.max_abs_logit_diff <= self.tol
+
     def __str__(self) -> str:
+        verdict = "OK" if self.passed else "FAILED"
         return (f"verify ({self.num_tokens} tokens, {self.dtype}): max |logit diff| = "
-                f"{self.max_abs_logit_diff:.3e}, argmax agreement = {100 * self.argmax_agreement:.2f}%")
+                f"{self.max_abs_logit_diff:.3e}, argmax agreement = {100 * self.argmax_agreement:.2f}% "
+                f"-> {verdict} (tolerance {self.tol:.1e})")
+
+
+DEFAULT_TOLERANCE = {"float32": 1e-3, "float16": 5e-2, "bfloat16": 5e-1}
+"""Per-dtype default of `--verify-tol`. Both sides compute in the model's dtype in a different order
+(fused vs unfused ops, TP-split matmuls), so the gap is a few roundings of the largest logits: fp32
+conversions agree to ~1e-5; in bf16 one unit in the last place of a logit between 16 and 32 is
+0.125, and a few of them add up over the layers. A wrong RoPE or a misplaced weight moves logits by
+whole units (0.76 for a misread YaRN config) and flips argmaxes."""
+
+
+def default_tolerance(dtype: str) -> float:
+    """The default max |logit diff| for a comparison run in `dtype` ("float32", "bfloat16", ...)."""
+    return DEFAULT_TOLERANCE.get(dtype.removeprefix("torch."), DEFAULT_TOLERANCE["float32"])
 
 
 def prompt_ids(hf_dir: Union[str, os.PathLike], cfg: LlamaConfig, text: str = DEFAULT_PROMPT,
@@ -93,8 +121,9 @@ def hf_logits(hf_dir: Union[str, os.PathLike], tokens: Tensor, dtype: torch.dtyp
               hf_config: Optional[dict] = None) -> Tensor:
     """transformers' logits [b, s, vocab] for `tokens` (AutoModelForCausalLM, eager attention).
 
-    hf_config: a config.json dict to use instead of the directory's own (e.g. when the conversion
-    replaced the RoPE, the reference must run with the new one)."""
+    hf_config: a config.json dict to use instead of the directory's own: the config the converter
+    used (its RoPE replaced, or read from a transformers 5 `rope_parameters` config, which
+    transformers 4.x would silently misread)."""
     from transformers import AutoModelForCausalLM
     from transformers import LlamaConfig as HFLlamaConfig
 
@@ -111,6 +140,7 @@ def verify_against_hf(
     hf_dir: Union[str, os.PathLike],
     text: str = DEFAULT_PROMPT,
     hf_config: Optional[dict] = None,
+    tolerance: Optional[float] = None,
 ) -> Optional[VerifyReport]:
     """Compare the Megatron model with the HF checkpoint at hf_dir (collective). The report is
     returned on global rank 0, None elsewhere. Both sides run in the Megatron model's dtype;
@@ -135,4 +165,5 @@ def verify_against_hf(
         argmax_agreement=(logits.argmax(-1) == ref.argmax(-1)).float().mean().item(),
         num_tokens=tokens.shape[1],
         dtype=str(dtype).removeprefix("torch."),
+        tolerance=tolerance,
     )

@@ -19,7 +19,7 @@ from typing import Optional, get_args
 
 from megatron_ultralong.dtypes import DTYPES, DtypeName
 from megatron_ultralong.eval.tasks import RULER_TASKS
-from megatron_ultralong.parallel.runtime import CpCommType
+from megatron_ultralong.parallel.config import CpCommType
 
 
 def _common(parser: argparse.ArgumentParser) -> None:

@@ -35,30 +35,9 @@ from megatron_ultralong.parallel.cp_layout import gather_tensor, local_positions
 from megatron_ultralong.eval.backends import check_prompt
 from megatron_ultralong.model import build_model, gather_tp_logits
 from megatron_ultralong.parallel.runtime import Runtime
+from megatron_ultralong.checkpoint.paths import resolve_megatron_checkpoint  # noqa: F401 (one home: eval, convert, training)
 
 PAD_ID = 0  # right padding up to a multiple of 2*CP; invisible to real positions (causal)
-
-
-def resolve_megatron_checkpoint(path: str, flag: str = "--model") -> Optional[Path]:
-    """The torch_dist model directory for `path`, or None if `path` is not a Megatron checkpoint.
-
-    Accepts the model directory itself (has metadata.json), a training checkpoint iter_XXXXXXX/
-    (its model/ subdirectory), or a training save directory (the checkpoint named by `latest`).
-    """
-    p = Path(path)
-    if not p.exists():
-        raise ValueError(f"{flag}={path!r}: no such file or directory")
-    for candidate in (p, p / "model"):
-        if (candidate / "metadata.json").is_file():
-            return candidate
-    if (p / "latest").is_file():
-        from megatron_ultralong.checkpoint.train_state import latest_checkpoint
-
-        latest = latest_checkpoint(str(p))
-        if latest is not None and (latest / "model" / "metadata.json").is_file():
-            return latest / "model"
-        raise ValueError(f"{flag}={path!r}: `latest` does not point at a checkpoint with a model/ directory")
-    return None
 
 
 class MegatronBackend:

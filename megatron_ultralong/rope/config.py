@@ -136,12 +136,12 @@ class RopeConfig:
         get = hf_config.get if isinstance(hf_config, Mapping) else (
             lambda k, d=None: getattr(hf_config, k, d)
         )
-        params = get("rope_parameters")  # transformers 5.x
-        scaling = dict(params) if isinstance(params, Mapping) else get("rope_scaling")
-        theta = get("rope_theta")
-        if isinstance(params, Mapping) and params.get("rope_theta") is not None:
-            theta = params["rope_theta"]
-            scaling.pop("rope_theta")
+        # transformers 5.x keeps everything in `rope_parameters`; 4.x uses `rope_scaling` + `rope_theta`.
+        # When a file has both, 5.x lets `rope_scaling` win (convert_rope_params_to_dict): so do we.
+        legacy, params = get("rope_scaling"), get("rope_parameters")
+        scaling = dict(legacy) if legacy else (dict(params) if isinstance(params, Mapping) else {})
+        theta = scaling.pop("rope_theta", None)
+        theta = get("rope_theta") if theta is None else theta
         theta = 10000.0 if theta is None else float(theta)
         if not scaling:
             return cls(rope_type="default", theta=theta)

@@ -1,23 +1,108 @@
-"""`tools/train.py` / `mu-train`: parse --config and overrides, run the Trainer, tear down."""
+"""`mu-train` / tools/train.py: parse --config and overrides, then run, print or dry-run.
+
+    mu-train --config R.yaml [section.field=value ...]                  train (under torchrun)
+    mu-train --config R.yaml --print-config [overrides]                 the resolved YAML
+    mu-train --config R.yaml --dry-run --world-size 256 [overrides]     checks, memory, step time
+
+Only the config modules (dataclasses + YAML) are imported before the arguments are checked:
+torch and megatron-core load after, so `--help` and config errors come back at once.
+"""
 from __future__ import annotations
 
 import argparse
+import ast
+import dataclasses
+import inspect
 import sys
+import textwrap
+import typing
 
-from megatron_ultralong.parallel.runtime import shutdown_runtime
-from megatron_ultralong.training.config import load_train_config
+from megatron_ultralong.training.config import TrainConfig, load_train_config
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """A dataclass's field docstrings (the string literal under each field), read from its source:
+    Python keeps no runtime trace of them."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    except (OSError, TypeError):
+        return {}
+    body = tree.body[0].body
+    docs = {}
+    for node, nxt in zip(body, body[1:]):
+        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(nxt, ast.Expr)
+                and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str)):
+            docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def config_reference() -> str:
+    """Every config section and field with its type, default and doc (the --help epilog)."""
+    out = ["config sections and fields (YAML `section: {field: value}` or override `section.field=value`):"]
+    hints = typing.get_type_hints(TrainConfig)
+    for section in dataclasses.fields(TrainConfig):
+        cls = hints[section.name]
+        out.append(f"\n{section.name}: {' '.join((cls.__doc__ or '').split())}")
+        docs = field_docs(cls)
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else (
+                f.default_factory() if f.default_factory is not dataclasses.MISSING else "(required)")
+            tp = typing.get_type_hints(cls)[f.name]
+            type_name = tp.__name__ if isinstance(tp, type) else str(tp).replace("typing.", "")
+            out.append(f"  {section.name}.{f.name} = {default!r}  [{type_name}]")
+            if f.name in docs:
+                out.append(textwrap.fill(docs[f.name], width=100, initial_indent="      ", subsequent_indent="      "))
+    return "\n".join(out)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mu-train", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="UltraLong training on Megatron-Core. Train under torchrun; --print-config and "
+                    "--dry-run run anywhere, without GPUs, in seconds.",
+        epilog=config_reference())
+    parser.add_argument("--config", help="YAML training config (examples/recipes/*.yaml)")
+    parser.add_argument("overrides", nargs="*", help="section.field=value overrides, e.g. train.steps=100")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved config (YAML, defaults and overrides applied) and exit")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="check the layout, divisibility and paths, print the per-GPU memory estimate "
+                             "and the predicted step time for --world-size GPUs, and exit (1 on errors)")
+    parser.add_argument("--world-size", type=int, help="--dry-run: GPUs of the launch (nodes x GPUs per node)")
+    parser.add_argument("--device-memory-gib", type=float, default=80.0,
+                        help="--dry-run: memory per GPU in GiB (default 80: H100/A100 80GB)")
+    return parser
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="UltraLong training on Megatron-Core (run under torchrun)")
-    parser.add_argument("--config", help="YAML training config")
-    parser.add_argument("overrides", nargs="*", help="section.field=value overrides, e.g. train.steps=100")
+    parser = build_parser()
     args = parser.parse_args(argv)
+    if args.dry_run and not args.world_size:
+        parser.error("--dry-run needs --world-size N")
     try:
         cfg = load_train_config(args.config, tuple(args.overrides))
     except ValueError as e:
-        parser.exit(2, f"train: error: {e}\n")
+        parser.exit(2, f"mu-train: error: {e}\n")
+    if args.print_config:
+        import yaml
+
+        from megatron_ultralong.config_io import to_dict
+
+        print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+        return
+    if args.dry_run:
+        from megatron_ultralong.training.dry_run import dry_run
+
+        report = dry_run(cfg, args.world_size, args.device_memory_gib)
+        print(report.text())
+        sys.exit(1 if report.errors else 0)
+    from megatron_ultralong.training.sinks import check_sinks
+
+    problems = check_sinks(cfg.train)  # before torch, megatron-core and the model
+    if problems:
+        parser.exit(2, f"mu-train: error: {problems[0]}\n")
     from megatron_ultralong.logs import setup_logging
+    from megatron_ultralong.parallel.runtime import shutdown_runtime
     from megatron_ultralong.training.guards import EXIT_NON_FINITE, EXIT_SAVED_AND_STOPPED, NonFiniteError
     from megatron_ultralong.training.trainer import Trainer  # heavy imports after arg checks
 
@@ -28,11 +113,11 @@ def main(argv: list[str] | None = None) -> None:
         trainer = Trainer(cfg)
         trainer.train()
     except ValueError as e:
-        print(f"train: error: {e}", file=sys.stderr)
+        print(f"mu-train: error: {e}", file=sys.stderr)
         shutdown_runtime()
         sys.exit(2)
     except NonFiniteError as e:
-        print(f"train: error: {e}", file=sys.stderr)
+        print(f"mu-train: error: {e}", file=sys.stderr)
         shutdown_runtime()
         sys.exit(EXIT_NON_FINITE)
     shutdown_runtime()

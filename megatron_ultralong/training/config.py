@@ -11,7 +11,7 @@ from typing import Literal, Optional
 
 from megatron_ultralong.config_io import apply_overrides, from_dict, load_yaml
 from megatron_ultralong.data.samples.config import DataSection
-from megatron_ultralong.parallel.runtime import ParallelConfig
+from megatron_ultralong.parallel.config import ParallelConfig
 
 _EXIT_SIGNALS = frozenset({"SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT", "SIGHUP", "SIGQUIT"})
 """Signals train.exit_signals may name (catchable, and ones Slurm or a launcher sends)."""
@@ -21,15 +21,18 @@ _EXIT_SIGNALS = frozenset({"SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT", "SIGHUP", 
 class ModelSection:
     """Which model, how it starts, and how it is computed."""
 
-    config: str = "tiny"
+    config: Optional[str] = None
     """Architecture: a preset name (tiny, llama3.2-1b, llama3.1-8b, llama3.1-70b), or an HF
-    config.json / model directory."""
+    config.json / model directory. None: the starting checkpoint's own (hf_checkpoint's config.json,
+    megatron_checkpoint's recorded config, RoPE included), else "tiny"."""
 
     hf_checkpoint: Optional[str] = None
     """Start from these HF weights (safetensors directory). Mutually exclusive with megatron_checkpoint."""
 
     megatron_checkpoint: Optional[str] = None
-    """Start from this Megatron checkpoint (weights only; use train.load to resume a run)."""
+    """Start from this Megatron checkpoint (weights only; use train.load to resume a run): a converted
+    model directory (`mu-convert hf-to-mcore`), a training iter_* directory, or a training save
+    directory (its `latest`)."""
 
     yarn_target_length: Optional[int] = None
     """Context extension: replace the RoPE scaling by YaRN with factor = target / yarn_original_length
@@ -174,7 +177,14 @@ class TrainSection:
     """Also append one JSON line of metrics per logged step here (rank 0)."""
 
     tensorboard_dir: Optional[str] = None
-    """Write TensorBoard scalars here (needs the tensorboard package)."""
+    """Write TensorBoard scalars here (rank 0; needs the `tensorboard` extra)."""
+
+    wandb_project: Optional[str] = None
+    """Also log the step scalars to this Weights & Biases project (rank 0; needs the `wandb` extra;
+    WANDB_MODE=offline writes locally for a later `wandb sync`)."""
+
+    wandb_run_name: Optional[str] = None
+    """W&B run name (default: W&B's own); a requeued job resumes the same run through WANDB_RUN_ID."""
 
     loss_chunk_tokens: int = 16384
     """The output layer and cross entropy run on this many tokens at a time and are recomputed in

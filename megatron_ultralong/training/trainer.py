@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import os
-import resource
 import time
 from typing import Optional
 
@@ -26,8 +25,7 @@ from megatron.core.packed_seq_params import PackedSeqParams
 from megatron_ultralong.config_io import to_dict
 from megatron_ultralong.parallel.cp_layout import shard_batch
 from megatron_ultralong.dtypes import parse_dtype
-from megatron_ultralong.model import build_model, load_model_config
-from megatron_ultralong.model.config import LlamaConfig, extend_context
+from megatron_ultralong.model import build_model
 from megatron_ultralong.parallel.runtime import init_runtime
 from megatron_ultralong.checkpoint.train_state import resume, save_dir_conflict, save_train_checkpoint
 from megatron_ultralong.training.config import TrainConfig
@@ -38,19 +36,11 @@ from megatron_ultralong.training.loss import reduce_loss_over_dp_cp
 from megatron_ultralong.training.memory import estimate_memory_per_device, format_estimate
 from megatron_ultralong.training.metrics import training_flops_per_token
 from megatron_ultralong.training.optimizer import build_data_parallel, build_optimizer, build_scheduler, finalize_grads
+from megatron_ultralong.training.model_source import initial_megatron_checkpoint, resolve_model_config  # noqa: F401
+from megatron_ultralong.training.progress import StepProgress, format_banner, format_step_line
+from megatron_ultralong.training.sinks import MetricSinks, check_sinks
 
 logger = logging.getLogger(__name__)
-
-
-def resolve_model_config(cfg: TrainConfig) -> LlamaConfig:
-    """The architecture, with the YaRN context extension applied when configured."""
-    source = cfg.model.hf_checkpoint or cfg.model.config
-    model_cfg = load_model_config(source)
-    m = cfg.model
-    if m.yarn_target_length is not None:
-        model_cfg = extend_context(model_cfg, m.yarn_target_length, m.yarn_original_length, m.yarn_beta_fast,
-                                   m.yarn_beta_slow)
-    return model_cfg
 
 
 def _recompute_overrides(cfg: TrainConfig, on_gpu: bool) -> dict:
@@ -71,9 +61,11 @@ def _recompute_overrides(cfg: TrainConfig, on_gpu: bool) -> dict:
 class Trainer:
     """Set-up in the order it happens; `train()` runs the steps."""
 
-    def __init__(self, cfg: TrainConfig, log=print):
+    def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
-        self.log = log
+        problems = check_sinks(cfg.train)  # a missing optional package fails now, not after set-up
+        if problems:
+            raise ValueError(problems[0])
         # 1. Processes and parallel groups; checks that the layout fits the world.
         self.rt = init_runtime(cfg.parallel, seed=cfg.train.seed, device=cfg.train.device)
         self.dp = cfg.check_world(self.rt.world_size)
@@ -133,13 +125,14 @@ class Trainer:
         self.schedule = BatchSchedule(self.dataset, cfg.train.micro_batch_size, self.dp, pg.dp.rank())
 
         # 6. Resume (train.load, default train.save): model, optimizer, scheduler, RNG, data position.
-        self._resume()
+        resume = self._resume()
         self.flops_per_token = training_flops_per_token(self.model_cfg, cfg.data.seq_length)
-        self.tb = None
-        if cfg.train.tensorboard_dir and self.is_logger:
-            from torch.utils.tensorboard import SummaryWriter  # optional dependency
-
-            self.tb = SummaryWriter(cfg.train.tensorboard_dir)
+        init = cfg.model.hf_checkpoint or cfg.model.megatron_checkpoint or "random init (seed {})".format(cfg.train.seed)
+        self._log_text(format_banner(cfg, self.model_cfg, self.rt.world_size, self.dp, self.num_micro,
+                                     self.rt.device, init, resume))
+        self.progress = StepProgress(cfg.train.steps, cfg.train.global_batch_size * cfg.data.seq_length,
+                                     self.rt.world_size, self.flops_per_token, cfg.train.peak_tflops, self.rt.device)
+        self.sinks = MetricSinks(cfg.train, to_dict(cfg), self.is_logger)
 
     def _load_initial_weights(self, model) -> None:
         """Weights from an HF or Megatron checkpoint; its tokenizer files ride along to our saves."""
@@ -155,8 +148,9 @@ class Trainer:
         elif m.megatron_checkpoint:
             from megatron_ultralong.checkpoint.torch_dist import SIDE_DIR, load_megatron_checkpoint
 
-            load_megatron_checkpoint(model, m.megatron_checkpoint)
-            side = os.path.join(m.megatron_checkpoint, SIDE_DIR)
+            model_dir = initial_megatron_checkpoint(self.cfg)  # save dir, iter_* or model/ (checkpoint/paths.py)
+            load_megatron_checkpoint(model, model_dir)
+            side = os.path.join(model_dir, SIDE_DIR)
             if os.path.isdir(side):
                 self.side_files = sorted(os.path.join(side, f) for f in os.listdir(side))
 
@@ -171,26 +165,30 @@ class Trainer:
         startup_checks.on_rank0(lambda: startup_checks.stale_cache_problem(data.paths, cache))
         startup_checks.on_rank0(lambda: startup_checks.token_id_problem(data.paths, self.model_cfg.vocab_size, cache))
 
-    def _resume(self) -> None:
+    def _resume(self) -> str:
         """Load the newest checkpoint that verifies (checkpoint/train_state.py), or say loudly that
         there is none; then refuse a save directory that holds another run's checkpoints."""
         t = self.cfg.train
         self.step, self.consumed, resumed_from = 0, 0, None
+        note = "no train.load or train.save: starting from step 0"
         if t.load_dir:
             found = resume(t.load_dir, self.model, self.optimizer, self.scheduler, to_dict(self.cfg.parallel))
             if found is None:
-                logger.warning("no checkpoint found in %s, starting from scratch", t.load_dir)
+                note = f"no checkpoint found in {t.load_dir}, starting from scratch"
+                logger.warning(note)
             else:
                 resumed_from, self.step, self.consumed = found
-                logger.info("resumed from %s at step %d", resumed_from, self.step)
+                note = f"resumed from {resumed_from} at step {self.step} ({self.consumed} samples consumed)"
+                logger.info(note)
                 if self.is_logger:
                     trim_metrics_log(t.log_file, self.step)
         startup_checks.on_rank0(lambda: save_dir_conflict(t.save, resumed_from, t.overwrite))
         self.resumed_step = self.step
+        return note
 
     def _log_text(self, text: str) -> None:
         if self.is_logger:
-            self.log(text)
+            logger.info(text)
 
     def _micro_batches(self) -> list[dict]:
         """This rank's micro-batches for the next step: CP-sharded, document boundaries attached."""
@@ -236,29 +234,10 @@ class Trainer:
         self.step += 1
         self.consumed += self.cfg.train.global_batch_size
         elapsed = time.perf_counter() - t0
-        tokens = self.cfg.train.global_batch_size * self.cfg.data.seq_length
-        tflops = self.flops_per_token * tokens / elapsed / self.rt.world_size / 1e12
-        metrics = {
-            "step": self.step,
-            "loss": step_loss,
-            "loss_tokens": int(num_tokens),
-            "lr": self.optimizer.param_groups[0]["lr"],
-            "grad_norm": grad_norm,
-            "applied": applied,
-            "nonfinite": nonfinite,
-            "seconds": elapsed,
-            "tokens_per_s": tokens / elapsed,
-            "tflops_per_device": tflops,
-            "memory_gb": self._memory_gb(),
-        }
-        if self.cfg.train.peak_tflops:
-            metrics["mfu"] = tflops / self.cfg.train.peak_tflops
-        return metrics
-
-    def _memory_gb(self) -> float:
-        if self.rt.is_cuda:
-            return torch.cuda.max_memory_allocated() / 2**30
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # peak RSS (KiB -> GiB)
+        return self.progress.metrics(
+            self.step, elapsed, loss=step_loss, loss_tokens=int(num_tokens),
+            lr=self.optimizer.param_groups[0]["lr"], grad_norm=grad_norm, applied=applied, nonfinite=nonfinite,
+        )
 
     def save(self) -> None:
         t = self.cfg.train
@@ -297,21 +276,11 @@ class Trainer:
                     break
         finally:
             self.stops.restore()
+            self.sinks.close()
         return history
 
     def _report(self, metrics: dict) -> None:
         if not self.is_logger:
             return
-        self.log(
-            f"[train] step {metrics['step']:>5} | loss {metrics['loss']:.4f} | lr {metrics['lr']:.3e} | "
-            f"grad norm {metrics['grad_norm']:.3f} | {metrics['tokens_per_s']:.0f} tok/s | "
-            f"{metrics['tflops_per_device']:.3f} TFLOP/s/device"
-            + (f" | MFU {metrics['mfu']:.1%}" if "mfu" in metrics else "")
-            + f" | mem {metrics['memory_gb']:.2f} GiB"
-        )
-        if self.cfg.train.log_file:
-            with open(self.cfg.train.log_file, "a", encoding="utf-8") as f:
-                f.write(metrics_line(metrics))
-        if self.tb is not None:
-            for key in ("loss", "lr", "grad_norm", "tokens_per_s", "tflops_per_device"):
-                self.tb.add_scalar(f"train/{key}", metrics[key], metrics["step"])
+        logger.info(format_step_line(metrics))
+        self.sinks.write(metrics)

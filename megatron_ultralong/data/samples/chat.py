@@ -130,6 +130,15 @@ def render_chat(messages: Sequence[Message], fmt: ChatFormat = ChatFormat()) -> 
     return "".join(text for text, _ in chat_spans(messages, fmt))
 
 
+def hf_chat_template_ids(hf_tokenizer: Any, messages: Sequence[Message], **kwargs: Any) -> list[int]:
+    """Token ids transformers' `apply_chat_template` gives for one conversation, on transformers 4.x
+    and 5.x alike: with `tokenize=True`, 4.x returns a list of ids and 5.x a `BatchEncoding`;
+    `return_dict=True` makes both return the mapping. kwargs go to `apply_chat_template`
+    (chat_template, date_string, add_generation_prompt, ...)."""
+    out = hf_tokenizer.apply_chat_template(list(messages), tokenize=True, return_dict=True, **kwargs)
+    return list(out["input_ids"])
+
+
 def load_tokenizer(path: str) -> Tokenizer:
     """An HF `tokenizer.json`, or a directory holding one (as Llama-3.1-8B-Instruct's repo does)."""
     file = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path

@@ -32,13 +32,22 @@ class SampleDataset(Protocol):
     def __getitem__(self, index: int) -> dict[str, Tensor]: ...
 
 
+# Ids no token in a .bin file can have (token ids are >= 0). GPTDataset masks labels equal to its
+# pad id and warns ("pad token id collides") when pad equals eod, so the two must differ even when
+# the data has no separator token at all.
+_NO_PAD_ID = -1
+_NO_EOD_ID = -2
+
+
 @dataclass(frozen=True)
 class _TokenIds:
-    """The two ids megatron-core's GPTDataset reads from a tokenizer (no `pad`: it then uses -1,
-    which never collides with a real token)."""
+    """The ids megatron-core's GPTDataset reads from a tokenizer: the document separator (only
+    used for its masks, which the plugin builds itself) and a pad id that never occurs in the data
+    (the plugin pads nothing through GPTDataset: samples are always full)."""
 
     eod: int
     vocab_size: Optional[int]
+    pad: int = _NO_PAD_ID
 
     @property
     def unique_identifiers(self) -> dict:
@@ -85,7 +94,8 @@ class PretrainDataset:
             blend=blend,
             split="100,0,0",
             path_to_cache=cache,
-            tokenizer=_TokenIds(eod=data.eod_token_id if data.eod_token_id is not None else -1, vocab_size=vocab_size),
+            tokenizer=_TokenIds(eod=data.eod_token_id if data.eod_token_id is not None else _NO_EOD_ID,
+                                vocab_size=vocab_size),
             reset_position_ids=False,
             reset_attention_mask=False,
             eod_mask_loss=False,

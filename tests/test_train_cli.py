@@ -1,0 +1,158 @@
+"""mu-train before launch: --help (no megatron import), --print-config, --dry-run on every shipped
+recipe at its documented world size (the memory figure is training/memory.py's), and the model
+architecture taken from a Megatron checkpoint alone."""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from megatron_ultralong.config_io import from_dict, to_dict
+from megatron_ultralong.training.cli import main
+from megatron_ultralong.training.config import TrainConfig, load_train_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RECIPES = sorted(glob.glob(os.path.join(ROOT, "examples", "recipes", "*.yaml")))
+
+
+def _world_size(path: str) -> int:
+    return int(re.search(r"^# world size: (\d+)$", open(path).read(), re.M).group(1))
+
+
+def _fake_checkpoint(model_dir, model_cfg) -> None:
+    """A model directory as save_megatron_checkpoint leaves it, minus the tensors (the dry run reads
+    only the metadata)."""
+    from megatron_ultralong.checkpoint.torch_dist import CheckpointInfo
+
+    os.makedirs(model_dir, exist_ok=True)
+    with open(os.path.join(model_dir, "metadata.json"), "w") as f:
+        json.dump({"sharded_backend": "torch_dist"}, f)
+    with open(os.path.join(model_dir, "ultralong_checkpoint.json"), "w") as f:
+        json.dump(CheckpointInfo(model_config=model_cfg, params_dtype="bfloat16").to_json(), f)
+
+
+def _yarn_8b(target: int):
+    from megatron_ultralong.model.config import load_model_config
+    from megatron_ultralong.rope import yarn_for_context_length
+
+    cfg = load_model_config("llama3.1-8b")
+    return cfg.replace(rope=yarn_for_context_length(target, theta=cfg.rope.theta, beta_fast=4.0, beta_slow=1.0),
+                       max_position_embeddings=target)
+
+
+@pytest.fixture
+def work(tmp_path, monkeypatch):
+    """$WORK as the README's path layout has it after steps 1-3 (empty stand-ins for the big files)."""
+    monkeypatch.chdir(tmp_path)
+    for d in ("models/Llama-3.1-8B-Instruct", "data/ultralong_1b", "data/sft", "tiny_cpu_out/data"):
+        os.makedirs(d)
+    open("models/Llama-3.1-8B-Instruct/tokenizer.json", "w").close()
+    for prefix in ("data/ultralong_1b/cpt_text_document", "tiny_cpu_out/data/tiny_text_document"):
+        for ext in (".bin", ".idx"):
+            open(prefix + ext, "w").close()
+    open("data/sft/general_math_code.jsonl", "w").close()
+    for size, target in (("1m", 1 << 20), ("2m", 1 << 21), ("4m", 1 << 22)):
+        _fake_checkpoint(f"checkpoints/llama31_8b_yarn{size}", _yarn_8b(target))
+    _fake_checkpoint("checkpoints/ultralong_1m/iter_0000480/model", _yarn_8b(1 << 20))
+    with open("checkpoints/ultralong_1m/latest", "w") as f:
+        f.write("iter_0000480\n")
+    return tmp_path
+
+
+def _run(capsys, *argv) -> tuple[int, str]:
+    with pytest.raises(SystemExit) as e:
+        main(list(argv))
+    out = capsys.readouterr()
+    return e.value.code, out.out + out.err
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=os.path.basename)
+def test_dry_run_every_recipe_at_its_world_size(work, capsys, recipe):
+    from megatron_ultralong.training.memory import estimate_memory_per_device
+    from megatron_ultralong.training.model_source import resolve_model_config
+
+    world = _world_size(recipe)
+    code, out = _run(capsys, "--config", recipe, "--dry-run", "--world-size", str(world))
+    assert code == 0, out
+    assert "dry run: OK" in out
+    cfg = load_train_config(recipe)
+    want = estimate_memory_per_device(resolve_model_config(cfg), cfg, cfg.check_world(world)).total / 2**30
+    got = float(re.search(r"memory per GPU \(training/memory.py\): ([\d.]+) GiB", out).group(1))
+    assert got == pytest.approx(want, abs=0.006)
+    if cfg.train.peak_tflops:
+        assert re.search(r"step time \(predicted.*\): [\d.]+\.\.[\d.]+ s/step", out)
+    if cfg.model.megatron_checkpoint:  # the RoPE of the run is the converted checkpoint's YaRN
+        assert "rope: yarn" in out and "max positions 1,048,576" in out if "sft" in recipe else \
+            f"max positions {cfg.data.seq_length:,}" in out
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=os.path.basename)
+def test_print_config_round_trips(capsys, recipe):
+    code = main(["--config", recipe, "--print-config", "train.steps=7"])
+    assert code is None
+    printed = yaml.safe_load(capsys.readouterr().out)
+    cfg = from_dict(TrainConfig, printed)
+    assert cfg.train.steps == 7 and to_dict(cfg) == to_dict(load_train_config(recipe, ("train.steps=7",)))
+
+
+def test_dry_run_names_each_problem(work, capsys):
+    recipe = os.path.join(ROOT, "examples", "recipes", "llama31_8b_1m.yaml")
+    code, out = _run(capsys, "--config", recipe, "--dry-run", "--world-size", "250")
+    assert code == 1 and "world size 250 is not divisible by TP*PP*CP" in out
+    code, out = _run(capsys, "--config", recipe, "--dry-run", "--world-size", "256", "data.paths=[data/nope]")
+    assert code == 1 and "data.paths[0]: data/nope.bin does not exist" in out
+    # CP 2 instead of 16 on 16 GPUs without recompute: divisible, but 512K tokens per GPU cannot fit
+    code, out = _run(capsys, "--config", recipe, "--dry-run", "--world-size", "16", "parallel.context_parallel=2",
+                     "model.recompute=none")
+    assert code == 1 and re.search(r"the memory estimate [\d.]+ GiB exceeds the device's 80 GiB", out)
+    code, out = _run(capsys, "--config", recipe, "--dry-run", "--world-size", "256", "model.config=llama3.2-1b")
+    assert code == 1 and "does not match the starting checkpoint: vocab_size" not in out and "hidden_size" in out
+    code, out = _run(capsys, "--config", recipe, "--dry-run", "--world-size", "256",
+                     "train.tensorboard_dir=tb", "train.wandb_project=p")
+    if "tensorboard" not in sys.modules and not _importable("tensorboard"):
+        assert "pip install 'megatron-ultralong[tensorboard]'" in out and code == 1
+
+
+def _importable(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
+
+
+def test_megatron_checkpoint_alone_gives_the_architecture(work):
+    from megatron_ultralong.training.model_source import resolve_model_config
+
+    for path in ("checkpoints/ultralong_1m", "checkpoints/ultralong_1m/iter_0000480",
+                 "checkpoints/ultralong_1m/iter_0000480/model"):
+        cfg = load_train_config(None, ("data.paths=[x]", f"model.megatron_checkpoint={path}"))
+        assert resolve_model_config(cfg) == _yarn_8b(1 << 20), path  # not the "tiny" default
+    with pytest.raises(ValueError, match="model.megatron_checkpoint='checkpoints/none': no such file"):
+        resolve_model_config(load_train_config(None, ("data.paths=[x]", "model.megatron_checkpoint=checkpoints/none")))
+
+
+def test_help_and_config_errors_do_not_import_megatron(tmp_path):
+    probe = (
+        "import sys\n"
+        "from megatron_ultralong.training.cli import main\n"
+        "for argv in (['--help'], ['--config', sys.argv[1], 'train.bogus=1']):\n"
+        "    try:\n"
+        "        main(argv)\n"
+        "    except SystemExit as e:\n"
+        "        print('exit', e.code)\n"
+        "print('loaded', sorted(m for m in sys.modules if m == 'torch' or m.split('.')[0] == 'megatron'))\n"
+    )
+    recipe = os.path.join(ROOT, "examples", "recipes", "tiny_cpu.yaml")
+    out = subprocess.run([sys.executable, "-c", probe, recipe], capture_output=True, text=True, check=True,
+                         cwd=tmp_path, env=dict(os.environ, PYTHONPATH=ROOT)).stdout
+    assert "exit 0" in out and "exit 2" in out
+    assert "loaded []" in out, out[-500:]
+    # --help documents every section and field from the dataclass docstrings
+    flat = " ".join(out.split())
+    assert "train.loss_chunk_tokens = 16384" in flat and "recomputed in backward" in flat
+    assert "model.megatron_checkpoint" in out and "parallel.context_parallel" in out
