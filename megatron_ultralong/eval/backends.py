@@ -27,6 +27,9 @@ class Backend(Protocol):
     max_position_embeddings: int
     """The model's position limit (config); the grid runner warns or refuses beyond it."""
 
+    trained_length: int
+    """The original context length before RoPE scaling (= max_position_embeddings without it)."""
+
     def next_token_logits(self, ids: Sequence[int]) -> Tensor:
         """Logits [V] (float32) of the token following `ids`."""
         ...
@@ -100,6 +103,9 @@ class HFBackend:
         self.vocab_size = int(model.config.vocab_size)
         self.device = next(model.parameters()).device
         self.max_position_embeddings = int(model.config.max_position_embeddings)
+        rope_scaling = getattr(model.config, "rope_scaling", None) or {}
+        self.trained_length = int(rope_scaling.get("original_max_position_embeddings") or self.max_position_embeddings)
+        """Context length before RoPE scaling (the heatmap's vertical line)."""
         self.prefilled_tokens = 0
         """Prompt tokens prefilled by generate / generate_many so far (forks add none)."""
 

@@ -83,6 +83,7 @@ class MegatronBackend:
         self.loss_chunk_tokens = loss_chunk_tokens
         self.is_writer = runtime.rank == 0
         self.max_position_embeddings = self.cfg.max_position_embeddings
+        self.trained_length = self.cfg.rope.original_max_position_embeddings or self.max_position_embeddings
         self.prefilled_tokens = 0
         """Prompt tokens prefilled so far (how tests and benchmarks see that a fork re-prefilled nothing)."""
 
