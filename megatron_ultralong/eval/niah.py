@@ -1,6 +1,6 @@
 """Needle-in-a-haystack grid: context lengths x needle depths -> scores, results.json, heatmap.png.
 
-The default needle is the passkey of the paper's NIAH evaluation (RECIPE.md §4; template from
+The default needle is the passkey of the UltraLong paper's NIAH evaluation (arXiv:2504.06214; template from
 LongLoRA/InfiniteBench): " The pass key is {value}. Remember it. {value} is the pass key.",
 asked for with the answer prefix "The pass key is" so a base model completes the number. Every
 cell is `samples_per_cell` prompts (different passkeys and filler offsets by seed), scored by

@@ -1,4 +1,5 @@
-"""RULER-style synthetic tasks at several lengths: per-task, per-length scores (DATA_AND_EVAL.md §B2).
+"""RULER-style synthetic tasks at several lengths: per-task, per-length scores (RULER,
+arXiv:2404.06654, github.com/NVIDIA/RULER).
 
 Scores are RULER's: string_match_all per sample (fraction of expected strings present), averaged
 and reported in percent, per task and length, plus the mean over tasks per length. RULER's

@@ -1,4 +1,5 @@
-"""Sample generators: the NIAH passkey and RULER-style synthetic tasks (DATA_AND_EVAL.md §B2).
+"""Sample generators: the NIAH passkey and RULER-style synthetic tasks
+(github.com/NVIDIA/RULER, scripts/data/synthetic).
 
 Every task turns (length, seed) into a `Sample`: a prompt of exactly `length` tokens, the answers a
 correct model must produce, and how to score it. Generation is deterministic in the seed.
