@@ -53,13 +53,18 @@ class Backend(Protocol):
         ...
 
 
+def check_budget(max_new_tokens: int) -> None:
+    """ValueError unless max_new_tokens >= 1 (checked before a prefill, which may take minutes)."""
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens}: expected >= 1")
+
+
 def greedy(step: Callable[[int], Tensor], logits: Tensor, vocab_size: int, max_new_tokens: int,
            stop_ids: Sequence[int] = ()) -> list[int]:
     """Greedy decoding loop shared by the backends: logits [>= vocab_size] of the first new token,
     step(token) -> logits of the next one. Returns at most max_new_tokens ids, ending at the first
     stop id (included)."""
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens={max_new_tokens}: expected >= 1")
+    check_budget(max_new_tokens)
     out: list[int] = []
     stops = set(stop_ids)
     while True:
@@ -146,6 +151,7 @@ class HFBackend:
         return self.model(input_ids=step, past_key_values=cache, use_cache=True).logits[0, -1].float()
 
     def generate(self, ids: Sequence[int], max_new_tokens: int, stop_ids: Sequence[int] = ()) -> list[int]:
+        check_budget(max_new_tokens)
         cache = self._new_cache()
         logits = self._prefill(check_prompt(ids, self.vocab_size), cache)
         self.prefilled_tokens += len(ids)
@@ -157,6 +163,7 @@ class HFBackend:
         (transformers' `DynamicCache.crop`), which is the fork for continuations run one after another."""
         if not suffixes:
             raise ValueError("generate_many needs at least one suffix")
+        check_budget(max_new_tokens)
         cache = self._new_cache()
         context_logits = self._prefill(check_prompt(context, self.vocab_size), cache)
         self.prefilled_tokens += len(context)

@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from megatron_ultralong.eval.backends import check_prompt, greedy
+from megatron_ultralong.eval.backends import check_budget, check_prompt, greedy
 from megatron_ultralong.eval.kv_cache import (
     DecodeState, advance, decode_session, install_cache, prefill_session, prefix_from_session,
 )
@@ -159,6 +159,7 @@ class MegatronBackend:
 
     def generate(self, ids: Sequence[int], max_new_tokens: int, stop_ids: Sequence[int] = ()) -> list[int]:
         """Greedy: one CP prefill, then one cached step per new token."""
+        check_budget(max_new_tokens)
         state, logits = self.prefill(ids)
         return greedy(lambda token: self.step(state, token), logits, self.vocab_size, max_new_tokens, stop_ids)
 
@@ -168,6 +169,7 @@ class MegatronBackend:
         forked per suffix; suffix tokens go through cached steps)."""
         if not suffixes:
             raise ValueError("generate_many needs at least one suffix")
+        check_budget(max_new_tokens)
         prefix, context_logits = self.prefill(context)
         outs = []
         for suffix in suffixes:
