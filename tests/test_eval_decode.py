@@ -81,6 +81,9 @@ def _run(rank, world_size, tp, cp, lengths):
     g = torch.Generator().manual_seed(3)
     for name, hf in _hf_models():
         backend = _backend(hf, rt)
+        from megatron_ultralong.eval import HFBackend
+
+        assert backend.fingerprint == HFBackend(hf).fingerprint  # the grid's resume key names the weights
         for n in lengths:
             assert n % (2 * cp) != 0 or cp == 1
             ids = torch.randint(2, 300, (n,), generator=g).tolist()

@@ -75,6 +75,9 @@ def test_resume_after_a_killed_run_computes_each_cell_once(tok, hf, tmp_path):
     assert third.prompts == []  # everything done: nothing recomputed
     with pytest.raises(ValueError, match="niah_cells.jsonl: written by a run with a different configuration"):
         run_niah(third, tok, LENGTHS, DEPTHS, str(tmp_path), NiahConfig(max_new_tokens=4), log=False)
+    other_model = HFBackend(tiny_llama(tok.vocab_size, seed=1, max_position_embeddings=180))
+    with pytest.raises(ValueError, match="niah_cells.jsonl: written by a run with a different configuration"):
+        run_niah(other_model, tok, LENGTHS, DEPTHS, str(tmp_path), CFG, log=False)  # other weights: not mixed in
 
 
 def test_a_corrupt_line_in_the_middle_is_an_error_naming_file_and_line(tok, hf, tmp_path):

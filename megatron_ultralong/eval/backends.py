@@ -30,6 +30,9 @@ class Backend(Protocol):
     trained_length: int
     """The original context length before RoPE scaling (= max_position_embeddings without it)."""
 
+    fingerprint: str
+    """Identifies the weights (`weights_fingerprint`): a grid resumes only with the same model."""
+
     def next_token_logits(self, ids: Sequence[int]) -> Tensor:
         """Logits [V] (float32) of the token following `ids`."""
         ...
@@ -51,6 +54,13 @@ class Backend(Protocol):
     def broadcast_from_writer(self, obj: Any) -> Any:
         """`obj` as the writing process has it, on every process (identity with one process)."""
         ...
+
+
+def weights_fingerprint(vocab_size: int, final_norm_weight: Tensor) -> str:
+    """A cheap identity for resuming a grid run: vocabulary size and the sum of the final norm's
+    weights (replicated on every TP/CP rank, [H]; any further training changes it), so results of
+    one checkpoint are never mixed with another's in the same --out."""
+    return f"vocab={vocab_size}/final_norm_sum={float(final_norm_weight.detach().double().sum()):.12e}"
 
 
 def check_budget(max_new_tokens: int) -> None:
@@ -113,6 +123,8 @@ class HFBackend:
         """Context length before RoPE scaling (the heatmap's vertical line)."""
         self.prefilled_tokens = 0
         """Prompt tokens prefilled by generate / generate_many so far (forks add none)."""
+        norm = [p for name, p in model.named_parameters() if name.endswith("norm.weight")][-1]
+        self.fingerprint = weights_fingerprint(model.config.vocab_size, norm)
 
     @classmethod
     def from_pretrained(cls, path: str, dtype: Optional[torch.dtype] = None, device: Optional[str] = None,

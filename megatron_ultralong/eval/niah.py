@@ -15,7 +15,6 @@ elapsed time and ETA.
 """
 from __future__ import annotations
 
-import logging
 import os
 import random
 import time
@@ -29,8 +28,6 @@ from megatron_ultralong.eval.report import save_heatmap, write_json
 from megatron_ultralong.eval.scoring import SCORERS, score
 from megatron_ultralong.eval.tasks import Sample, answer_budget, random_number, sample_seed
 from megatron_ultralong.eval.tokenizer import EvalTokenizer
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -192,7 +189,8 @@ def run_niah(
     for length in lengths:
         check_length(int(length), budget, getattr(backend, "max_position_embeddings", None), config.over_length)
     runner = GridRunner(None if out_dir is None else os.path.join(out_dir, "niah_cells.jsonl"),
-                        {"task": "niah", "config": asdict(config)}, backend, "niah", log=log)
+                        {"task": "niah", "config": asdict(config),
+                         "model": getattr(backend, "fingerprint", None)}, backend, "niah", log=log)
     # Length-major order: all depths of the shortest length first (the heatmap fills column by column).
     grid = {f"length={int(n)}/depth={float(d)}": (int(n), float(d)) for n in lengths for d in depths}
     cells = [Cell(key, float(n) * config.samples_per_cell, f"length {n} depth {100 * d:.1f}%")

@@ -64,7 +64,8 @@ def run_ruler(
         raise ValueError(f"--samples {samples_per_length}: expected >= 1")
     haystacks: dict[str, Haystack] = {}
     header = {"task": "ruler", "tasks": list(tasks), "samples_per_length": samples_per_length, "seed": seed,
-              "max_new_tokens": max_new_tokens, "split_queries": split_queries}
+              "max_new_tokens": max_new_tokens, "split_queries": split_queries,
+              "model": getattr(backend, "fingerprint", None)}
     runner = GridRunner(None if out_dir is None else os.path.join(out_dir, "ruler_cells.jsonl"), header, backend,
                         "ruler", log=log)
     grid = {f"length={int(n)}/task={t}": (int(n), t) for n in lengths for t in tasks}
