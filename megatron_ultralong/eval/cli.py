@@ -7,6 +7,10 @@ with `latest`); a Megatron checkpoint runs under torchrun with TP x CP processes
     mu-eval-niah --model hf_export/ --lengths 4096 8192 --depths 0 0.5 1 --out results/
     torchrun --nproc-per-node 8 -m megatron_ultralong.eval.cli niah --model ckpt/1m --cp 8 \
         --tokenizer hf_export/ --lengths 1048576 --depths 0 0.25 0.5 0.75 1 --out results/
+
+Both backends give the same greedy answers; the HF one keeps the whole KV cache on one device, so a
+prompt that does not fit one GPU goes through the Megatron one (prefill and KV cache split over
+--cp). Re-running a command with the same --out resumes it (docs/evaluation.md).
 """
 from __future__ import annotations
 
