@@ -123,8 +123,9 @@ class HFBackend:
         """Context length before RoPE scaling (the heatmap's vertical line)."""
         self.prefilled_tokens = 0
         """Prompt tokens prefilled by generate / generate_many so far (forks add none)."""
-        norm = [p for name, p in model.named_parameters() if name.endswith("norm.weight")][-1]
-        self.fingerprint = weights_fingerprint(model.config.vocab_size, norm)
+        # The final norm for Llama-like models (also what the Megatron backend uses); else the last parameter.
+        norms = [p for name, p in model.named_parameters() if name.endswith("norm.weight")]
+        self.fingerprint = weights_fingerprint(self.vocab_size, norms[-1] if norms else list(model.parameters())[-1])
 
     @classmethod
     def from_pretrained(cls, path: str, dtype: Optional[torch.dtype] = None, device: Optional[str] = None,
