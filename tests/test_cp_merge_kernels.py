@@ -12,15 +12,7 @@ from megatron_ultralong.attention.kernels import (
     block_forward,
 )
 from megatron_ultralong.attention.segments import Segment, build_segments, parse_cu_seqlens
-from megatron_ultralong.attention.softmax_merge import empty_accumulator, merge_attention_
-
-
-def merge_attention(outs: list[torch.Tensor], lses: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Merge any number of partial results over disjoint key sets with the production in-place merge."""
-    out, lse = empty_accumulator(outs[0])
-    for block_out, block_lse in zip(outs, lses):
-        merge_attention_(out, lse, block_out, block_lse)
-    return out, lse
+from megatron_ultralong.attention.softmax_merge import merge_attention
 
 
 def _partial(q, k, v, scale, mask=None):

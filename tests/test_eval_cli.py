@@ -68,3 +68,32 @@ def test_megatron_checkpoint_paths_are_resolved(tmp_path):
     assert resolve_megatron_checkpoint(str(tmp_path)) is None  # an HF-style or unrelated directory
     with pytest.raises(ValueError, match="--model='/nonexistent'"):
         resolve_megatron_checkpoint("/nonexistent")
+
+
+@pytest.mark.parametrize("command", ["niah", "ruler", "ppl"])
+def test_help_usage_line_is_the_command_and_every_flag_is_explained(command, capsys):
+    from megatron_ultralong.eval.cli import build_parser
+
+    with pytest.raises(SystemExit) as e:
+        main(["--help"], command=command)
+    assert e.value.code == 0
+    usage = capsys.readouterr().out.split("\n\n")[0]
+    # What `mu-eval-<command> --help` prints is typed as is: no hidden subcommand word after the name.
+    assert usage.startswith(f"usage: mu-eval-{command} [-h]"), usage
+    assert f"mu-eval-{command} {command}" not in usage
+    parser = build_parser(command)
+    missing = [a.option_strings for a in parser._actions if a.option_strings and not a.help]
+    assert not missing, f"flags without help text: {missing}"
+    assert parser.parse_args(["--model", "m", "--out", "o"] + (["--documents", "d", "--seq-len", "8"]
+                             if command == "ppl" else ["--lengths", "8"])).command == command
+
+
+def test_niah_cli_marks_the_trained_length_and_resumes(hf_dirs, tmp_path, capsys):
+    tok_dir, model_dir = hf_dirs
+    flags = ["--model", model_dir, "--tokenizer", tok_dir, "--out", str(tmp_path), "--lengths", "200", "260",
+             "--depths", "0.5", "--device", "cpu", "--trained-length", "230"]
+    main(flags, command="niah")
+    lines = (tmp_path / "niah_cells.jsonl").read_text().splitlines()
+    assert len(lines) == 3 and json.loads(lines[0])["header"]["config"]["max_new_tokens"] is None
+    main(flags, command="niah")  # resumed: the file is not rewritten or extended
+    assert (tmp_path / "niah_cells.jsonl").read_text().splitlines() == lines

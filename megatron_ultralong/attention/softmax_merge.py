@@ -59,3 +59,17 @@ def merge_attention_(out: Tensor, lse: Tensor, block_out: Tensor, block_lse: Ten
     out.mul_(w_old).addcmul_(w_new, block_out)  # in place: no output-sized temporary
     lse.copy_(new_lse)
 
+
+
+def merge_attention(outs: list[Tensor], lses: list[Tensor]) -> tuple[Tensor, Tensor]:
+    """Merge any number of partial results over disjoint key sets: returns (out fp32, lse fp32).
+
+    Used by cached decoding under CP (eval/kv_cache.py): each rank's partial result over its own
+    cache shard, gathered, merged in the same order on every rank.
+    """
+    if not outs or len(outs) != len(lses):
+        raise ValueError(f"need matching non-empty lists, got {len(outs)} outputs, {len(lses)} lse")
+    out, lse = empty_accumulator(outs[0])
+    for block_out, block_lse in zip(outs, lses):
+        merge_attention_(out, lse, block_out, block_lse)
+    return out, lse

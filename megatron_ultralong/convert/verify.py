@@ -20,7 +20,8 @@ import torch.distributed as dist
 from torch import Tensor
 
 from megatron_ultralong.model.config import LlamaConfig
-from megatron_ultralong.model.gpt import UltraLongGPTModel, gather_tp_logits
+from megatron_ultralong.model.gpt import UltraLongGPTModel
+from megatron_ultralong.model.stage_forward import stage_hidden, stage_logits
 from megatron_ultralong.parallel.runtime import Runtime
 
 DEFAULT_PROMPT = "The capital of France is Paris. The capital of Germany is"
@@ -89,7 +90,7 @@ def megatron_logits(model: UltraLongGPTModel, tokens: Tensor, runtime: Runtime) 
 
     Collective: every rank calls it with the same tokens [b, s]. Other PP groups (DP replicas) run
     their forward too and drop the result."""
-    pp, tp = runtime.pg_collection.pp, runtime.pg_collection.tp
+    pp = runtime.pg_collection.pp
     cfg = model.model_config
     dtype = next(model.parameters()).dtype
     b, s = tokens.shape
@@ -97,15 +98,15 @@ def megatron_logits(model: UltraLongGPTModel, tokens: Tensor, runtime: Runtime) 
     positions = torch.arange(s, device=runtime.device)[None].expand(b, -1)
     logits = None
     with torch.no_grad():
+        hidden = None
         if pp.rank() > 0:
             hidden = torch.empty(s, b, cfg.hidden_size, dtype=dtype, device=runtime.device)
             dist.recv(hidden, src=dist.get_global_rank(pp, pp.rank() - 1))
-            model.set_input_tensor(hidden)
-        out = model(tokens, positions, None)  # [s, b, H] on inner stages, [b, s, V_pad/TP] on the last
+        out = stage_hidden(model, tokens, positions, input_tensor=hidden)  # [s, b, H]
         if pp.rank() < pp.size() - 1:
             dist.send(out.contiguous(), dst=dist.get_global_rank(pp, pp.rank() + 1))
         else:
-            logits = gather_tp_logits(out, tp, cfg.vocab_size).float()
+            logits = stage_logits(model, out)  # [b, s, vocab] fp32, gathered over TP
     if pp.size() > 1 and dist.get_global_rank(pp, 0) == 0:
         # Only the pipeline holding rank 0 ships its result there (TP rank 0 of its last stage).
         last = dist.get_global_rank(pp, pp.size() - 1)

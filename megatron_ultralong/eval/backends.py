@@ -1,8 +1,10 @@
 """Model backends for evaluation: what a task runner needs from a model, and the HF implementation.
 
-A backend answers three questions about a token sequence, all greedy and deterministic:
+A backend answers four questions about token sequences, all greedy and deterministic:
 - `next_token_logits(ids)`: logits for the token after `ids`, [V] float32;
-- `generate(ids, max_new_tokens, stop_ids)`: greedy continuation (argmax every step);
+- `generate(ids, max_new_tokens, stop_ids)`: greedy continuation (argmax every step, KV-cached);
+- `generate_many(context, suffixes, ...)`: one greedy continuation per suffix of a shared context,
+  which is prefilled once (several questions about one long haystack);
 - `token_losses(ids)`: per-position next-token NLL, [n - 1] float32 (perplexity by position).
 
 `is_writer` says whether this process writes results (False on all but one rank of a distributed
@@ -11,7 +13,7 @@ The Megatron backend lives in `megatron_backend.py`.
 """
 from __future__ import annotations
 
-from typing import Optional, Protocol, Sequence
+from typing import Any, Callable, Optional, Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +24,14 @@ class Backend(Protocol):
     """What the NIAH / RULER / perplexity runners call."""
 
     is_writer: bool
+    max_position_embeddings: int
+    """The model's position limit (config); the grid runner warns or refuses beyond it."""
+
+    trained_length: int
+    """The original context length before RoPE scaling (= max_position_embeddings without it)."""
+
+    fingerprint: str
+    """Identifies the weights (`weights_fingerprint`): a grid resumes only with the same model."""
 
     def next_token_logits(self, ids: Sequence[int]) -> Tensor:
         """Logits [V] (float32) of the token following `ids`."""
@@ -32,9 +42,47 @@ class Backend(Protocol):
         (which is included)."""
         ...
 
+    def generate_many(self, context: Sequence[int], suffixes: Sequence[Sequence[int]], max_new_tokens: int,
+                      stop_ids: Sequence[int] = ()) -> list[list[int]]:
+        """[generate(context + suffix, ...) for suffix in suffixes], prefilling the context once."""
+        ...
+
     def token_losses(self, ids: Sequence[int]) -> Tensor:
         """NLL of ids[i + 1] given ids[: i + 1] for i in [0, n - 1): float32 [n - 1]."""
         ...
+
+    def broadcast_from_writer(self, obj: Any) -> Any:
+        """`obj` as the writing process has it, on every process (identity with one process)."""
+        ...
+
+
+def weights_fingerprint(vocab_size: int, final_norm_weight: Tensor) -> str:
+    """A cheap identity for resuming a grid run: vocabulary size and the sum of the final norm's
+    weights (replicated on every TP/CP rank, [H]; any further training changes it), so results of
+    one checkpoint are never mixed with another's in the same --out."""
+    return f"vocab={vocab_size}/final_norm_sum={float(final_norm_weight.detach().double().sum()):.12e}"
+
+
+def check_budget(max_new_tokens: int) -> None:
+    """ValueError unless max_new_tokens >= 1 (checked before a prefill, which may take minutes)."""
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens}: expected >= 1")
+
+
+def greedy(step: Callable[[int], Tensor], logits: Tensor, vocab_size: int, max_new_tokens: int,
+           stop_ids: Sequence[int] = ()) -> list[int]:
+    """Greedy decoding loop shared by the backends: logits [>= vocab_size] of the first new token,
+    step(token) -> logits of the next one. Returns at most max_new_tokens ids, ending at the first
+    stop id (included)."""
+    check_budget(max_new_tokens)
+    out: list[int] = []
+    stops = set(stop_ids)
+    while True:
+        token = int(logits[:vocab_size].argmax())
+        out.append(token)
+        if token in stops or len(out) == max_new_tokens:
+            return out
+        logits = step(token)
 
 
 def check_prompt(ids: Sequence[int], vocab_size: int) -> Tensor:
@@ -69,6 +117,15 @@ class HFBackend:
         self.loss_chunk = loss_chunk
         self.vocab_size = int(model.config.vocab_size)
         self.device = next(model.parameters()).device
+        self.max_position_embeddings = int(model.config.max_position_embeddings)
+        rope_scaling = getattr(model.config, "rope_scaling", None) or {}
+        self.trained_length = int(rope_scaling.get("original_max_position_embeddings") or self.max_position_embeddings)
+        """Context length before RoPE scaling (the heatmap's vertical line)."""
+        self.prefilled_tokens = 0
+        """Prompt tokens prefilled by generate / generate_many so far (forks add none)."""
+        # The final norm for Llama-like models (also what the Megatron backend uses); else the last parameter.
+        norms = [p for name, p in model.named_parameters() if name.endswith("norm.weight")]
+        self.fingerprint = weights_fingerprint(self.vocab_size, norms[-1] if norms else list(model.parameters())[-1])
 
     @classmethod
     def from_pretrained(cls, path: str, dtype: Optional[torch.dtype] = None, device: Optional[str] = None,
@@ -102,20 +159,39 @@ class HFBackend:
         return self._prefill(check_prompt(ids, self.vocab_size), self._new_cache()).cpu()
 
     @torch.no_grad()
+    def _step(self, cache, token: int) -> Tensor:
+        step = torch.tensor([[token]], device=self.device)
+        return self.model(input_ids=step, past_key_values=cache, use_cache=True).logits[0, -1].float()
+
     def generate(self, ids: Sequence[int], max_new_tokens: int, stop_ids: Sequence[int] = ()) -> list[int]:
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens={max_new_tokens}: expected >= 1")
+        check_budget(max_new_tokens)
         cache = self._new_cache()
         logits = self._prefill(check_prompt(ids, self.vocab_size), cache)
-        out: list[int] = []
-        stops = set(stop_ids)
-        while True:
-            token = int(logits[: self.vocab_size].argmax())
-            out.append(token)
-            if token in stops or len(out) == max_new_tokens:
-                return out
-            step = torch.tensor([[token]], device=self.device)
-            logits = self.model(input_ids=step, past_key_values=cache, use_cache=True).logits[0, -1].float()
+        self.prefilled_tokens += len(ids)
+        return greedy(lambda token: self._step(cache, token), logits, self.vocab_size, max_new_tokens, stop_ids)
+
+    def generate_many(self, context: Sequence[int], suffixes: Sequence[Sequence[int]], max_new_tokens: int,
+                      stop_ids: Sequence[int] = ()) -> list[list[int]]:
+        """The context is prefilled once; after each continuation the cache is cropped back to it
+        (transformers' `DynamicCache.crop`), which is the fork for continuations run one after another."""
+        if not suffixes:
+            raise ValueError("generate_many needs at least one suffix")
+        check_budget(max_new_tokens)
+        cache = self._new_cache()
+        context_logits = self._prefill(check_prompt(context, self.vocab_size), cache)
+        self.prefilled_tokens += len(context)
+        outs = []
+        for suffix in suffixes:
+            logits = context_logits
+            if len(suffix):
+                logits = self._prefill(check_prompt(suffix, self.vocab_size), cache)
+            outs.append(greedy(lambda token: self._step(cache, token), logits, self.vocab_size,
+                               max_new_tokens, stop_ids))
+            cache.crop(len(context))
+        return outs
+
+    def broadcast_from_writer(self, obj: Any) -> Any:
+        return obj
 
     @torch.no_grad()
     def token_losses(self, ids: Sequence[int]) -> Tensor:

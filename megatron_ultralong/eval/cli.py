@@ -7,6 +7,10 @@ with `latest`); a Megatron checkpoint runs under torchrun with TP x CP processes
     mu-eval-niah --model hf_export/ --lengths 4096 8192 --depths 0 0.5 1 --out results/
     torchrun --nproc-per-node 8 -m megatron_ultralong.eval.cli niah --model ckpt/1m --cp 8 \
         --tokenizer hf_export/ --lengths 1048576 --depths 0 0.25 0.5 0.75 1 --out results/
+
+Both backends give the same greedy answers; the HF one keeps the whole KV cache on one device, so a
+prompt that does not fit one GPU goes through the Megatron one (prefill and KV cache split over
+--cp). Re-running a command with the same --out resumes it (docs/evaluation.md).
 """
 from __future__ import annotations
 
@@ -23,14 +27,75 @@ from megatron_ultralong.parallel.config import CpCommType
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="HF model directory or Megatron checkpoint")
-    parser.add_argument("--tokenizer", help="HF tokenizer directory or tokenizer.json (default: --model)")
-    parser.add_argument("--out", required=True, help="output directory (JSON and PNG)")
-    parser.add_argument("--tp", type=int, default=1, help="Megatron: tensor-parallel size")
-    parser.add_argument("--cp", type=int, default=1, help="Megatron: context-parallel size (prefill split)")
-    parser.add_argument("--cp-comm-type", default="p2p", choices=get_args(CpCommType))
+    parser.add_argument("--model", required=True,
+                        help="HF model directory (config.json + weights) or Megatron checkpoint (torch_dist model "
+                             "dir, iter_XXXXXXX/ or a save dir with `latest`)")
+    parser.add_argument("--tokenizer", help="HF tokenizer directory or tokenizer.json (default: --model, or the "
+                                            "Megatron checkpoint's hf_files/)")
+    parser.add_argument("--out", required=True, help="output directory (JSON, JSON lines per cell, PNG); a re-run "
+                                                     "with the same --out resumes")
+    parser.add_argument("--tp", type=int, default=1, help="Megatron: tensor-parallel size (default 1)")
+    parser.add_argument("--cp", type=int, default=1,
+                        help="Megatron: context-parallel size; the prompt's prefill and KV cache are split over "
+                             "it (default 1)")
+    parser.add_argument("--cp-comm-type", default="p2p", choices=get_args(CpCommType),
+                        help="Megatron: CP attention algorithm for the prefill (default p2p, the ring)")
     parser.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
-    parser.add_argument("--dtype", choices=get_args(DtypeName), help="default: the checkpoint's")
+    parser.add_argument("--dtype", choices=get_args(DtypeName),
+                        help="default: the checkpoint's dtype")
+    parser.add_argument("--seed", type=int, default=0, help="base seed of the generated prompts (default 0)")
+
+
+def _grid_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-new-tokens", type=int,
+                        help="greedy decoding budget per answer (default: the answer's tokens + a margin)")
+    parser.add_argument("--over-length", default="warn", choices=["warn", "refuse"],
+                        help="when a prompt exceeds the model's max_position_embeddings: warn and evaluate "
+                             "(default), or refuse")
+
+
+def _add_niah(niah: argparse.ArgumentParser) -> None:
+    niah.add_argument("--lengths", type=int, nargs="+", required=True, help="prompt lengths in tokens")
+    niah.add_argument("--depths", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0],
+                      help="needle depths as fractions of the haystack (default 0 0.25 0.5 0.75 1)")
+    niah.add_argument("--haystack", default="essay", choices=["essay", "noise"],
+                      help="filler: shipped essays (default) or RULER's repeated noise sentence")
+    niah.add_argument("--samples", type=int, default=1, help="prompts per cell (default 1)")
+    niah.add_argument("--scorer", default="all", choices=["all", "part", "exact"],
+                      help="answer matching (default all: every expected string present)")
+    niah.add_argument("--no-snap", action="store_true", help="insert at the exact depth, not a sentence end")
+    niah.add_argument("--trained-length", type=int,
+                      help="mark this context length on the heatmap (default: the model config's "
+                           "original_max_position_embeddings, else max_position_embeddings; 0: no line)")
+    _grid_flags(niah)
+    _common(niah)
+
+
+def _add_ruler(ruler: argparse.ArgumentParser) -> None:
+    ruler.add_argument("--lengths", type=int, nargs="+", required=True, help="prompt lengths in tokens")
+    ruler.add_argument("--tasks", nargs="+", default=list(RULER_TASKS), choices=RULER_TASKS,
+                       help="tasks to run (default: all)")
+    ruler.add_argument("--samples", type=int, default=4, help="samples per task and length (default 4)")
+    ruler.add_argument("--split-queries", action="store_true",
+                       help="ask niah_multiquery's keys as separate questions of one prefilled context (KV "
+                            "cache fork) instead of RULER's single question")
+    _grid_flags(ruler)
+    _common(ruler)
+
+
+def _add_ppl(ppl: argparse.ArgumentParser) -> None:
+    ppl.add_argument("--documents", required=True, help="a text file (one document) or JSONL with 'text'")
+    ppl.add_argument("--seq-len", type=int, required=True, help="tokens evaluated per document")
+    ppl.add_argument("--buckets", type=int, default=8, help="position buckets (default 8)")
+    ppl.add_argument("--log-buckets", action="store_true", help="log-spaced position buckets")
+    _common(ppl)
+
+
+_COMMANDS = {
+    "niah": ("needle-in-a-haystack grid -> niah_results.json, niah_heatmap.png", _add_niah),
+    "ruler": ("RULER-style tasks -> ruler_results.json, ruler_scores.png", _add_ruler),
+    "ppl": ("loss by position -> ppl_by_position.json/.png", _add_ppl),
+}
 
 
 def _backend(args: argparse.Namespace):
@@ -69,15 +134,19 @@ def _niah(args, backend, tokenizer) -> str:
     from megatron_ultralong.eval.niah import NiahConfig, run_niah
 
     cfg = NiahConfig(haystack=args.haystack, samples_per_cell=args.samples, max_new_tokens=args.max_new_tokens,
-                     snap_to_sentence=not args.no_snap, seed=args.seed, scorer=args.scorer)
-    res = run_niah(backend, tokenizer, args.lengths, args.depths, args.out, cfg)
+                     snap_to_sentence=not args.no_snap, seed=args.seed, scorer=args.scorer,
+                     over_length=args.over_length)
+    trained = backend.trained_length if args.trained_length is None else (args.trained_length or None)
+    res = run_niah(backend, tokenizer, args.lengths, args.depths, args.out, cfg, trained_length=trained)
     return f"NIAH mean score {100 * res.mean_score:.1f}%; heatmap: {res.heatmap_path}; results: {res.json_path}"
 
 
 def _ruler(args, backend, tokenizer) -> str:
     from megatron_ultralong.eval.ruler import run_ruler
 
-    res = run_ruler(backend, tokenizer, args.lengths, args.out, args.tasks, args.samples, args.seed)
+    res = run_ruler(backend, tokenizer, args.lengths, args.out, args.tasks, args.samples, args.seed,
+                    max_new_tokens=args.max_new_tokens, split_queries=args.split_queries,
+                    over_length=args.over_length)
     return f"RULER mean by length {json.dumps(res['mean'])}; results: {res.get('json_path')}"
 
 
@@ -109,38 +178,31 @@ def _ppl(args, backend, tokenizer) -> str:
 
 
 def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    """The parser of one command (`mu-eval-<command>`, whose usage line is then what one types), or
+    with command=None the module's parser with the three subcommands."""
+    if command is not None:
+        if command not in _COMMANDS:
+            raise ValueError(f"command={command!r}: expected one of {tuple(_COMMANDS)}")
+        description, add = _COMMANDS[command]
+        parser = argparse.ArgumentParser(prog=f"mu-eval-{command}", description=description)
+        add(parser)
+        parser.set_defaults(command=command)
+        return parser
+    parser = argparse.ArgumentParser(prog="python -m megatron_ultralong.eval.cli", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    niah = sub.add_parser("niah", help="needle-in-a-haystack grid -> niah_results.json, niah_heatmap.png")
-    niah.add_argument("--lengths", type=int, nargs="+", required=True, help="prompt lengths in tokens")
-    niah.add_argument("--depths", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0],
-                      help="needle depths as fractions of the haystack")
-    niah.add_argument("--haystack", default="essay", choices=["essay", "noise"])
-    niah.add_argument("--samples", type=int, default=1, help="prompts per cell")
-    niah.add_argument("--max-new-tokens", type=int, default=16)
-    niah.add_argument("--scorer", default="all", choices=["all", "part", "exact"])
-    niah.add_argument("--no-snap", action="store_true", help="insert at the exact depth, not a sentence end")
-    ruler = sub.add_parser("ruler", help="RULER-style tasks -> ruler_results.json, ruler_scores.png")
-    ruler.add_argument("--lengths", type=int, nargs="+", required=True)
-    ruler.add_argument("--tasks", nargs="+", default=list(RULER_TASKS), choices=RULER_TASKS)
-    ruler.add_argument("--samples", type=int, default=4, help="samples per task and length")
-    ppl = sub.add_parser("ppl", help="loss by position -> ppl_by_position.json/.png")
-    ppl.add_argument("--documents", required=True, help="a text file (one document) or JSONL with 'text'")
-    ppl.add_argument("--seq-len", type=int, required=True, help="tokens evaluated per document")
-    ppl.add_argument("--buckets", type=int, default=8)
-    ppl.add_argument("--log-buckets", action="store_true", help="log-spaced position buckets")
-    for p in (niah, ruler, ppl):
-        _common(p)
-        p.add_argument("--seed", type=int, default=0)
+    for name, (description, add) in _COMMANDS.items():
+        add(sub.add_parser(name, help=description, description=description))
     return parser
 
 
 def main(argv: Optional[list[str]] = None, command: Optional[str] = None) -> None:
     """`command` pre-selects a subcommand (the mu-eval-* entry points)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if command is not None:
-        argv = [command] + argv
-    args = build_parser().parse_args(argv)
+    args = build_parser(command).parse_args(argv)
+    from megatron_ultralong.logs import setup_logging
+
+    setup_logging()  # progress, ETA and length warnings from the grid runner (rank 0 only)
     runtime = None
     try:
         backend, tokenizer, runtime = _backend(args)

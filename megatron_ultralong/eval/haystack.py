@@ -8,8 +8,8 @@ needles and templates are tokenized on their own, and the prompt is their concat
 
 and the depth reported for each needle is the real one: needle.start_in_haystack / haystack_len.
 (gkamradt's NIAH also inserts in token space, then decodes and lets the provider re-tokenize, which
-shifts lengths by a few tokens (https://github.com/gkamradt/LLMTest_NeedleInAHaystack,
-`llm_needle_haystack_tester.py`); feeding the ids directly avoids that.)
+shifts lengths by a few tokens (github.com/gkamradt/LLMTest_NeedleInAHaystack); feeding the ids
+directly avoids that.)
 
 Filler text repeats once the requested length exceeds it (a few KB here; the NIAH essays repeat past
 ~150K tokens too). A model cannot answer from the repeated filler, because needles are never in it.
@@ -25,7 +25,7 @@ from megatron_ultralong.eval.tokenizer import EvalTokenizer
 
 DATA_DIR = os.path.join(os.path.dirname(__file__), "data")
 ESSAY_FILE = os.path.join(DATA_DIR, "essays.txt")
-# RULER's "noise" haystack sentence (also InfiniteBench's passkey filler): NVIDIA/RULER
+# RULER's "noise" haystack sentence (also InfiniteBench's passkey filler); github.com/NVIDIA/RULER
 # scripts/data/synthetic/niah.py.
 NOISE_SENTENCE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again.\n"
 HAYSTACK_KINDS = ("essay", "noise")
@@ -78,7 +78,7 @@ class Haystack:
 
     Tokenizes the filler once; `build_prompt` is then pure list slicing, so a 1M-token haystack
     costs one 1M-element list, not a 1M-token tokenization (RULER's binary search re-tokenizes the
-    whole prompt at every step: NVIDIA/RULER scripts/data/synthetic/niah.py).
+    whole prompt at every step: github.com/NVIDIA/RULER scripts/data/synthetic/niah.py).
     """
 
     def __init__(self, tokenizer: EvalTokenizer, kind: str = "essay", text: Optional[str] = None):
@@ -103,8 +103,7 @@ class Haystack:
     def snap(self, target: int, n: int) -> int:
         """The sentence boundary at or before `target` in a haystack of n tokens (0 if none).
 
-        NIAH walks back to the previous period token (gkamradt/LLMTest_NeedleInAHaystack,
-        `llm_needle_haystack_tester.py::insert_needle`); so do we, and the
+        gkamradt's NIAH walks back to the previous period token; so do we, and the
         resulting depth is reported, not the requested one.
         """
         if target >= n:

@@ -1,25 +1,22 @@
-"""Evaluation backend for the plugin's Megatron model: prefill split over CP ranks, greedy decoding.
+"""Evaluation backend for the plugin's Megatron model: prefill split over CP ranks, cached decoding.
 
 How a prompt of n tokens is run (every rank of the TP x CP world calls the same method with the
 same ids; all of them are collectives):
 
 1. Pad the ids on the right to n_pad, the next multiple of 2*CP (the zigzag layout cuts the
    sequence into 2*CP equal chunks). Causal attention means the padding cannot change the logits
-   of any real position, so its value does not matter.
-2. Shard ids and their *global* position ids with `parallel/cp_layout.shard_tensor` (rank r keeps chunks
-   r and 2*CP-1-r). The model computes RoPE from those positions and its core attention runs the
-   plugin's CP attention (ring / all-gather / a2a, `ParallelConfig.cp_comm_type`) over the CP group.
-   Each rank holds n_pad/CP tokens of activations and KV: that is what makes a 1M prompt fit.
-3. Only the last real position (n - 1) needs logits. The CP rank holding it applies the final
-   output layer to that one hidden state (never [n, V] logits: 1M x 128K fp32 = 512 GB), gathers the
-   vocab over TP, and an all-reduce over CP hands the [V] row to every rank.
-
-Decoding re-runs step 1-3 on the prompt plus the tokens generated so far, once per new token:
-O(T * n^2) attention for T new tokens instead of O(n^2 + T * n) with a KV cache. It is that way
-because the plugin has no KV cache for CP attention yet (the cache would be sharded over CP in the
-zigzag layout and every new token's query would need a ring pass over it). Evaluation prompts
-generate few tokens (NIAH <= 16, RULER <= 128), so this costs T full prefills; for long generations
-convert to HF (`mcore-to-hf`) and use the HF backend, which has a cache.
+   of any real position, so its value does not matter, and its K/V are never cached.
+2. Shard ids and their *global* position ids with `parallel/cp_layout.shard_tensor` (rank r keeps
+   chunks r and 2*CP-1-r). The model computes RoPE from those positions and its core attention runs
+   the plugin's CP attention (ring / all-gather / a2a, `ParallelConfig.cp_comm_type`) over the CP
+   group. Each rank holds n_pad/CP tokens of activations and KV: that is what makes a 1M prompt fit.
+   `generate` keeps each rank's K/V as a CP-sharded cache (kv_cache.py).
+3. Only the last real position needs logits. The CP rank holding it applies the output layer to
+   that one hidden state (`model.stage_forward.stage_logits`; never [n, V] logits: 1M x 128K fp32
+   = 512 GB), and an all-reduce over CP hands the [V] row to every rank.
+4. Decoding (kv_cache.py): each new token runs through the model on every CP rank, attends to every
+   rank's cache shard, partial results merge by log-sum-exp over CP. O(n^2 / CP) for the prefill,
+   then O(n / CP) attention per new token instead of a full re-prefill.
 """
 from __future__ import annotations
 
@@ -31,9 +28,13 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from megatron_ultralong.eval.backends import check_budget, check_prompt, greedy, weights_fingerprint
+from megatron_ultralong.eval.kv_cache import (
+    DecodeState, advance, decode_session, install_cache, prefill_session, prefix_from_session,
+)
+from megatron_ultralong.model import build_model
+from megatron_ultralong.model.stage_forward import stage_hidden, stage_logits
 from megatron_ultralong.parallel.cp_layout import gather_tensor, local_positions, shard_tensor
-from megatron_ultralong.eval.backends import check_prompt
-from megatron_ultralong.model import build_model, gather_tp_logits
 from megatron_ultralong.parallel.runtime import Runtime
 from megatron_ultralong.checkpoint.paths import resolve_megatron_checkpoint  # noqa: F401 (one home: eval, convert, training)
 
@@ -59,6 +60,12 @@ class MegatronBackend:
         self.cp_rank = self.cp_group.rank()
         self.device = runtime.device
         self.is_writer = runtime.rank == 0
+        self.max_position_embeddings = self.cfg.max_position_embeddings
+        self.trained_length = self.cfg.rope.original_max_position_embeddings or self.max_position_embeddings
+        self.fingerprint = weights_fingerprint(self.vocab_size, model.decoder.final_layernorm.weight)
+        """Identifies the weights for resume (backends.weights_fingerprint; the same as the HF model's)."""
+        self.prefilled_tokens = 0
+        """Prompt tokens prefilled so far (how tests and benchmarks see that a fork re-prefilled nothing)."""
 
     @classmethod
     def from_checkpoint(cls, path: str, runtime: Runtime, params_dtype: Optional[torch.dtype] = None,
@@ -86,44 +93,79 @@ class MegatronBackend:
         positions = local_positions(n_pad, self.cp_size, self.cp_rank, device=self.device)[None]
         return local_ids, positions, n_pad
 
-    def _decoder_hidden(self, local_ids: Tensor, positions: Tensor) -> Tensor:
-        """Final-norm hidden states [n_pad/cp, 1, H]: GPTModel.forward without the output layer
-        (pinned against transformers' logits by tests/test_eval_megatron.py)."""
-        m = self.model
-        pre = m._preprocess(input_ids=local_ids, position_ids=positions)
-        return m.decoder(hidden_states=pre[0], attention_mask=None, rotary_pos_emb=pre[1],
-                         rotary_pos_cos=pre[2], rotary_pos_sin=pre[3], sequence_len_offset=pre[4])
-
-    @torch.no_grad()
-    def next_token_logits(self, ids: Sequence[int]) -> Tensor:
-        t = check_prompt(ids, self.vocab_size)
-        n = t.shape[1]
-        local_ids, positions, _ = self._shard(t)
-        hidden = self._decoder_hidden(local_ids, positions)
+    def _last_logits(self, hidden: Tensor, positions: Tensor, n: int) -> Tensor:
+        """Logits [V] fp32 of global position n - 1 on every rank, from this rank's hidden [s, 1, H]."""
         row = torch.zeros(self.vocab_size, dtype=torch.float32, device=self.device)
         where = (positions[0] == n - 1).nonzero()
         if where.numel():  # this CP rank holds the last real token (all its TP ranks do)
-            m = self.model
-            weight = m.shared_embedding_or_output_weight() if m.share_embeddings_and_output_weights else None
             i = int(where[0, 0])
-            logits, _ = m.output_layer(hidden[i : i + 1], weight=weight)  # [1, 1, V_pad/TP]
-            row = gather_tp_logits(logits.float(), self.tp_group, self.vocab_size)[0, 0]
+            row = stage_logits(self.model, hidden[i : i + 1])[0, 0]
         if self.cp_size > 1:
             dist.all_reduce(row, group=self.cp_group)  # exactly one CP rank contributed non-zeros
-        return row.cpu()
+        return row
+
+    @torch.no_grad()
+    def prefill(self, ids: Sequence[int], keep_cache: bool = True) -> tuple[Optional[DecodeState], Tensor]:
+        """CP prefill of ids: (the decode state holding this rank's cache shard, or None without
+        keep_cache; logits [V] fp32 of the token after ids, on this rank's device)."""
+        t = check_prompt(ids, self.vocab_size)
+        n = t.shape[1]
+        local_ids, positions, n_pad = self._shard(t)
+        self.prefilled_tokens += n
+        if not keep_cache:
+            return None, self._last_logits(stage_hidden(self.model, local_ids, positions), positions, n)
+        session = prefill_session(positions[0] < n)
+        with install_cache(self.model, session):
+            hidden = stage_hidden(self.model, local_ids, positions)
+        # Every rank knows every rank's share of the n real tokens: no communication needed.
+        counts = tuple(int((local_positions(n_pad, self.cp_size, r) < n).sum()) for r in range(self.cp_size))
+        return prefix_from_session(session, counts, n), self._last_logits(hidden, positions, n)
+
+    @torch.no_grad()
+    def step(self, state: DecodeState, token: int) -> Tensor:
+        """Append `token` at position state.length (cached on one CP rank) and return the logits [V]
+        fp32 of the token after it. Identical on every rank (same merge, same order)."""
+        if not 0 <= token < self.vocab_size:
+            raise ValueError(f"token id {token} is outside the model's vocabulary [0, {self.vocab_size})")
+        ids = torch.tensor([[token]], device=self.device)
+        positions = torch.tensor([[state.length]], device=self.device)
+        session = decode_session(state)
+        with install_cache(self.model, session):
+            hidden = stage_hidden(self.model, ids, positions)  # [1, 1, H]
+        advance(session)
+        return stage_logits(self.model, hidden)[0, 0]
+
+    def next_token_logits(self, ids: Sequence[int]) -> Tensor:
+        return self.prefill(ids, keep_cache=False)[1].cpu()
 
     def generate(self, ids: Sequence[int], max_new_tokens: int, stop_ids: Sequence[int] = ()) -> list[int]:
-        """Greedy, re-running the CP prefill per generated token (module docstring: O(T n^2))."""
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens={max_new_tokens}: expected >= 1")
-        seq, out, stops = list(ids), [], set(stop_ids)
-        while True:
-            # Every rank computes the same argmax from the same all-reduced row: no broadcast needed.
-            token = int(self.next_token_logits(seq).argmax())
-            out.append(token)
-            seq.append(token)
-            if token in stops or len(out) == max_new_tokens:
-                return out
+        """Greedy: one CP prefill, then one cached step per new token."""
+        check_budget(max_new_tokens)
+        state, logits = self.prefill(ids)
+        return greedy(lambda token: self.step(state, token), logits, self.vocab_size, max_new_tokens, stop_ids)
+
+    def generate_many(self, context: Sequence[int], suffixes: Sequence[Sequence[int]], max_new_tokens: int,
+                      stop_ids: Sequence[int] = ()) -> list[list[int]]:
+        """Greedy continuations of context + each suffix, prefilling the context once (the cache is
+        forked per suffix; suffix tokens go through cached steps)."""
+        if not suffixes:
+            raise ValueError("generate_many needs at least one suffix")
+        check_budget(max_new_tokens)
+        prefix, context_logits = self.prefill(context)
+        outs = []
+        for suffix in suffixes:
+            state, logits = prefix.fork(), context_logits
+            for token in suffix:
+                logits = self.step(state, int(token))
+            outs.append(greedy(lambda token, st=state: self.step(st, token), logits, self.vocab_size,
+                               max_new_tokens, stop_ids))
+        return outs
+
+    def broadcast_from_writer(self, obj):
+        """`obj` as the writer (global rank 0) has it, on every rank (e.g. which grid cells are done)."""
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
 
     @torch.no_grad()
     def token_losses(self, ids: Sequence[int]) -> Tensor:

@@ -6,9 +6,10 @@ killed mid-write never leaves a truncated results.json or PNG that looks finishe
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 
 def _atomic_write(path: str, write: Callable[[str], None]) -> str:
@@ -55,9 +56,14 @@ def save_heatmap(
     lengths: Sequence[int],
     depths: Sequence[float],
     title: str,
+    trained_length: Optional[int] = None,
 ) -> str:
     """NIAH heatmap like the paper's figure: x = context length, y = needle depth (0% at the top),
-    colour = score in [0, 1] from red (0) to green (1). scores[i][j] is depth i, length j."""
+    colour = score in [0, 1] from red (0) to green (1). scores[i][j] is depth i, length j.
+
+    trained_length: the model's trained (original) context length, drawn as a dashed vertical line
+    where it falls on the (categorical, ascending) length axis, interpolated in log length between
+    neighbouring columns; nothing is drawn when it lies outside the plotted lengths."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display on clusters or CI
@@ -79,6 +85,11 @@ def save_heatmap(
     ax.set_yticks([y - 0.5 for y in range(1, len(depths))], minor=True)
     ax.grid(which="minor", color="white", linewidth=0.8)
     ax.tick_params(which="minor", length=0)
+    x = trained_length_x(lengths, trained_length)
+    if x is not None:
+        ax.axvline(x, color="black", linestyle="--", linewidth=1.5,
+                   label=f"trained length {format_length(int(trained_length))}")
+        ax.legend(loc="upper left", bbox_to_anchor=(0.0, -0.25), frameon=False, fontsize=8)
     fig.colorbar(im, ax=ax, label="Score")
     fig.tight_layout()
     try:
@@ -87,14 +98,32 @@ def save_heatmap(
         plt.close(fig)
 
 
+def trained_length_x(lengths: Sequence[int], trained_length: Optional[int]) -> Optional[float]:
+    """x coordinate of trained_length on a heatmap whose column j is lengths[j] (ascending): a column
+    centre when it is one of the lengths, else log-interpolated between the two neighbouring columns
+    (a cell edge is half a column away). None when outside [lengths[0], lengths[-1]] or not given."""
+    if trained_length is None or not lengths:
+        return None
+    xs = sorted(lengths)
+    if xs != list(lengths) or not xs[0] <= trained_length <= xs[-1]:
+        return None
+    for j in range(len(xs) - 1):
+        lo, hi = xs[j], xs[j + 1]
+        if lo <= trained_length <= hi:
+            return j + (math.log(trained_length) - math.log(lo)) / (math.log(hi) - math.log(lo))
+    return 0.0  # a single length equal to trained_length
+
+
 def save_line_plot(
     path: str,
     series: dict[str, tuple[Sequence[float], Sequence[float]]],
     xlabel: str,
     ylabel: str,
     title: str,
+    ylim: Optional[tuple[float, float]] = None,
 ) -> str:
-    """One line per series name: {name: (xs, ys)}; PNG written atomically."""
+    """One line per series name: {name: (xs, ys)}; PNG written atomically. ylim fixes the y-axis
+    (e.g. (0, 100) for percent scores, so a flat 90% does not look like a cliff)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -106,6 +135,8 @@ def save_line_plot(
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
+    if ylim is not None:
+        ax.set_ylim(*ylim)
     ax.grid(alpha=0.3)
     if len(series) > 1:
         ax.legend()

@@ -1,8 +1,8 @@
 """Deterministic answer scoring: exact match and substring match (RULER's string_match_all/part).
 
 No LLM judge: the NIAH judge penalises correct answers with extra words (needle-in-a-haystack #39),
-and RULER (NVIDIA/RULER `eval/synthetic/constants.py`) and Fu et al. (arXiv 2402.10171) score by
-string matching.
+and RULER (github.com/NVIDIA/RULER scripts/eval/synthetic/constants.py) and Fu et al.
+(arXiv:2402.10171) score by string matching.
 
 One deliberate difference from RULER: a reference only matches as a whole token, i.e. not inside
 a longer run of letters/digits. RULER's plain `ref in pred` credits "12345678" for the answer

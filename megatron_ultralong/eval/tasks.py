@@ -1,4 +1,5 @@
-"""Sample generators: the NIAH passkey and RULER-style synthetic tasks (arXiv 2404.06654).
+"""Sample generators: the NIAH passkey and RULER-style synthetic tasks
+(github.com/NVIDIA/RULER, scripts/data/synthetic).
 
 Every task turns (length, seed) into a `Sample`: a prompt of exactly `length` tokens, the answers a
 correct model must produce, and how to score it. Generation is deterministic in the seed.
@@ -11,13 +12,20 @@ Tasks (RULER's templates, keys and values drawn from our own word lists instead 
 - vt:              variable tracking in RULER's noise: "VAR A = 12345." then hops "VAR B = VAR A.";
                    every variable that ends up holding the value is expected (1 chain, 4 hops).
 RULER's vt has one in-context example; ours has none (it would cost ~10% of a short prompt).
+
+With `split_queries=True`, niah_multiquery asks its 4 keys as 4 separate questions of one shared
+context (`Sample.questions`): backends answer them with `generate_many`, prefilling the context
+once and forking its KV cache. RULER asks the 4 keys in one question (the default here).
+
+Decoding budgets default to what the answers need (`answer_budget`: their tokens + a margin),
+not a fixed count: at 1M tokens every generated token is a pass over the whole KV cache.
 """
 from __future__ import annotations
 
 import random
 import zlib
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
 from megatron_ultralong.eval.haystack import Haystack, Prompt
 from megatron_ultralong.eval.tokenizer import EvalTokenizer
@@ -53,6 +61,30 @@ VT_SUFFIX = (
 )
 
 
+ANSWER_MARGIN = 6
+"""Tokens allowed beyond the answers' own (punctuation, a leading space, separators)."""
+
+
+def answer_budget(tokenizer: EvalTokenizer, answers: Sequence[str], margin: int = ANSWER_MARGIN) -> int:
+    """Greedy decoding budget for answers written after the prompt's answer prefix: the tokens of
+    " a1, a2, ..." plus `margin`."""
+    return len(tokenizer.encode(" " + ", ".join(answers))) + margin
+
+
+@dataclass(frozen=True)
+class Question:
+    """One of several questions asked of the same context (`Sample.questions`)."""
+
+    suffix: tuple[int, ...]
+    """Token ids of the question (and answer prefix), appended to the shared context."""
+
+    answers: tuple[str, ...]
+    """Strings a correct answer to this question contains."""
+
+    max_new_tokens: int
+    """Greedy decoding budget of this question."""
+
+
 @dataclass(frozen=True)
 class Sample:
     """One evaluation prompt with its ground truth."""
@@ -71,6 +103,13 @@ class Sample:
 
     scorer: str = "all"
     """"all", "part" or "exact" (`scoring.score`)."""
+
+    questions: tuple[Question, ...] = ()
+    """If set, the prompt's first `context_len` ids are a shared context asked each question in turn
+    (one prefill, a forked KV cache per question); `prompt` is the context + the first question."""
+
+    context_len: int = 0
+    """Tokens of the shared context when `questions` is set."""
 
 
 def sample_seed(*parts: object) -> int:
@@ -99,7 +138,7 @@ def _depths(rng: random.Random, n: int) -> list[float]:
 
 
 def _niah(tok: EvalTokenizer, hay: Haystack, length: int, rng: random.Random, task: str,
-          snap: bool) -> Sample:
+          snap: bool, split_queries: bool = False) -> Sample:
     taken: set[str] = set()
     n = 1 if task == "niah_single" else 4
     if task == "niah_multivalue":
@@ -114,10 +153,17 @@ def _niah(tok: EvalTokenizer, hay: Haystack, length: int, rng: random.Random, ta
             queried, answers = [pairs[0][0]], [pairs[0][1]]
     query = queried[0] if len(queried) == 1 else ", ".join(queried[:-1]) + " and " + queried[-1]
     needles = [(d, tok.encode(NIAH_NEEDLE.format(key=k, value=v))) for d, (k, v) in zip(_depths(rng, n), pairs)]
+    if split_queries and task == "niah_multiquery":
+        suffixes = [tok.encode(NIAH_SUFFIX.format(query=k)) for k in queried]
+        # The prompt is built with the first question; the context is everything before it.
+        prompt = hay.build_prompt(length, needles, tok.encode(NIAH_PREFIX), suffixes[0], snap)
+        questions = tuple(Question(tuple(sfx), (a,), answer_budget(tok, (a,))) for sfx, a in zip(suffixes, answers))
+        return Sample(task, prompt, tuple(answers), max(q.max_new_tokens for q in questions),
+                      questions=questions, context_len=len(prompt.ids) - len(suffixes[0]))
     prompt = hay.build_prompt(
         length, needles, tok.encode(NIAH_PREFIX), tok.encode(NIAH_SUFFIX.format(query=query)), snap
     )
-    return Sample(task, prompt, tuple(answers), max_new_tokens=24 * len(answers))
+    return Sample(task, prompt, tuple(answers), max_new_tokens=answer_budget(tok, answers))
 
 
 def _var_name(rng: random.Random, taken: set[str]) -> str:
@@ -141,7 +187,7 @@ def _vt(tok: EvalTokenizer, hay: Haystack, length: int, rng: random.Random, snap
     needles = [(d, tok.encode(s)) for d, s in zip(depths, statements)]
     suffix = tok.encode(VT_SUFFIX.format(value=value, n=len(names)))
     prompt = hay.build_prompt(length, needles, tok.encode(VT_PREFIX), suffix, snap)
-    return Sample("vt", prompt, tuple(names), max_new_tokens=12 * len(names))
+    return Sample("vt", prompt, tuple(names), max_new_tokens=answer_budget(tok, names))
 
 
 def make_sample(
@@ -151,10 +197,12 @@ def make_sample(
     seed: int,
     haystacks: Optional[dict[str, Haystack]] = None,
     snap_to_sentence: bool = True,
+    split_queries: bool = False,
 ) -> Sample:
     """One sample of a RULER-style task. niah_* use the essay haystack, vt uses RULER's noise.
 
     haystacks: cache of `Haystack` per kind (filled on first use) so the filler is tokenized once.
+    split_queries: niah_multiquery as separate questions of one context (module docstring).
     """
     if task not in RULER_TASKS:
         raise ValueError(f"task={task!r}: expected one of {RULER_TASKS}")
@@ -165,5 +213,5 @@ def make_sample(
     rng = random.Random(sample_seed(task, length, seed))
     if task == "vt":
         return _vt(tokenizer, haystacks[kind], length, rng, snap_to_sentence)
-    return _niah(tokenizer, haystacks[kind], length, rng, task, snap_to_sentence)
+    return _niah(tokenizer, haystacks[kind], length, rng, task, snap_to_sentence, split_queries)
 

@@ -8,6 +8,7 @@ from megatron_ultralong.model.gpt import (
     to_transformer_config,
 )
 from megatron_ultralong.model.layer_spec import get_ultralong_layer_spec, transformer_engine_available
+from megatron_ultralong.model.stage_forward import stage_hidden, stage_logits
 
 __all__ = [
     "LlamaConfig",
@@ -20,4 +21,6 @@ __all__ = [
     "to_transformer_config",
     "get_ultralong_layer_spec",
     "transformer_engine_available",
+    "stage_hidden",
+    "stage_logits",
 ]
