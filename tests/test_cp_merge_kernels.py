@@ -12,7 +12,7 @@ from megatron_ultralong.attention.kernels import (
     block_forward,
 )
 from megatron_ultralong.attention.segments import Segment, build_segments, parse_cu_seqlens
-from megatron_ultralong.attention.softmax_merge import merge_attention
+from megatron_ultralong.attention.softmax_merge import empty_accumulator, merge_attention, merge_attention_
 
 
 def _partial(q, k, v, scale, mask=None):
