@@ -57,13 +57,19 @@ def setup_logging(level: int | str = logging.INFO, all_ranks: Optional[bool] = N
     logger = logging.getLogger(PACKAGE_LOGGER)
     logger.setLevel(level)
     logger.propagate = False
+    stream = stream or sys.stdout  # looked up now: a caller (or pytest) may have replaced sys.stdout
     handler = next((h for h in logger.handlers if h.get_name() == _HANDLER_NAME), None)
     if handler is None:
-        handler = logging.StreamHandler(stream or sys.stdout)
+        handler = logging.StreamHandler(stream)
         handler.set_name(_HANDLER_NAME)
         logger.addHandler(handler)
-    elif stream is not None:
-        handler.setStream(stream)
+    else:
+        # Not setStream(): it flushes the old stream, which may be closed by now.
+        handler.acquire()
+        try:
+            handler.stream = stream
+        finally:
+            handler.release()
     for f in list(handler.filters):
         handler.removeFilter(f)
     handler.addFilter(_RankFilter(all_ranks))

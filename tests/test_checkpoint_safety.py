@@ -202,11 +202,13 @@ def test_start_up_data_checks(tmp_path):
     assert sc.sft_token_id_problem(_Sft(), ["c.jsonl"], 0, 1201) is None
     assert "data.pad_token_id=1201" in sc.sft_token_id_problem(_Sft(), ["c.jsonl"], 1201, 1201)
 
-    assert "directory /nope/dir does not exist" in sc.output_problem("/nope/dir/m.jsonl", None, None)
+    assert sc.output_problem(str(tmp_path / "new" / "dir" / "m.jsonl"), None, None) is None  # created at start
+    assert (tmp_path / "new" / "dir").is_dir()
     assert sc.output_problem(str(tmp_path / "m.jsonl"), str(tmp_path / "save"), None) is None
     ro = tmp_path / "ro"
     ro.mkdir()
     (ro / "file").write_text("")
+    assert "train.log_file=" in sc.output_problem(str(ro / "file" / "m.jsonl"), None, None)
     assert "train.save=" in sc.output_problem(None, str(ro / "file" / "sub"), None)
 
 

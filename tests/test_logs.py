@@ -33,3 +33,13 @@ def test_all_ranks_stamps_rank(monkeypatch, stream):
     setup_logging(all_ranks=True, stream=stream)
     logging.getLogger("megatron_ultralong.x").warning("from five")
     assert "rank 5] from five" in stream.getvalue()
+
+
+def test_a_closed_earlier_stream_is_replaced_not_flushed(monkeypatch, stream):
+    monkeypatch.setenv("RANK", "0")
+    old = io.StringIO()
+    setup_logging(stream=old)
+    old.close()
+    setup_logging(stream=stream)  # must not flush the closed stream
+    logging.getLogger("megatron_ultralong.y").info("after")
+    assert "after" in stream.getvalue()

@@ -94,11 +94,11 @@ def test_dry_run_every_recipe_at_its_world_size(work, capsys, recipe):
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=os.path.basename)
 def test_print_config_round_trips(capsys, recipe):
-    code = main(["--config", recipe, "--print-config", "train.steps=7"])
+    code = main(["--config", recipe, "--print-config", "train.steps=17"])
     assert code is None
     printed = yaml.safe_load(capsys.readouterr().out)
     cfg = from_dict(TrainConfig, printed)
-    assert cfg.train.steps == 7 and to_dict(cfg) == to_dict(load_train_config(recipe, ("train.steps=7",)))
+    assert cfg.train.steps == 17 and to_dict(cfg) == to_dict(load_train_config(recipe, ("train.steps=17",)))
 
 
 def test_dry_run_names_each_problem(work, capsys):

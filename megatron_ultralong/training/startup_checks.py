@@ -44,9 +44,8 @@ def output_problem(log_file: Optional[str], save_dir: Optional[str], tensorboard
     """An error line if a file the run will write cannot be written, checked now by writing."""
     if log_file:
         parent = os.path.dirname(os.path.abspath(log_file))
-        if not os.path.isdir(parent):
-            return f"train.log_file={log_file}: directory {parent} does not exist"
         try:
+            os.makedirs(parent, exist_ok=True)  # created here, at start: not after step 1
             with open(log_file, "a", encoding="utf-8"):
                 pass
         except OSError as e:
