@@ -39,6 +39,7 @@ def _optimizer_groups_body(rank: int, world_size: int) -> None:
     mcore_optimizer.get_megatron_optimizer = fake_get_megatron_optimizer
     try:
         MegatronOptimizer(model, OptimSection(), bf16=True, pg_collection=rt.pg_collection)
+        _check_recompute_settings_reach_megatron(rt)
     finally:
         mcore_optimizer.get_megatron_optimizer = original
         shutdown_runtime()
@@ -46,8 +47,28 @@ def _optimizer_groups_body(rank: int, world_size: int) -> None:
     assert seen["groups"]["intra_dp_cp_group_gloo"] is None
 
 
-def test_megatron_optimizer_process_groups_accepted_by_megatron():
+def _check_recompute_settings_reach_megatron(rt) -> None:
+    """Defect 6: every setting of the ladder is accepted by megatron-core's TransformerConfig and
+    turns on the matching recompute in its TransformerLayer (built on CPU; it runs on GPU)."""
+    from megatron_ultralong.model import build_model
+    from megatron_ultralong.model.config import PRESETS
+    from megatron_ultralong.training.config import load_train_config
+    from megatron_ultralong.training.memory import RECOMPUTE_LADDER
+    from megatron_ultralong.training.trainer import _recompute_overrides
+
+    for mode, modules in RECOMPUTE_LADDER:
+        overrides = [f"model.recompute={mode}"] + ([f"model.recompute_modules=[{','.join(modules)}]"] if modules else [])
+        cfg = load_train_config(None, ("data.paths=[x]", *overrides))
+        model = build_model(PRESETS["tiny"], rt, **_recompute_overrides(cfg, on_gpu=True))
+        layer = model.decoder.layers[0]
+        assert model.config.recompute_granularity == (None if mode == "none" else mode)
+        assert layer.recompute_input_layernorm == ("layernorm" in modules)
+        assert layer.recompute_mlp == ("mlp" in modules)
+
+
+def test_megatron_optimizer_groups_and_recompute_settings_accepted_by_megatron():
     # Defect 1: with pg_collection, megatron-core 0.16.1 raises unless use_gloo_process_groups=False.
+    # Defect 6: the recompute settings the recipes use reach megatron's layers.
     run_distributed(_optimizer_groups_body, world_size=1)
 
 

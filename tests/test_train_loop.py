@@ -120,6 +120,8 @@ def test_document_mask_changes_training_and_is_exact_under_cp(dataset, tmp_path)
     (("train.global_batch_size=3", "train.micro_batch_size=2"), r"train.global_batch_size=3 is not a multiple"),
     (("optim.lr=-1",), r"optim.lr=-1.0"),
     (("model.recompute=everything",), r"model.recompute='everything'"),
+    (("model.recompute_modules=[attention]",), r"model.recompute_modules\[0\]='attention'"),
+    (("model.recompute=selective", "model.recompute_modules=[]"), r"needs model.recompute_modules"),
     (("data.document_mask=true",), r"need data.eod_token_id"),
 ])
 def test_bad_configs_are_named(overrides, match):

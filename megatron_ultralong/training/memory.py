@@ -29,7 +29,8 @@ kept a second, [s, b, h*d] copy (softmax_merge.final_output stores it in Megatro
 
 Korthikanti's tensor parallelism divides everything but the norm/residual tensors by t; sequence
 parallelism divides those too (megatron's column-parallel GEMM keeps its sequence-sharded input and
-re-gathers it in backward). So at TP 8 with SP: 139,400 / 8 = 17,425 B per token per layer.
+re-gathers it in backward). So at TP 8 with SP: 139,400 / 8 = 17,425 B per token per layer, and
+18,449 with the RoPE tensors above.
 
 Recompute, as megatron-core 0.16.1 implements it (`recompute_granularity`, `recompute_modules`):
     selective "core_attn"  drops only the lse: q, k, v stay (the checkpoint's inputs) and the
@@ -38,9 +39,10 @@ Recompute, as megatron-core 0.16.1 implements it (`recompute_granularity`, `reco
     selective "mlp"        drops fc1 out and SwiGLU out (the MLP is re-run from its input).
     full                   keeps each chunk's input, 2h*e per layer chunk, and re-runs whole layers.
 Hence the two figures issue 11 found for selective at TP8+SP: 17,424 B/token/layer is megatron's
-selective with ["core_attn"] (the lse is 16 B of it, so it is "none" minus 16 B), right for that
-mode; 2,064 B (= (2h + hq)*e/8 + lse) describes a mode megatron does not have (keep only the layer
-input and attention output). With ["layernorm", "mlp"] the 8B model keeps 4,633 B at TP8+SP.
+selective with ["core_attn"] over the minimal set (the lse is 16 B of it: "none" minus 16 B), the
+right figure for what the trainer ran; 2,064 B (= (2h + hq)*e/8 + lse) described a mode
+megatron-core does not offer (keep only the layer input and the attention output). With the RoPE
+tensors this implementation keeps: core_attn 18,433, ["layernorm", "mlp"] 5,649 B at TP8+SP.
 
 Beyond the saved set, the backward of a layer holds its transient gradients (the MLP's are the
 largest: 3F*e per token) and, with full recompute, one re-run chunk's whole saved set.
