@@ -75,12 +75,15 @@ def test_data_recipe_output_is_the_cpt_data_path():
 
 
 def test_templates_chain_from_data_to_evaluation(stubs):
+    from megatron_ultralong.convert.cli import build_parser as convert_parser
+
     data_cmd = sbatch(stubs, "build_dataset.sbatch")
     assert data_cmd[0] == "mu-build-dataset" and flag(data_cmd, "--config").endswith("examples/data/ultralong_1b.yaml")
     for size, target in SIZES.items():
         cpt = recipe(f"llama31_8b_{size}")
         conv = sbatch(stubs, "convert_hf_to_mcore.sbatch", SIZE=size)
         assert conv[:2] == ["mu-convert", "hf-to-mcore"]
+        convert_parser().parse_args(conv[1:])  # every flag exists
         # the conversion's output is the training init, and it carries the YaRN of this context
         assert conv[3] == cpt.model.megatron_checkpoint
         assert int(flag(conv, "--rope-yarn-target")) == cpt.data.seq_length == target
@@ -97,6 +100,7 @@ def test_templates_chain_from_data_to_evaluation(stubs):
     assert sft.model.yarn_target_length is None
     export = sbatch(stubs, "export_hf.sbatch")
     assert export[:3] == ["mu-convert", "mcore-to-hf", sft.train.save] and "--verify" in export
+    convert_parser().parse_args(export[1:])
     niah = sbatch(stubs, "eval_niah_1m.sbatch")
     assert flag(niah, "--model") == sft.train.save and "1048576" in niah
     readme = open(os.path.join(ROOT, "README.md")).read()
