@@ -30,7 +30,7 @@ from megatron_ultralong.data.build.stats import LengthStats, plot_length_histogr
 from megatron_ultralong.data.build.tiktoken_path import prove_equivalence
 from megatron_ultralong.data.build.tokenize_stage import WorkerConfig, split_sample, tokenize_to_pool
 from megatron_ultralong.data.build.tokenizer_backends import (
-    Backend,
+    TokenizerBackend,
     BackendSpec,
     load_backend,
     special_token_ids,
@@ -65,12 +65,14 @@ def choose_backend(recipe: BuildRecipe, sample: List[str]) -> Tuple[BackendSpec,
         info.update(backend="hf", fast_path_reasons=list(proof.reasons))
         return hf_spec, info
     info.update(backend="tiktoken", proof_checks=proof.checks,
-                mismatched_code_points=[f"U+{c:04X}" for c in proof.mismatched_code_points])
+                mismatched_code_points=[f"U+{c:04X}" for c in proof.mismatched_code_points],
+                routed_strings=[r.decode("utf-8", "backslashreplace")
+                                for r in proof.hf_only_strings[:50]])
     return BackendSpec("tiktoken", tok.path, tok.special_tokens_in_text, proof.hf_only_chars,
-                       hf_threads=threads), info
+                       proof.hf_only_strings, hf_threads=threads), info
 
 
-def document_affixes(recipe: BuildRecipe, backend: Backend) -> Tuple[np.ndarray, np.ndarray, Dict[str, Any]]:
+def document_affixes(recipe: BuildRecipe, backend: TokenizerBackend) -> Tuple[np.ndarray, np.ndarray, Dict[str, Any]]:
     """Token ids written before and after every output document, and how many are separators."""
     sep_cfg = recipe.separator
     if sep_cfg.text:

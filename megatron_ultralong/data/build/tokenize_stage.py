@@ -20,7 +20,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Tuple
 import numpy as np
 
 from megatron_ultralong.data.build.readers import BadRecord, RawBatch, parse_batch
-from megatron_ultralong.data.build.tokenizer_backends import BackendSpec, TiktokenBackend, load_backend
+from megatron_ultralong.data.build.tokenizer_backends import BackendSpec, TiktokenTokenizerBackend, load_backend
 
 
 @dataclass
@@ -62,7 +62,7 @@ def encode_raw_batch(batch: RawBatch) -> EncodedBatch:
     parsed = parse_batch(batch, cfg.text_field, cfg.domain_field, cfg.known_domains)
     keys = np.asarray(parsed.keys, dtype=np.uint64)
     counters: Dict[str, int] = {}
-    if isinstance(backend, TiktokenBackend):
+    if isinstance(backend, TiktokenTokenizerBackend):
         before = (backend.routed_docs, backend.spot_checked, backend.spot_mismatches)
         ids = backend.encode_batch(parsed.texts, keys)
         after = (backend.routed_docs, backend.spot_checked, backend.spot_mismatches)
