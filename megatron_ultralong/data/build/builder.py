@@ -15,15 +15,24 @@ back to back; GPTDataset shuffles documents at training time anyway.
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
+import logging
 import os
+import signal
+import threading
 import time
 from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
 from megatron_ultralong.data.build import upsample
-from megatron_ultralong.data.build.indexed import AtomicOutputs, CompactIndexedDatasetBuilder, token_dtype
+from megatron_ultralong.data.build.indexed import (
+    AtomicOutputs,
+    CompactIndexedDatasetBuilder,
+    remove_stale_temporaries,
+    token_dtype,
+)
 from megatron_ultralong.data.build.readers import expand_inputs, iter_raw_batches
 from megatron_ultralong.data.build.recipe import BuildRecipe, recipe_to_dict
 from megatron_ultralong.data.build.stats import LengthStats, plot_length_histogram, write_report
@@ -35,6 +44,8 @@ from megatron_ultralong.data.build.tokenizer_backends import (
     load_backend,
     special_token_ids,
 )
+
+logger = logging.getLogger(__name__)
 
 OUTPUT_SUFFIXES = (".bin", ".stats.json", ".stats.md", ".lengths.png", ".idx")
 POOL_SUFFIXES = (".bin", ".idx", ".dom", ".key")
@@ -103,21 +114,46 @@ def _progress_bar(enabled: Optional[bool], desc: str):
                 smoothing=0.1, mininterval=1.0)
 
 
+class BuildTerminated(SystemExit):
+    """SIGTERM (Slurm's scancel, a preemption) during a build: unwinds so temporaries go."""
+
+
+@contextlib.contextmanager
+def _sigterm_unwinds():
+    """Turn SIGTERM into an exception while building, so the `finally` that deletes the pool
+    and partial outputs runs (the default action kills the process and leaves GBs behind)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise BuildTerminated(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def build_dataset(recipe: BuildRecipe, progress: Optional[bool] = None) -> Dict[str, Any]:
     """Build PREFIX.bin/.idx and the report from a recipe; returns the report dict."""
     t_start = time.perf_counter()
     files = expand_inputs(recipe.inputs)  # missing inputs fail before any work
-    outputs = AtomicOutputs(recipe.output.prefix, OUTPUT_SUFFIXES, recipe.output.overwrite)
-    pool = AtomicOutputs(recipe.output.prefix, POOL_SUFFIXES, overwrite=True, tag="pool")
-    try:
-        report = _build(recipe, files, outputs, pool, progress, t_start)
-        outputs.commit(last=".idx")
-        return report
-    except BaseException:
-        outputs.abort()
-        raise
-    finally:
-        pool.abort()
+    for path in remove_stale_temporaries(recipe.output.prefix):
+        logger.warning("removed %s, left by an earlier build that did not finish", path)
+    with _sigterm_unwinds():
+        outputs = AtomicOutputs(recipe.output.prefix, OUTPUT_SUFFIXES, recipe.output.overwrite)
+        pool = AtomicOutputs(recipe.output.prefix, POOL_SUFFIXES, overwrite=True, tag="pool")
+        try:
+            report = _build(recipe, files, outputs, pool, progress, t_start)
+            outputs.commit(last=".idx")
+            return report
+        except BaseException:
+            outputs.abort()
+            raise
+        finally:
+            pool.abort()
 
 
 def _build(recipe, files, outputs, pool, progress, t_start) -> Dict[str, Any]:

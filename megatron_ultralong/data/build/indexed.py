@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import array
 import os
+import re
 from typing import Dict, List, Sequence, Type
 
 import numpy as np
@@ -121,3 +122,36 @@ class AtomicOutputs:
         for p in self.temp.values():
             if os.path.exists(p):
                 os.remove(p)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's live process
+    return True
+
+
+def remove_stale_temporaries(prefix: str, tags: Sequence[str] = ("pool", "partial")) -> List[str]:
+    """Delete `.BASE.<tag>-<pid>.*` files beside `prefix` left by a build whose process is gone
+    (SIGKILL, a node failure): the pool alone is 4 bytes per source token. Files of a live process
+    (a concurrent build of the same prefix) are left alone. Returns the removed paths."""
+    directory, base = os.path.split(os.path.abspath(prefix))
+    pattern = re.compile(rf"^\.{re.escape(base)}\.(?:{'|'.join(tags)})-(\d+)\.")
+    removed = []
+    try:
+        names = os.listdir(directory)
+    except FileNotFoundError:
+        return removed
+    for name in names:
+        m = pattern.match(name)
+        if m and int(m.group(1)) != os.getpid() and not _pid_alive(int(m.group(1))):
+            path = os.path.join(directory, name)
+            try:
+                os.remove(path)
+                removed.append(path)
+            except FileNotFoundError:
+                pass
+    return removed

@@ -135,8 +135,9 @@ def tokenize_to_pool(
     start = time.perf_counter()
     for enc in run_workers(cfg, batches, workers):
         if enc.bad:
-            if not skip_bad:
-                raise BadInputError(enc.bad[0])
+            fatal = [b for b in enc.bad if b.reason != "blank line"]  # a blank line holds no data
+            if fatal and not skip_bad:
+                raise BadInputError(fatal[0])
             for b in enc.bad:
                 summary.bad[b.reason] = summary.bad.get(b.reason, 0) + 1
                 if len(summary.bad_examples) < 20:
