@@ -33,6 +33,7 @@ from megatron_ultralong.data.build.indexed import (
     remove_stale_temporaries,
     token_dtype,
 )
+from megatron_ultralong.data.build.progress import StageProgress
 from megatron_ultralong.data.build.readers import expand_inputs, iter_raw_batches
 from megatron_ultralong.data.build.recipe import BuildRecipe, recipe_to_dict
 from megatron_ultralong.data.build.stats import LengthStats, plot_length_histogram, write_report
@@ -55,6 +56,8 @@ CHUNK_DOCS = 1 << 16  # documents per vectorised step when planning and writing
 def choose_backend(recipe: BuildRecipe, sample: List[str]) -> Tuple[BackendSpec, Dict[str, Any]]:
     """tiktoken when proven equivalent (and allowed), else the recipe's own tokenizer."""
     tok = recipe.tokenizer
+    if not os.path.isfile(tok.path):
+        raise ValueError(f"tokenizer.path={tok.path!r}: no such file")
     threads = recipe.workers == 0
     info: Dict[str, Any] = {"path": tok.path, "kind": tok.kind, "fast_path": tok.fast_path}
     if tok.kind == "sentencepiece":
@@ -106,14 +109,6 @@ def document_affixes(recipe: BuildRecipe, backend: TokenizerBackend) -> Tuple[np
     return prefix.astype(np.int64), suffix.astype(np.int64), info
 
 
-def _progress_bar(enabled: Optional[bool], desc: str):
-    from tqdm import tqdm
-
-    # disable=None lets tqdm turn itself off when stderr is not a terminal.
-    return tqdm(desc=desc, unit="tok", unit_scale=True, disable=None if enabled is None else not enabled,
-                smoothing=0.1, mininterval=1.0)
-
-
 class BuildTerminated(SystemExit):
     """SIGTERM (Slurm's scancel, a preemption) during a build: unwinds so temporaries go."""
 
@@ -136,8 +131,12 @@ def _sigterm_unwinds():
         signal.signal(signal.SIGTERM, previous)
 
 
-def build_dataset(recipe: BuildRecipe, progress: Optional[bool] = None) -> Dict[str, Any]:
-    """Build PREFIX.bin/.idx and the report from a recipe; returns the report dict."""
+def build_dataset(recipe: BuildRecipe, progress: Optional[bool] = None,
+                  progress_interval_s: float = 30.0) -> Dict[str, Any]:
+    """Build PREFIX.bin/.idx and the report from a recipe; returns the report dict.
+
+    progress: None shows a bar on a terminal and logs a status line every
+    `progress_interval_s` seconds otherwise; False shows nothing."""
     t_start = time.perf_counter()
     files = expand_inputs(recipe.inputs)  # missing inputs fail before any work
     for path in remove_stale_temporaries(recipe.output.prefix):
@@ -146,7 +145,7 @@ def build_dataset(recipe: BuildRecipe, progress: Optional[bool] = None) -> Dict[
         outputs = AtomicOutputs(recipe.output.prefix, OUTPUT_SUFFIXES, recipe.output.overwrite)
         pool = AtomicOutputs(recipe.output.prefix, POOL_SUFFIXES, overwrite=True, tag="pool")
         try:
-            report = _build(recipe, files, outputs, pool, progress, t_start)
+            report = _build(recipe, files, outputs, pool, (progress, progress_interval_s), t_start)
             outputs.commit(last=".idx")
             return report
         except BaseException:
@@ -164,6 +163,7 @@ def _build(recipe, files, outputs, pool, progress, t_start) -> Dict[str, Any]:
         text_field=recipe.text_field, domain_field=recipe.domain_field,
         known_domains=frozenset(declared) if declared else None,
     )
+    phases: Dict[str, float] = {}
     # 1. Pick the tokenizer backend, proving the tiktoken path on a corpus sample.
     sample_n = recipe.tokenizer.verify_docs if recipe.tokenizer.kind == "hf" else 0
     sample, consumed, rest = split_sample(iter_raw_batches(recipe), worker_cfg, sample_n)
@@ -178,11 +178,14 @@ def _build(recipe, files, outputs, pool, progress, t_start) -> Dict[str, Any]:
     # 2. Stage 1: tokenize everything once into the pool.
     domain_ids: Dict[str, int] = {d: i for i, d in enumerate(declared)}
     pool_builder = CompactIndexedDatasetBuilder(pool.path(".bin"), dtype)
-    bar = _progress_bar(progress, "tokenize")
+    enabled, interval = progress
+    bar = StageProgress("tokenize", sum(os.path.getsize(f) for f, _ in files), "B", enabled,
+                        interval)
+    phases["setup_s"] = round(time.perf_counter() - t_start, 2)
     with open(pool.path(".dom"), "wb") as dom_f, open(pool.path(".key"), "wb") as key_f:
         summary = tokenize_to_pool(
             itertools.chain(consumed, rest), worker_cfg, recipe.workers, pool_builder, domain_ids,
-            dom_f, key_f, recipe.skip_bad, lambda n_tok, n_doc: bar.update(n_tok),
+            dom_f, key_f, recipe.skip_bad, bar.update,
         )
     bar.close()
     pool_builder.finalize(pool.path(".idx"))
@@ -201,11 +204,14 @@ def _build(recipe, files, outputs, pool, progress, t_start) -> Dict[str, Any]:
         totals.add(dm, ln, cfg)
         before.add(dm, ln)
     plans = upsample.plan_domains(domains, totals, cfg, extra)
+    targets = upsample.expected_by_class(plans, totals, extra)
+    realised = np.zeros_like(targets)
+    phases["plan_s"] = round(time.perf_counter() - t_start - phases["setup_s"] - summary.seconds, 2)
 
     # 4. Stage 3: write copies, sweep by sweep, through megatron-core's builder.
     out = CompactIndexedDatasetBuilder(outputs.path(".bin"), dtype)
     weights = upsample.weight_table(plans)
-    bar = _progress_bar(progress, "write")
+    bar = StageProgress("write", int(round(targets.sum())), "tok", enabled, interval)
     t_write = time.perf_counter()
     # Document tokens are read with plain file reads, not through an mmap: mapped pages would
     # count in this process's RSS and make it grow with the pool (page cache serves both anyway).
@@ -217,13 +223,14 @@ def _build(recipe, files, outputs, pool, progress, t_start) -> Dict[str, Any]:
                 copies = upsample.copies_per_document(keys[s:s + CHUNK_DOCS], dm, ln, weights, cfg)
                 if sweep == 0:
                     after.add(dm, ln, copies)
+                    upsample.add_realised(realised, dm, ln, copies, cfg, extra)
                 for i in np.nonzero(copies > sweep)[0]:
                     doc = np.frombuffer(os.pread(pool_bin.fileno(), int(ln[i]) * itemsize,
                                                  int(starts[i])), dtype=dtype)
                     step = cfg.max_doc_tokens or max(1, len(doc))
                     for p in range(0, len(doc), step):
                         out.add_document_parts((prefix_ids, doc[p:p + step], suffix_ids))
-                bar.update(out.tokens_written - bar.n)
+                bar.update(out.tokens_written - bar.done, 0, out.tokens_written - bar.done)
     bar.close()
     out.finalize(outputs.path(".idx"))
     del pool_ds, lengths, pointers, doms, keys
@@ -239,7 +246,8 @@ def _build(recipe, files, outputs, pool, progress, t_start) -> Dict[str, Any]:
         "skipped": {"total": sum(summary.bad.values()), "by_reason": summary.bad,
                     "examples": summary.bad_examples},
         "budget": {"total_tokens": cfg.total_tokens, "realised_over_target":
-                   out.tokens_written / cfg.total_tokens if cfg.total_tokens else None},
+                   out.tokens_written / cfg.total_tokens if cfg.total_tokens else None,
+                   "by_domain_class": upsample.realised_vs_target(domains, targets, realised)},
         "separators": {**sep_info, "tokens_inserted": n_out_docs * len(sep_info["separator_ids"]),
                        "affix_tokens_per_document": extra},
         "plan": upsample.plans_as_dict(plans),
@@ -247,7 +255,7 @@ def _build(recipe, files, outputs, pool, progress, t_start) -> Dict[str, Any]:
         "output_documents": after.as_dict(),
         "timing": {"tokenize_s": round(summary.seconds, 2),
                    "tokenize_tokens_per_s": summary.tokens / max(summary.seconds, 1e-9),
-                   "write_s": round(time.perf_counter() - t_write, 2),
+                   "write_s": round(time.perf_counter() - t_write, 2), **phases,
                    "total_s": round(time.perf_counter() - t_start, 2), "workers": recipe.workers},
         "recipe": recipe_to_dict(recipe),
     }

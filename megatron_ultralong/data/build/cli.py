@@ -24,7 +24,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--skip-bad", action="store_true", help="skip and count bad records")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
     parser.add_argument("--output", help="output prefix (PREFIX.bin, PREFIX.idx, ...)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar or status lines")
+    parser.add_argument("--progress-interval", type=float, default=30.0, metavar="SECONDS",
+                        help="when stderr is not a terminal (Slurm logs): seconds between status "
+                             "lines (documents, tokens, MB/s, ETA)")
     # Intermixed: `--output X a.b=c` is as valid as `a.b=c --output X`.
     args = parser.parse_intermixed_args(argv)
 
@@ -48,7 +51,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         recipe = load_recipe(args.config, overrides)
         from megatron_ultralong.data.build.builder import build_dataset
 
-        report = build_dataset(recipe, progress=False if args.no_progress else None)
+        report = build_dataset(recipe, progress=False if args.no_progress else None,
+                               progress_interval_s=args.progress_interval)
     except (BadInputError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -76,6 +80,8 @@ def _os_error_line(e: BaseException, overrides: List[str]) -> str:
     that hits a full disk, so the output prefix is named then."""
     if isinstance(e, OSError) and e.filename:
         return f"{e.filename}: {e.strerror or e}"
+    if isinstance(e, OSError) and e.errno is None:
+        return str(e)  # raised by this package with its own one-line message
     prefix = next((o.split("=", 1)[1] for o in reversed(overrides) if o.startswith("output.prefix=")),
                   None)
     where = f" (while writing output {prefix})" if prefix else ""

@@ -54,6 +54,9 @@ class RawBatch:
     fixed_domain: Optional[str] = None
     """The input's fixed domain, or None to read the record's domain field."""
 
+    file_bytes: int = 0
+    """Bytes of the file on disk (compressed, for .gz/.zst) read for this batch: progress."""
+
 
 @dataclass(frozen=True)
 class BadRecord:
@@ -150,9 +153,11 @@ def _gzip_blocks(raw: IO[bytes], path: str) -> Iterator[bytes]:
             yield block
 
 
-def iter_lines(path: str) -> Iterator[bytes]:
+def iter_lines(path: str, position: Optional[List[int]] = None) -> Iterator[bytes]:
     """Lines (with their newline) of a plain, .gz or .zst JSONL file, decompressed in bounded
-    blocks; a truncated or corrupt compressed stream raises `CorruptInputError`."""
+    blocks; a truncated or corrupt compressed stream raises `CorruptInputError`.
+    `position[0]`, if given, follows the bytes of the file read so far."""
+    position = position if position is not None else [0]
     with open(path, "rb") as raw:
         if path.endswith(".gz"):
             blocks = _gzip_blocks(raw, path)
@@ -162,6 +167,7 @@ def iter_lines(path: str) -> Iterator[bytes]:
             blocks = iter(lambda: raw.read(READ_BYTES), b"")
         tail = b""
         for block in blocks:
+            position[0] = raw.tell()
             parts = (tail + block).split(b"\n")
             tail = parts.pop()
             for part in parts:
@@ -172,15 +178,17 @@ def iter_lines(path: str) -> Iterator[bytes]:
 
 def _jsonl_batches(path: str, spec: InputSpec, batch_bytes: int) -> Iterator[RawBatch]:
     lines: List[bytes] = []
-    size, first = 0, 1
-    for number, line in enumerate(iter_lines(path), start=1):
+    size, first, position, reported = 0, 1, [0], 0
+    for number, line in enumerate(iter_lines(path, position), start=1):
         lines.append(line)
         size += len(line)
         if size >= batch_bytes or len(lines) >= MAX_LINES_PER_BATCH:
-            yield RawBatch(path, first, lines=tuple(lines), fixed_domain=spec.domain)
-            lines, size, first = [], 0, number + 1
+            yield RawBatch(path, first, lines=tuple(lines), fixed_domain=spec.domain,
+                           file_bytes=position[0] - reported)
+            lines, size, first, reported = [], 0, number + 1, position[0]
     if lines:
-        yield RawBatch(path, first, lines=tuple(lines), fixed_domain=spec.domain)
+        yield RawBatch(path, first, lines=tuple(lines), fixed_domain=spec.domain,
+                       file_bytes=os.path.getsize(path) - reported)
 
 
 def _parquet_batches(path: str, spec: InputSpec, recipe: BuildRecipe) -> Iterator[RawBatch]:
@@ -213,7 +221,8 @@ def _parquet_batches(path: str, spec: InputSpec, recipe: BuildRecipe) -> Iterato
         text = table.column(recipe.text_field).to_pylist() if recipe.text_field in wanted else [_MISSING] * n
         dom_col = recipe.domain_field if recipe.domain_field in wanted else None
         domain = table.column(dom_col).to_pylist() if dom_col else [_MISSING] * n
-        yield RawBatch(path, row, rows=tuple(zip(text, domain)), fixed_domain=spec.domain)
+        yield RawBatch(path, row, rows=tuple(zip(text, domain)), fixed_domain=spec.domain,
+                       file_bytes=os.path.getsize(path) * n // max(1, meta.num_rows))
         row += n
 
 

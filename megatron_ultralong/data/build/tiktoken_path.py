@@ -122,6 +122,14 @@ class Router:
 
 
 def read_tokenizer_json(path: str) -> Dict[str, Any]:
+    """The parsed file (callers must not modify it): parsed once per process and file version,
+    since a 128K-vocab tokenizer.json takes ~0.5 s to parse and several steps need it."""
+    st = os.stat(path)
+    return _read_json(os.path.abspath(path), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=4)
+def _read_json(path: str, size: int, mtime_ns: int) -> Dict[str, Any]:
     with open(path, encoding="utf-8") as f:
         return json.load(f)
 

@@ -35,6 +35,7 @@ class EncodedBatch:
     blank_lines: int
     records: int
     counters: Dict[str, int] = field(default_factory=dict)
+    file_bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -75,7 +76,7 @@ def encode_raw_batch(batch: RawBatch) -> EncodedBatch:
     return EncodedBatch(
         tokens=tokens, lengths=lengths, domains=parsed.domains, keys=keys, bad=parsed.bad,
         blank_lines=parsed.blank_lines, records=len(batch.lines) + len(batch.rows) - parsed.blank_lines,
-        counters=counters,
+        counters=counters, file_bytes=batch.file_bytes,
     )
 
 
@@ -122,7 +123,7 @@ def tokenize_to_pool(
     dom_file,
     key_file,
     skip_bad: bool,
-    on_progress: Callable[[int, int], None],
+    on_progress: Callable[[int, int, int], None],
 ) -> PoolSummary:
     """Drive the workers and append every valid document to the pool (in input order).
 
@@ -147,6 +148,7 @@ def tokenize_to_pool(
         for k, v in enc.counters.items():
             summary.counters[k] = summary.counters.get(k, 0) + v
         if not len(enc.lengths):
+            on_progress(enc.file_bytes, 0, 0)
             continue
         ids = np.fromiter((domain_ids.setdefault(d, len(domain_ids)) for d in enc.domains),
                           dtype=np.uint16, count=len(enc.domains))
@@ -157,7 +159,7 @@ def tokenize_to_pool(
         enc.keys.tofile(key_file)
         summary.documents += len(enc.lengths)
         summary.tokens += len(enc.tokens)
-        on_progress(len(enc.tokens), len(enc.lengths))
+        on_progress(enc.file_bytes, len(enc.lengths), len(enc.tokens))
     summary.seconds = time.perf_counter() - start
     return summary
 
