@@ -164,6 +164,9 @@ def main() -> None:
     parser.add_argument("--megatron-lm", required=True)
     parser.add_argument("--python", help="python for preprocess_data.py (default: make a venv)")
     parser.add_argument("--out", default=os.path.join(ROOT, "bench_out", "tokenize"))
+    parser.add_argument("--sizes", default="small,N", help="which corpora to run (small,N)")
+    parser.add_argument("--reuse-proof-cache", action="store_true",
+                        help="skip the cold run of a tokenizer whose proof is already cached")
     args = parser.parse_args()
     script = baseline.check_checkout(args.megatron_lm)
     python = args.python or baseline.setup_venv()
@@ -171,13 +174,18 @@ def main() -> None:
     results = {}
     for name in args.tokenizers.split(","):
         tok = files["tokenizers"][name]
+        from megatron_ultralong.data.build.tiktoken_path import _sweep_key, file_digest
+
         cache = os.path.join(args.out, "proof_cache")
-        for f in os.listdir(cache) if os.path.isdir(cache) else []:
-            os.remove(os.path.join(cache, f))  # the cold run below pays for the proof
-        res = {"cold_small": run_builder(args.out, files["corpus"]["small"], tok,
-                                         os.path.join(args.out, f"{name}_cold"), args.workers)}
-        print(name, "cold", json.dumps(res["cold_small"]), flush=True)
-        for size in ("small", "N"):
+        cached = os.path.join(cache, f"tiktoken_proof_{_sweep_key(file_digest(tok))}.json")
+        res = {}
+        if not (args.reuse_proof_cache and os.path.exists(cached)):
+            if os.path.exists(cached):
+                os.remove(cached)  # the cold run below pays for the proof
+            res["cold_small"] = run_builder(args.out, files["corpus"]["small"], tok,
+                                            os.path.join(args.out, f"{name}_cold"), args.workers)
+            print(name, "cold", json.dumps(res["cold_small"]), flush=True)
+        for size in args.sizes.split(","):
             corpus = files["corpus"][size]
             b_prefix = os.path.join(args.out, f"{name}_{size}_baseline")
             u_prefix = os.path.join(args.out, f"{name}_{size}_builder")
