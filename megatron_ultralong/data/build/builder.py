@@ -30,6 +30,7 @@ from megatron_ultralong.data.build import upsample
 from megatron_ultralong.data.build.indexed import (
     AtomicOutputs,
     CompactIndexedDatasetBuilder,
+    read_index,
     remove_stale_temporaries,
     token_dtype,
 )
@@ -268,14 +269,11 @@ def _build(recipe, files, outputs, pool, progress, t_start) -> Dict[str, Any]:
 
 def _open_pool(prefix: str, pool: AtomicOutputs) -> Tuple[Any, ...]:
     """Per-document pool arrays, memory-mapped (nothing per document is copied into memory):
-    lengths and byte pointers through megatron-core's own reader, domain ids and keys raw."""
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
+    lengths and byte pointers from the pool's .idx, domain ids and keys raw."""
 
     def mm(path: str, dt) -> np.ndarray:
         return np.memmap(path, dtype=dt, mode="r") if os.path.getsize(path) else np.zeros(0, dt)
 
     doms, keys = mm(pool.path(".dom"), np.uint16), mm(pool.path(".key"), np.uint64)
-    if not os.path.getsize(pool.path(".bin")):
-        return None, np.zeros(0, np.int32), np.zeros(0, np.int64), doms, keys
-    ds = IndexedDataset(prefix, mmap=True)
-    return ds, ds.sequence_lengths, ds.index.sequence_pointers, doms, keys
+    lengths, pointers = read_index(pool.path(".idx"))
+    return None, lengths, pointers, doms, keys
