@@ -31,6 +31,8 @@ import subprocess
 import sys
 import time
 
+import numpy as np
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, os.path.join(ROOT, "examples"))
@@ -119,9 +121,10 @@ def _timed(cmd: list, env=None) -> tuple:
 
 
 def _tokens(prefix: str) -> int:
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
+    from megatron_ultralong.data.build.indexed import read_index
 
-    return int(IndexedDataset(prefix).sequence_lengths.sum())
+    lengths, _ = read_index(prefix + ".idx")
+    return int(np.asarray(lengths, dtype=np.int64).sum())
 
 
 def run_builder(out, corpus, tok, prefix, workers, fast_path="auto") -> dict:

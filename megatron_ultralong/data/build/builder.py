@@ -74,11 +74,14 @@ def choose_backend(recipe: BuildRecipe, sample: List[str]) -> Tuple[BackendSpec,
     proof = prove_equivalence(tok.path, tok.special_tokens_in_text, sample, tok.proof_cache_dir)
     info["proof_seconds"] = round(time.perf_counter() - t0, 2)
     if not proof.ok:
+        logger.info("tiktoken fast path refused (%s); using HF tokenizers", "; ".join(proof.reasons))
         if tok.fast_path == "require":
             raise ValueError("tokenizer.fast_path='require' but the tiktoken path is not "
                              "equivalent: " + "; ".join(proof.reasons))
         info.update(backend="hf", fast_path_reasons=list(proof.reasons))
         return hf_spec, info
+    logger.info("tiktoken fast path proven equivalent to HF in %.1f s (%d exception strings "
+                "routed to HF)", info["proof_seconds"], len(proof.hf_only_strings))
     info.update(backend="tiktoken", proof_checks=proof.checks,
                 mismatched_code_points=[f"U+{c:04X}" for c in proof.mismatched_code_points],
                 routed_strings=[r.decode("utf-8", "backslashreplace")
