@@ -5,6 +5,7 @@ the dataclass annotations; unknown keys and wrong types are errors, never silent
 """
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import types
 import typing
@@ -55,7 +56,8 @@ def from_dict(cls: type[T], data: Mapping[str, Any], where: str = "") -> T:
     names = {f.name for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - names)
     if unknown:
-        raise ValueError(f"{where or cls.__name__}: unknown key(s) {unknown}; known: {sorted(names)}")
+        full = [f"{where}.{k}" if where else k for k in unknown]
+        raise ValueError(f"{where or cls.__name__}: unknown key(s) {full}; known: {sorted(names)}")
     kwargs = {}
     for name, value in data.items():
         key = f"{where}.{name}" if where else name
@@ -70,6 +72,8 @@ def to_dict(obj: Any) -> Any:
     """Dataclass -> plain nested dict (tuples as lists), for YAML/JSON dumps."""
     if dataclasses.is_dataclass(obj):
         return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, Mapping):
+        return {k: to_dict(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [to_dict(v) for v in obj]
     return obj
@@ -83,7 +87,15 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
             return None
         return _convert(args[0], value, key) if len(args) == 1 else value
     if dataclasses.is_dataclass(tp):
+        scalar_field = getattr(tp, "SCALAR_FIELD", None)  # ClassVar: `x` is short for {field: x}
+        if scalar_field and value is not None and not isinstance(value, Mapping):
+            value = {scalar_field: value}
         return from_dict(tp, value or {}, key)
+    if origin in (dict, Mapping, collections.abc.Mapping):
+        if not isinstance(value, Mapping):
+            raise ValueError(f"{key}={value!r}: expected a mapping")
+        _, inner = typing.get_args(tp) or (Any, Any)
+        return {str(k): _convert(inner, v, f"{key}.{k}") for k, v in value.items()}
     if origin is typing.Literal:
         allowed = typing.get_args(tp)
         # `in` alone would let True match a Literal[1] and 1 match Literal[True]: compare types too.

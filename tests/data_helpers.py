@@ -9,7 +9,7 @@ import os
 import shutil
 import tempfile
 from types import SimpleNamespace
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 from megatron_ultralong.data.build.recipe import BuildRecipe, recipe_from_dict
 from toydata.corpus import generate_records
@@ -25,12 +25,19 @@ def corpus_records(n_docs: int = 300, seed: int = 3) -> List[Dict[str, str]]:
 
 
 @functools.lru_cache(maxsize=None)
-def tokenizer_path(llama3_style: bool = True) -> str:
-    """A 3000-token byte-level BPE with Llama-3's regex and specials (trained once per process)."""
+def tokenizer_path(llama3_style: bool = True, ignore_merges: Optional[bool] = None) -> str:
+    """A 3000-token byte-level BPE with Llama-3's regex and specials (trained once per process).
+
+    llama3_style=False is the plain HF-trainer file; ignore_merges defaults to Llama-3's true for
+    the Llama-3-style file and to the HF trainer's false for the plain one."""
+    if ignore_merges is None:
+        ignore_merges = llama3_style
     texts = [r["text"] for r in corpus_records(200, seed=11)]
-    path = os.path.join(_TMP, f"tokenizer_{'llama3' if llama3_style else 'plain'}.json")
+    name = f"tokenizer_{'llama3' if llama3_style else 'plain'}_im{int(ignore_merges)}.json"
+    path = os.path.join(_TMP, name)
     with open(path, "w", encoding="utf-8") as f:
-        f.write(train_llama3_style_tokenizer(texts, 3000, llama3_style=llama3_style))
+        f.write(train_llama3_style_tokenizer(texts, 3000, llama3_style=llama3_style,
+                                             ignore_merges=ignore_merges))
     return path
 
 

@@ -80,7 +80,7 @@ def test_end_to_end_statistics_match_the_recipe(tmp_path):
     hf = Tokenizer.from_file(tokenizer_path())
     hf.encode_special_tokens = True
     extra = report["separators"]["affix_tokens_per_document"]
-    expected, variance = {}, {}
+    expected, variance, by_class = {}, {}, {}
     for r in records:
         n = len(hf.encode(r["text"], add_special_tokens=False).ids)
         cls = 0 if n < 1024 else (1 if n < 4096 else 2)
@@ -88,7 +88,16 @@ def test_end_to_end_statistics_match_the_recipe(tmp_path):
         f = w - np.floor(w)
         expected[r["domain"]] = expected.get(r["domain"], 0) + w * (n + extra)
         variance[r["domain"]] = variance.get(r["domain"], 0) + f * (1 - f) * (n + extra) ** 2
+        key = (r["domain"], ("short", "medium", "long")[cls])
+        by_class[key] = by_class.get(key, 0) + w * (n + extra)
+    # The report's realised-vs-target table: targets are these expectations, realised the output.
+    table = report["budget"]["by_domain_class"]
+    for (d, c), target in by_class.items():
+        assert table[d][c]["target"] == pytest.approx(target, rel=1e-6, abs=0.1)
     out = report["output_documents"]
+    for d in expected:
+        assert table[d]["total"]["realised"] == out[d]["tokens"] + out[d]["docs"] * extra
+    assert "Budget: realised / target" in (tmp_path / "ds.stats.md").read_text()
     for d in expected:
         realised = out[d]["tokens"] + out[d]["docs"] * extra
         assert expected[d] == pytest.approx(up["total_tokens"] * up["domains"][d]["share"], rel=1e-6)

@@ -4,10 +4,11 @@ Nothing here downloads anything. `train_llama3_style_tokenizer` trains a byte-le
 Llama-3 pre-tokenizer split regex and then rewrites it the way Llama-3's own `tokenizer.json` was
 made: Meta's tokenizer is a tiktoken BPE (ranks), and transformers' `TikTokenConverter` turned the
 ranks into a `tokenizer.json` whose merges are *every* split of a token into two vocab tokens,
-ordered by the merged token's rank, with `ignore_merges: true`. A tokenizer built that way is the
-shape the tiktoken fast path (`tiktoken_path.py`) can prove equivalent; the plain HF-trained
-tokenizer (`llama3_style=False`) is not (its merges are not closed under splitting), which is what
-the fallback tests use.
+ordered by the merged token's rank, with `ignore_merges: true`. `ignore_merges=False` gives the
+same file with the flag off (as many published tokenizers ship), and `llama3_style=False` the plain
+HF-trainer BPE (merges in creation order, not closed under splitting; the trainer's default
+`ignore_merges: false` unless asked otherwise). The tiktoken fast path (`tiktoken_path.py`) proves
+all of these equivalent to HF.
 """
 from __future__ import annotations
 
@@ -165,15 +166,19 @@ def train_llama3_style_tokenizer(
     vocab_size: int,
     special_tokens: Sequence[str] = LLAMA3_SPECIAL_TOKENS,
     llama3_style: bool = True,
+    ignore_merges: bool = True,
 ) -> str:
     """Train a byte-level BPE on `texts`; returns the tokenizer.json text.
 
     llama3_style=True rewrites it as Llama-3's file is laid out (ranks == ids, merges closed under
     splitting, specials after the ranks); False returns the plain HF-trained file, with the same
-    regex and special tokens appended, which the tiktoken fast path must refuse.
+    regex and special tokens appended. `ignore_merges` sets the model's flag in either file.
     """
     plain = _train_plain(texts, vocab_size)
     if llama3_style:
-        return _tiktoken_style_json(_ranked_tokens(plain), special_tokens)
-    plain.add_special_tokens(list(special_tokens))
-    return plain.to_str()
+        data = json.loads(_tiktoken_style_json(_ranked_tokens(plain), special_tokens))
+    else:
+        plain.add_special_tokens(list(special_tokens))
+        data = json.loads(plain.to_str())
+    data["model"]["ignore_merges"] = ignore_merges
+    return json.dumps(data, ensure_ascii=False)

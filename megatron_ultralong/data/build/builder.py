@@ -15,26 +15,39 @@ back to back; GPTDataset shuffles documents at training time anyway.
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
+import logging
 import os
+import signal
+import threading
 import time
 from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
 from megatron_ultralong.data.build import upsample
-from megatron_ultralong.data.build.indexed import AtomicOutputs, CompactIndexedDatasetBuilder, token_dtype
+from megatron_ultralong.data.build.indexed import (
+    AtomicOutputs,
+    CompactIndexedDatasetBuilder,
+    read_index,
+    remove_stale_temporaries,
+    token_dtype,
+)
+from megatron_ultralong.data.build.progress import StageProgress
 from megatron_ultralong.data.build.readers import expand_inputs, iter_raw_batches
 from megatron_ultralong.data.build.recipe import BuildRecipe, recipe_to_dict
 from megatron_ultralong.data.build.stats import LengthStats, plot_length_histogram, write_report
 from megatron_ultralong.data.build.tiktoken_path import prove_equivalence
 from megatron_ultralong.data.build.tokenize_stage import WorkerConfig, split_sample, tokenize_to_pool
 from megatron_ultralong.data.build.tokenizer_backends import (
-    Backend,
+    TokenizerBackend,
     BackendSpec,
     load_backend,
     special_token_ids,
 )
+
+logger = logging.getLogger(__name__)
 
 OUTPUT_SUFFIXES = (".bin", ".stats.json", ".stats.md", ".lengths.png", ".idx")
 POOL_SUFFIXES = (".bin", ".idx", ".dom", ".key")
@@ -44,6 +57,8 @@ CHUNK_DOCS = 1 << 16  # documents per vectorised step when planning and writing
 def choose_backend(recipe: BuildRecipe, sample: List[str]) -> Tuple[BackendSpec, Dict[str, Any]]:
     """tiktoken when proven equivalent (and allowed), else the recipe's own tokenizer."""
     tok = recipe.tokenizer
+    if not os.path.isfile(tok.path):
+        raise ValueError(f"tokenizer.path={tok.path!r}: no such file")
     threads = recipe.workers == 0
     info: Dict[str, Any] = {"path": tok.path, "kind": tok.kind, "fast_path": tok.fast_path}
     if tok.kind == "sentencepiece":
@@ -59,18 +74,23 @@ def choose_backend(recipe: BuildRecipe, sample: List[str]) -> Tuple[BackendSpec,
     proof = prove_equivalence(tok.path, tok.special_tokens_in_text, sample, tok.proof_cache_dir)
     info["proof_seconds"] = round(time.perf_counter() - t0, 2)
     if not proof.ok:
+        logger.info("tiktoken fast path refused (%s); using HF tokenizers", "; ".join(proof.reasons))
         if tok.fast_path == "require":
             raise ValueError("tokenizer.fast_path='require' but the tiktoken path is not "
                              "equivalent: " + "; ".join(proof.reasons))
         info.update(backend="hf", fast_path_reasons=list(proof.reasons))
         return hf_spec, info
+    logger.info("tiktoken fast path proven equivalent to HF in %.1f s (%d exception strings "
+                "routed to HF)", info["proof_seconds"], len(proof.hf_only_strings))
     info.update(backend="tiktoken", proof_checks=proof.checks,
-                mismatched_code_points=[f"U+{c:04X}" for c in proof.mismatched_code_points])
+                mismatched_code_points=[f"U+{c:04X}" for c in proof.mismatched_code_points],
+                routed_strings=[r.decode("utf-8", "backslashreplace")
+                                for r in proof.hf_only_strings[:50]])
     return BackendSpec("tiktoken", tok.path, tok.special_tokens_in_text, proof.hf_only_chars,
-                       hf_threads=threads), info
+                       proof.hf_only_strings, hf_threads=threads), info
 
 
-def document_affixes(recipe: BuildRecipe, backend: Backend) -> Tuple[np.ndarray, np.ndarray, Dict[str, Any]]:
+def document_affixes(recipe: BuildRecipe, backend: TokenizerBackend) -> Tuple[np.ndarray, np.ndarray, Dict[str, Any]]:
     """Token ids written before and after every output document, and how many are separators."""
     sep_cfg = recipe.separator
     if sep_cfg.text:
@@ -93,29 +113,50 @@ def document_affixes(recipe: BuildRecipe, backend: Backend) -> Tuple[np.ndarray,
     return prefix.astype(np.int64), suffix.astype(np.int64), info
 
 
-def _progress_bar(enabled: Optional[bool], desc: str):
-    from tqdm import tqdm
-
-    # disable=None lets tqdm turn itself off when stderr is not a terminal.
-    return tqdm(desc=desc, unit="tok", unit_scale=True, disable=None if enabled is None else not enabled,
-                smoothing=0.1, mininterval=1.0)
+class BuildTerminated(SystemExit):
+    """SIGTERM (Slurm's scancel, a preemption) during a build: unwinds so temporaries go."""
 
 
-def build_dataset(recipe: BuildRecipe, progress: Optional[bool] = None) -> Dict[str, Any]:
-    """Build PREFIX.bin/.idx and the report from a recipe; returns the report dict."""
+@contextlib.contextmanager
+def _sigterm_unwinds():
+    """Turn SIGTERM into an exception while building, so the `finally` that deletes the pool
+    and partial outputs runs (the default action kills the process and leaves GBs behind)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise BuildTerminated(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def build_dataset(recipe: BuildRecipe, progress: Optional[bool] = None,
+                  progress_interval_s: float = 30.0) -> Dict[str, Any]:
+    """Build PREFIX.bin/.idx and the report from a recipe; returns the report dict.
+
+    progress: None shows a bar on a terminal and logs a status line every
+    `progress_interval_s` seconds otherwise; False shows nothing."""
     t_start = time.perf_counter()
     files = expand_inputs(recipe.inputs)  # missing inputs fail before any work
-    outputs = AtomicOutputs(recipe.output.prefix, OUTPUT_SUFFIXES, recipe.output.overwrite)
-    pool = AtomicOutputs(recipe.output.prefix, POOL_SUFFIXES, overwrite=True, tag="pool")
-    try:
-        report = _build(recipe, files, outputs, pool, progress, t_start)
-        outputs.commit(last=".idx")
-        return report
-    except BaseException:
-        outputs.abort()
-        raise
-    finally:
-        pool.abort()
+    for path in remove_stale_temporaries(recipe.output.prefix):
+        logger.warning("removed %s, left by an earlier build that did not finish", path)
+    with _sigterm_unwinds():
+        outputs = AtomicOutputs(recipe.output.prefix, OUTPUT_SUFFIXES, recipe.output.overwrite)
+        pool = AtomicOutputs(recipe.output.prefix, POOL_SUFFIXES, overwrite=True, tag="pool")
+        try:
+            report = _build(recipe, files, outputs, pool, (progress, progress_interval_s), t_start)
+            outputs.commit(last=".idx")
+            return report
+        except BaseException:
+            outputs.abort()
+            raise
+        finally:
+            pool.abort()
 
 
 def _build(recipe, files, outputs, pool, progress, t_start) -> Dict[str, Any]:
@@ -126,6 +167,7 @@ def _build(recipe, files, outputs, pool, progress, t_start) -> Dict[str, Any]:
         text_field=recipe.text_field, domain_field=recipe.domain_field,
         known_domains=frozenset(declared) if declared else None,
     )
+    phases: Dict[str, float] = {}
     # 1. Pick the tokenizer backend, proving the tiktoken path on a corpus sample.
     sample_n = recipe.tokenizer.verify_docs if recipe.tokenizer.kind == "hf" else 0
     sample, consumed, rest = split_sample(iter_raw_batches(recipe), worker_cfg, sample_n)
@@ -140,11 +182,14 @@ def _build(recipe, files, outputs, pool, progress, t_start) -> Dict[str, Any]:
     # 2. Stage 1: tokenize everything once into the pool.
     domain_ids: Dict[str, int] = {d: i for i, d in enumerate(declared)}
     pool_builder = CompactIndexedDatasetBuilder(pool.path(".bin"), dtype)
-    bar = _progress_bar(progress, "tokenize")
+    enabled, interval = progress
+    bar = StageProgress("tokenize", sum(os.path.getsize(f) for f, _ in files), "B", enabled,
+                        interval)
+    phases["setup_s"] = round(time.perf_counter() - t_start, 2)
     with open(pool.path(".dom"), "wb") as dom_f, open(pool.path(".key"), "wb") as key_f:
         summary = tokenize_to_pool(
             itertools.chain(consumed, rest), worker_cfg, recipe.workers, pool_builder, domain_ids,
-            dom_f, key_f, recipe.skip_bad, lambda n_tok, n_doc: bar.update(n_tok),
+            dom_f, key_f, recipe.skip_bad, bar.update,
         )
     bar.close()
     pool_builder.finalize(pool.path(".idx"))
@@ -163,11 +208,14 @@ def _build(recipe, files, outputs, pool, progress, t_start) -> Dict[str, Any]:
         totals.add(dm, ln, cfg)
         before.add(dm, ln)
     plans = upsample.plan_domains(domains, totals, cfg, extra)
+    targets = upsample.expected_by_class(plans, totals, extra)
+    realised = np.zeros_like(targets)
+    phases["plan_s"] = round(time.perf_counter() - t_start - phases["setup_s"] - summary.seconds, 2)
 
     # 4. Stage 3: write copies, sweep by sweep, through megatron-core's builder.
     out = CompactIndexedDatasetBuilder(outputs.path(".bin"), dtype)
     weights = upsample.weight_table(plans)
-    bar = _progress_bar(progress, "write")
+    bar = StageProgress("write", int(round(targets.sum())), "tok", enabled, interval)
     t_write = time.perf_counter()
     # Document tokens are read with plain file reads, not through an mmap: mapped pages would
     # count in this process's RSS and make it grow with the pool (page cache serves both anyway).
@@ -179,13 +227,14 @@ def _build(recipe, files, outputs, pool, progress, t_start) -> Dict[str, Any]:
                 copies = upsample.copies_per_document(keys[s:s + CHUNK_DOCS], dm, ln, weights, cfg)
                 if sweep == 0:
                     after.add(dm, ln, copies)
+                    upsample.add_realised(realised, dm, ln, copies, cfg, extra)
                 for i in np.nonzero(copies > sweep)[0]:
                     doc = np.frombuffer(os.pread(pool_bin.fileno(), int(ln[i]) * itemsize,
                                                  int(starts[i])), dtype=dtype)
                     step = cfg.max_doc_tokens or max(1, len(doc))
                     for p in range(0, len(doc), step):
                         out.add_document_parts((prefix_ids, doc[p:p + step], suffix_ids))
-                bar.update(out.tokens_written - bar.n)
+                bar.update(out.tokens_written - bar.done, 0, out.tokens_written - bar.done)
     bar.close()
     out.finalize(outputs.path(".idx"))
     del pool_ds, lengths, pointers, doms, keys
@@ -201,7 +250,8 @@ def _build(recipe, files, outputs, pool, progress, t_start) -> Dict[str, Any]:
         "skipped": {"total": sum(summary.bad.values()), "by_reason": summary.bad,
                     "examples": summary.bad_examples},
         "budget": {"total_tokens": cfg.total_tokens, "realised_over_target":
-                   out.tokens_written / cfg.total_tokens if cfg.total_tokens else None},
+                   out.tokens_written / cfg.total_tokens if cfg.total_tokens else None,
+                   "by_domain_class": upsample.realised_vs_target(domains, targets, realised)},
         "separators": {**sep_info, "tokens_inserted": n_out_docs * len(sep_info["separator_ids"]),
                        "affix_tokens_per_document": extra},
         "plan": upsample.plans_as_dict(plans),
@@ -209,7 +259,7 @@ def _build(recipe, files, outputs, pool, progress, t_start) -> Dict[str, Any]:
         "output_documents": after.as_dict(),
         "timing": {"tokenize_s": round(summary.seconds, 2),
                    "tokenize_tokens_per_s": summary.tokens / max(summary.seconds, 1e-9),
-                   "write_s": round(time.perf_counter() - t_write, 2),
+                   "write_s": round(time.perf_counter() - t_write, 2), **phases,
                    "total_s": round(time.perf_counter() - t_start, 2), "workers": recipe.workers},
         "recipe": recipe_to_dict(recipe),
     }
@@ -222,14 +272,11 @@ def _build(recipe, files, outputs, pool, progress, t_start) -> Dict[str, Any]:
 
 def _open_pool(prefix: str, pool: AtomicOutputs) -> Tuple[Any, ...]:
     """Per-document pool arrays, memory-mapped (nothing per document is copied into memory):
-    lengths and byte pointers through megatron-core's own reader, domain ids and keys raw."""
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
+    lengths and byte pointers from the pool's .idx, domain ids and keys raw."""
 
     def mm(path: str, dt) -> np.ndarray:
         return np.memmap(path, dtype=dt, mode="r") if os.path.getsize(path) else np.zeros(0, dt)
 
     doms, keys = mm(pool.path(".dom"), np.uint16), mm(pool.path(".key"), np.uint64)
-    if not os.path.getsize(pool.path(".bin")):
-        return None, np.zeros(0, np.int32), np.zeros(0, np.int64), doms, keys
-    ds = IndexedDataset(prefix, mmap=True)
-    return ds, ds.sequence_lengths, ds.index.sequence_pointers, doms, keys
+    lengths, pointers = read_index(pool.path(".idx"))
+    return None, lengths, pointers, doms, keys

@@ -4,7 +4,9 @@
         [--workers N] [--skip-bad] [--overwrite] [--output PREFIX]
 
 The flags are shorthands for `workers=N`, `skip_bad=true`, `output.overwrite=true` and
-`output.prefix=PREFIX`; any other recipe field is set with a `key.sub=value` override.
+`output.prefix=PREFIX`; any other recipe field is set with a `key.sub=value` override, before or
+after the flags. Every failure (bad input, a corrupt or truncated file, an unwritable or full
+output directory) exits with status 2 and one line naming the file, line, field or path.
 """
 from __future__ import annotations
 
@@ -22,9 +24,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--skip-bad", action="store_true", help="skip and count bad records")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
     parser.add_argument("--output", help="output prefix (PREFIX.bin, PREFIX.idx, ...)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    args = parser.parse_args(argv)
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar or status lines")
+    parser.add_argument("--progress-interval", type=float, default=30.0, metavar="SECONDS",
+                        help="when stderr is not a terminal (Slurm logs): seconds between status "
+                             "lines (documents, tokens, MB/s, ETA)")
+    # Intermixed: `--output X a.b=c` is as valid as `a.b=c --output X`.
+    args = parser.parse_intermixed_args(argv)
 
+    from megatron_ultralong.logs import setup_logging
+
+    setup_logging()
+    from megatron_ultralong.data.build.builder import BuildTerminated
     from megatron_ultralong.data.build.readers import BadInputError
     from megatron_ultralong.data.build.recipe import load_recipe
 
@@ -41,9 +51,16 @@ def main(argv: Optional[List[str]] = None) -> int:
         recipe = load_recipe(args.config, overrides)
         from megatron_ultralong.data.build.builder import build_dataset
 
-        report = build_dataset(recipe, progress=False if args.no_progress else None)
-    except (BadInputError, ValueError, FileNotFoundError, FileExistsError) as e:
+        report = build_dataset(recipe, progress=False if args.no_progress else None,
+                               progress_interval_s=args.progress_interval)
+    except (BadInputError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except BuildTerminated as e:
+        print("error: terminated by SIGTERM; temporary files removed", file=sys.stderr)
+        return int(e.code)
+    except (OSError, EOFError) as e:
+        print(f"error: {_os_error_line(e, overrides)}", file=sys.stderr)
         return 2
     out, tok, timing = report["output"], report["tokenizer"], report["timing"]
     print(f"wrote {out['prefix']}.bin/.idx: {out['documents']:,} documents, {out['tokens']:,} tokens "
@@ -56,6 +73,19 @@ def main(argv: Optional[List[str]] = None) -> int:
               "used for those documents, but consider tokenizer.fast_path=off", file=sys.stderr)
     print(f"report: {out['prefix']}.stats.md, {out['prefix']}.lengths.png")
     return 0
+
+
+def _os_error_line(e: BaseException, overrides: List[str]) -> str:
+    """One line naming the path: OSError carries it for open/rename/makedirs, not for a write
+    that hits a full disk, so the output prefix is named then."""
+    if isinstance(e, OSError) and e.filename:
+        return f"{e.filename}: {e.strerror or e}"
+    if isinstance(e, OSError) and e.errno is None:
+        return str(e)  # raised by this package with its own one-line message
+    prefix = next((o.split("=", 1)[1] for o in reversed(overrides) if o.startswith("output.prefix=")),
+                  None)
+    where = f" (while writing output {prefix})" if prefix else ""
+    return f"{type(e).__name__}: {e}{where}"
 
 
 if __name__ == "__main__":

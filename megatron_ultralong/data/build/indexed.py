@@ -1,10 +1,14 @@
-"""Writing Megatron .bin/.idx through megatron-core's own builder, with bounded memory and
-atomic outputs.
+"""Writing Megatron .bin/.idx with bounded memory, and atomic outputs.
 
-`CompactIndexedDatasetBuilder` is megatron-core's `IndexedDatasetBuilder` (same .bin bytes, same
-.idx writer) with its per-document bookkeeping in typed arrays: 12 bytes per document instead of
-~70 for Python lists of ints, and the .idx pointers computed with numpy instead of a Python list
-(the list is what ran out of memory at finalize in bigcode-project/Megatron-LM#34).
+`CompactIndexedDatasetBuilder` writes exactly the bytes of megatron-core's `IndexedDatasetBuilder`
++ `_IndexWriter` (core 0.16: header `MMIDIDX\\0\\0`, version 1, dtype code, sequence and document
+counts, int32 lengths, int64 byte pointers, int64 document indices; tested byte for byte against
+megatron-core's builder, and read back with megatron-core's `IndexedDataset`). It is written here,
+not imported, for one reason: `import megatron.core.datasets.indexed_dataset` runs
+`megatron/core/__init__.py`, which imports torch and most of the library, ~10 s of CPU per build
+process, most of the fixed cost that kept a 20 MB build from gaining over preprocess_data.py. Its
+bookkeeping is typed arrays (12 bytes per document instead of ~70 for Python lists; the Python
+list is what ran out of memory at finalize in bigcode-project/Megatron-LM#34) with numpy pointers.
 
 `AtomicOutputs` writes every output under a hidden temporary name in the target directory and
 renames when the build is complete: the .idx, which is what makes a prefix loadable, is removed
@@ -15,32 +19,24 @@ from __future__ import annotations
 
 import array
 import os
-from typing import Dict, List, Sequence, Type
+import re
+import struct
+from typing import Dict, List, Sequence, Tuple, Type
 
 import numpy as np
-from megatron.core.datasets.indexed_dataset import (
-    DType,
-    IndexedDatasetBuilder,
-    _IndexWriter,
-)
+
+INDEX_HEADER = b"MMIDIDX\x00\x00"
+# megatron.core.datasets.indexed_dataset.DType codes.
+DTYPE_CODES = {np.uint8: 1, np.int8: 2, np.int16: 3, np.int32: 4, np.int64: 5, np.float64: 6,
+               np.float32: 7, np.uint16: 8}
 
 
-class _NumpyPointersIndexWriter(_IndexWriter):
-    """megatron-core's .idx writer; only the pointer computation is vectorised."""
-
-    def _sequence_pointers(self, sequence_lengths: Sequence[int]) -> np.ndarray:
-        lengths = np.frombuffer(sequence_lengths, dtype=np.int32) if isinstance(
-            sequence_lengths, array.array) else np.asarray(sequence_lengths, dtype=np.int32)
-        pointers = np.zeros(len(lengths), dtype=np.int64)
-        np.cumsum(lengths[:-1].astype(np.int64) * DType.size(self.dtype), out=pointers[1:])
-        return pointers
-
-
-class CompactIndexedDatasetBuilder(IndexedDatasetBuilder):
-    """`IndexedDatasetBuilder` with array-backed bookkeeping and batched document writes."""
+class CompactIndexedDatasetBuilder:
+    """megatron-core's `IndexedDatasetBuilder` output, array-backed, with batched writes."""
 
     def __init__(self, bin_path: str, dtype: Type[np.number]):
-        super().__init__(bin_path, dtype=dtype, multimodal=False)
+        self.dtype = dtype
+        self.data_file = open(bin_path, "wb")
         self.sequence_lengths = array.array("i")  # int32, as the .idx stores them
         self.document_indices = array.array("q", [0])  # int64
         self.tokens_written = 0
@@ -48,8 +44,8 @@ class CompactIndexedDatasetBuilder(IndexedDatasetBuilder):
     def add_documents(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
         """Append len(lengths) documents whose tokens are concatenated in `tokens` [sum(lengths)].
 
-        Same result as calling `add_document(doc, [len(doc)])` per document (one sequence per
-        document, as preprocess_data.py writes without --split-sentences).
+        Same result as megatron-core's `add_document(doc, [len(doc)])` per document (one sequence
+        per document, as preprocess_data.py writes without --split-sentences).
         """
         if int(lengths.sum()) != len(tokens):
             raise ValueError("add_documents: lengths do not add up to the token count")
@@ -75,13 +71,41 @@ class CompactIndexedDatasetBuilder(IndexedDatasetBuilder):
 
     def finalize(self, idx_path: str) -> None:
         self.data_file.close()
-        with _NumpyPointersIndexWriter(idx_path, self.dtype) as writer:
-            writer.write(self.sequence_lengths, self.sequence_modes, self.document_indices)
+        lengths = np.frombuffer(self.sequence_lengths, dtype=np.int32) if len(
+            self.sequence_lengths) else np.zeros(0, np.int32)
+        pointers = np.zeros(len(lengths), dtype=np.int64)
+        np.cumsum(lengths[:-1].astype(np.int64) * np.dtype(self.dtype).itemsize, out=pointers[1:])
+        with open(idx_path, "wb") as f:
+            f.write(INDEX_HEADER)
+            f.write(struct.pack("<Q", 1))
+            f.write(struct.pack("<B", DTYPE_CODES[self.dtype]))
+            f.write(struct.pack("<Q", len(lengths)))
+            f.write(struct.pack("<Q", len(self.document_indices)))
+            f.write(lengths.tobytes(order="C"))
+            f.write(pointers.tobytes(order="C"))
+            f.write(np.frombuffer(self.document_indices, dtype=np.int64).tobytes(order="C"))
+
+
+def read_index(idx_path: str) -> Tuple[np.ndarray, np.ndarray]:
+    """(sequence lengths int32, byte pointers int64) of a .idx, memory-mapped (for the pool)."""
+    with open(idx_path, "rb") as f:
+        if f.read(9) != INDEX_HEADER or struct.unpack("<Q", f.read(8))[0] != 1:
+            raise ValueError(f"{idx_path}: not a megatron .idx (version 1)")
+        f.read(1)
+        count = struct.unpack("<Q", f.read(8))[0]
+        f.read(8)
+        offset = f.tell()
+    if count == 0:
+        return np.zeros(0, np.int32), np.zeros(0, np.int64)
+    lengths = np.memmap(idx_path, dtype=np.int32, mode="r", offset=offset, shape=(count,))
+    pointers = np.memmap(idx_path, dtype=np.int64, mode="r", offset=offset + 4 * count,
+                         shape=(count,))
+    return lengths, pointers
 
 
 def token_dtype(vocab_size: int) -> Type[np.number]:
-    """megatron-core's choice: uint16 below 65,500 ids, else int32 (Llama-3: int32)."""
-    return DType.optimal_dtype(vocab_size)
+    """megatron-core's `DType.optimal_dtype`: uint16 below 65,500 ids, else int32 (Llama-3)."""
+    return np.uint16 if vocab_size is not None and vocab_size < 65500 else np.int32
 
 
 class AtomicOutputs:
@@ -121,3 +145,36 @@ class AtomicOutputs:
         for p in self.temp.values():
             if os.path.exists(p):
                 os.remove(p)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's live process
+    return True
+
+
+def remove_stale_temporaries(prefix: str, tags: Sequence[str] = ("pool", "partial")) -> List[str]:
+    """Delete `.BASE.<tag>-<pid>.*` files beside `prefix` left by a build whose process is gone
+    (SIGKILL, a node failure): the pool alone is 4 bytes per source token. Files of a live process
+    (a concurrent build of the same prefix) are left alone. Returns the removed paths."""
+    directory, base = os.path.split(os.path.abspath(prefix))
+    pattern = re.compile(rf"^\.{re.escape(base)}\.(?:{'|'.join(tags)})-(\d+)\.")
+    removed = []
+    try:
+        names = os.listdir(directory)
+    except FileNotFoundError:
+        return removed
+    for name in names:
+        m = pattern.match(name)
+        if m and int(m.group(1)) != os.getpid() and not _pid_alive(int(m.group(1))):
+            path = os.path.join(directory, name)
+            try:
+                os.remove(path)
+                removed.append(path)
+            except FileNotFoundError:
+                pass
+    return removed

@@ -4,22 +4,35 @@ The main process only reads bytes (and decompresses); JSON parsing and validatio
 workers (`parse_batch`), so one slow stage does not serialise the rest. A batch carries its file
 and first line number, so every bad record can be named as `file:line` (Parquet: `file:row N`).
 Nothing is held beyond one batch per in-flight work item: memory does not grow with the corpus.
+
+A compressed stream (.gz, .zst) or Parquet file that ends early or is corrupt is a fatal
+`CorruptInputError` naming the file and the byte (row) where reading stopped, never a bad record:
+`--skip-bad` must not turn half a corpus into "1 malformed record". zstd is decompressed here
+frame by frame rather than through `stream_reader`, which returns a truncated frame's bytes and
+then a silent EOF.
 """
 from __future__ import annotations
 
 import glob
 import gzip
 import hashlib
-import io
 import json
 import os
+import zlib
 from dataclasses import dataclass, field
 from typing import IO, Iterator, List, Optional, Sequence, Tuple
 
 from megatron_ultralong.data.build.recipe import BuildRecipe, InputSpec
 
-BAD_REASONS = ("malformed JSON", "missing field", "non-UTF-8", "empty text", "unknown domain")
+BAD_REASONS = ("malformed JSON", "missing field", "non-UTF-8", "empty text", "unknown domain",
+               "blank line")
 MAX_LINES_PER_BATCH = 4096
+UTF8_BOM = b"\xef\xbb\xbf"
+READ_BYTES = 1 << 20
+
+
+class CorruptInputError(ValueError):
+    """A compressed stream or Parquet file that cannot be read to its end: always fatal."""
 
 
 @dataclass(frozen=True)
@@ -40,6 +53,9 @@ class RawBatch:
 
     fixed_domain: Optional[str] = None
     """The input's fixed domain, or None to read the record's domain field."""
+
+    file_bytes: int = 0
+    """Bytes of the file on disk (compressed, for .gz/.zst) read for this batch: progress."""
 
 
 @dataclass(frozen=True)
@@ -96,37 +112,93 @@ def input_format(path: str, spec: InputSpec) -> str:
     return "parquet" if path.endswith(".parquet") else "jsonl"
 
 
-def open_lines(path: str) -> IO[bytes]:
-    """Binary line stream of a plain, .gz or .zst JSONL file."""
-    if path.endswith(".gz"):
-        return gzip.open(path, "rb")
-    if path.endswith((".zst", ".zstd")):
-        import zstandard
+def _zstd_blocks(raw: IO[bytes], path: str) -> Iterator[bytes]:
+    """Decompressed blocks of a (multi-frame) zstd file; a frame cut short is fatal."""
+    import zstandard
 
-        raw = open(path, "rb")
-        reader = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True, closefd=True)
-        return io.BufferedReader(reader, buffer_size=1 << 20)
-    return open(path, "rb", buffering=1 << 20)
+    dctx = zstandard.ZstdDecompressor()
+    dobj, fed = dctx.decompressobj(), False
+    while True:
+        chunk = raw.read(READ_BYTES)
+        if not chunk:
+            break
+        while chunk:
+            try:
+                out = dobj.decompress(chunk)
+            except zstandard.ZstdError as e:
+                raise CorruptInputError(f"{path}: corrupt zstd stream near compressed byte "
+                                        f"{raw.tell()}: {e}") from None
+            fed = True
+            if out:
+                yield out
+            if dobj.eof:  # frame complete: the rest of the chunk starts the next frame
+                chunk, dobj, fed = dobj.unused_data, dctx.decompressobj(), False
+            else:
+                chunk = b""
+    if fed:
+        raise CorruptInputError(f"{path}: zstd stream ends inside a frame at compressed byte "
+                                f"{raw.tell()} (truncated file?)")
+
+
+def _gzip_blocks(raw: IO[bytes], path: str) -> Iterator[bytes]:
+    with gzip.GzipFile(fileobj=raw, mode="rb") as f:
+        while True:
+            try:
+                block = f.read(READ_BYTES)
+            except (EOFError, OSError, zlib.error) as e:
+                raise CorruptInputError(f"{path}: gzip stream ends early or is corrupt at "
+                                        f"compressed byte {raw.tell()}: {e}") from None
+            if not block:
+                return
+            yield block
+
+
+def iter_lines(path: str, position: Optional[List[int]] = None) -> Iterator[bytes]:
+    """Lines (with their newline) of a plain, .gz or .zst JSONL file, decompressed in bounded
+    blocks; a truncated or corrupt compressed stream raises `CorruptInputError`.
+    `position[0]`, if given, follows the bytes of the file read so far."""
+    position = position if position is not None else [0]
+    with open(path, "rb") as raw:
+        if path.endswith(".gz"):
+            blocks = _gzip_blocks(raw, path)
+        elif path.endswith((".zst", ".zstd")):
+            blocks = _zstd_blocks(raw, path)
+        else:
+            blocks = iter(lambda: raw.read(READ_BYTES), b"")
+        tail = b""
+        for block in blocks:
+            position[0] = raw.tell()
+            parts = (tail + block).split(b"\n")
+            tail = parts.pop()
+            for part in parts:
+                yield part + b"\n"
+        if tail:
+            yield tail
 
 
 def _jsonl_batches(path: str, spec: InputSpec, batch_bytes: int) -> Iterator[RawBatch]:
     lines: List[bytes] = []
-    size, first = 0, 1
-    with open_lines(path) as f:
-        for number, line in enumerate(f, start=1):
-            lines.append(line)
-            size += len(line)
-            if size >= batch_bytes or len(lines) >= MAX_LINES_PER_BATCH:
-                yield RawBatch(path, first, lines=tuple(lines), fixed_domain=spec.domain)
-                lines, size, first = [], 0, number + 1
+    size, first, position, reported = 0, 1, [0], 0
+    for number, line in enumerate(iter_lines(path, position), start=1):
+        lines.append(line)
+        size += len(line)
+        if size >= batch_bytes or len(lines) >= MAX_LINES_PER_BATCH:
+            yield RawBatch(path, first, lines=tuple(lines), fixed_domain=spec.domain,
+                           file_bytes=position[0] - reported)
+            lines, size, first, reported = [], 0, number + 1, position[0]
     if lines:
-        yield RawBatch(path, first, lines=tuple(lines), fixed_domain=spec.domain)
+        yield RawBatch(path, first, lines=tuple(lines), fixed_domain=spec.domain,
+                       file_bytes=os.path.getsize(path) - reported)
 
 
 def _parquet_batches(path: str, spec: InputSpec, recipe: BuildRecipe) -> Iterator[RawBatch]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    pf = pq.ParquetFile(path)
+    try:
+        pf = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as e:
+        raise CorruptInputError(f"{path}: not a readable Parquet file: {e}") from None
     names = set(pf.schema_arrow.names)
     wanted = [c for c in (recipe.text_field, recipe.domain_field) if c and c in names]
     row = 1
@@ -136,12 +208,21 @@ def _parquet_batches(path: str, spec: InputSpec, recipe: BuildRecipe) -> Iterato
     data_bytes = sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups))
     avg = data_bytes // max(1, meta.num_rows)
     rows_per_batch = max(1, min(MAX_LINES_PER_BATCH, recipe.batch_bytes // max(avg, 256)))
-    for table in pf.iter_batches(batch_size=rows_per_batch, columns=wanted or None):
+    batches = pf.iter_batches(batch_size=rows_per_batch, columns=wanted or None)
+    while True:
+        try:
+            table = next(batches, None)
+        except (pa.ArrowException, OSError) as e:
+            raise CorruptInputError(f"{path}: Parquet data unreadable from row {row} of "
+                                    f"{meta.num_rows}: {e}") from None
+        if table is None:
+            break
         n = table.num_rows
         text = table.column(recipe.text_field).to_pylist() if recipe.text_field in wanted else [_MISSING] * n
         dom_col = recipe.domain_field if recipe.domain_field in wanted else None
         domain = table.column(dom_col).to_pylist() if dom_col else [_MISSING] * n
-        yield RawBatch(path, row, rows=tuple(zip(text, domain)), fixed_domain=spec.domain)
+        yield RawBatch(path, row, rows=tuple(zip(text, domain)), fixed_domain=spec.domain,
+                       file_bytes=os.path.getsize(path) * n // max(1, meta.num_rows))
         row += n
 
 
@@ -214,8 +295,12 @@ def parse_batch(
                   fields)
     for i, line in enumerate(batch.lines):
         number = batch.first_line + i
+        if line.startswith(UTF8_BOM):  # valid UTF-8 (a BOM some writers put on a file or line)
+            line = line[len(UTF8_BOM):]
         if not line.strip():
-            out.blank_lines += 1  # counted in the report; a blank line is not a record
+            # Not a record and never fatal, but reported with file:line like a skipped record.
+            out.blank_lines += 1
+            out.bad.append(BadRecord(batch.source, number, "blank line"))
             continue
         try:
             decoded = line.decode("utf-8")

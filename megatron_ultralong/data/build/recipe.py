@@ -11,18 +11,25 @@ fields here rather than constants.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
+import os
 from dataclasses import dataclass, field
-from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
+from typing import Any, ClassVar, Dict, Literal, Mapping, Optional, Sequence, Tuple, get_args
 
-import yaml
+from megatron_ultralong import config_io
 
-INPUT_FORMATS = ("auto", "jsonl", "parquet")
-TOKENIZER_KINDS = ("hf", "sentencepiece")
-FAST_PATH_MODES = ("auto", "off", "require")
-SPECIAL_IN_TEXT = ("ordinary", "special")
-SEPARATOR_POSITIONS = ("prefix", "suffix")
+InputFormat = Literal["auto", "jsonl", "parquet"]
+TokenizerKind = Literal["hf", "sentencepiece"]
+FastPath = Literal["auto", "off", "require"]
+SpecialInText = Literal["ordinary", "special"]
+SeparatorPosition = Literal["prefix", "suffix"]
+INPUT_FORMATS = get_args(InputFormat)
+TOKENIZER_KINDS = get_args(TokenizerKind)
+FAST_PATH_MODES = get_args(FastPath)
+SPECIAL_IN_TEXT = get_args(SpecialInText)
+SEPARATOR_POSITIONS = get_args(SeparatorPosition)
+# The file a tokenizer directory (what HF and preprocess_data.py take) holds, per kind.
+TOKENIZER_FILE_IN_DIR = {"hf": "tokenizer.json", "sentencepiece": "tokenizer.model"}
 
 
 def _fail(name: str, value: Any, why: str) -> None:
@@ -33,13 +40,15 @@ def _fail(name: str, value: Any, why: str) -> None:
 class InputSpec:
     """One input file or glob, optionally with a fixed domain for all its records."""
 
+    SCALAR_FIELD: ClassVar[str] = "path"  # `inputs: [a.jsonl]` is short for `[{path: a.jsonl}]`
+
     path: str
     """File path or glob (JSONL plain/.gz/.zst, or .parquet); globs expand in sorted order."""
 
     domain: Optional[str] = None
     """Domain for every record of these files; None reads the record's `domain_field`."""
 
-    format: str = "auto"
+    format: InputFormat = "auto"
     """"auto" (from the suffix), "jsonl" or "parquet"."""
 
     def __post_init__(self) -> None:
@@ -54,16 +63,17 @@ class TokenizerConfig:
     """Which tokenizer, and whether the tiktoken fast path may replace it."""
 
     path: str
-    """An HF `tokenizer.json` (kind "hf") or a SentencePiece `.model` (kind "sentencepiece")."""
+    """An HF `tokenizer.json` (kind "hf") or a SentencePiece `.model` (kind "sentencepiece"), or
+    a directory holding `tokenizer.json` / `tokenizer.model` (as HF and preprocess_data.py take)."""
 
-    kind: str = "hf"
+    kind: TokenizerKind = "hf"
     """"hf" (Hugging Face `tokenizers`) or "sentencepiece"."""
 
-    fast_path: str = "auto"
+    fast_path: FastPath = "auto"
     """"auto": tiktoken when proven equivalent, else HF; "off": HF always; "require": fail if
     the proof fails (for runs that must meet a throughput budget)."""
 
-    special_tokens_in_text: str = "ordinary"
+    special_tokens_in_text: SpecialInText = "ordinary"
     """"ordinary": a special-token string inside a document is plain text (documents cannot inject
     control tokens); "special": it becomes the special id, as `tokenizer(text)` in
     preprocess_data.py does."""
@@ -87,6 +97,12 @@ class TokenizerConfig:
                   f"must be one of {SPECIAL_IN_TEXT}")
         if self.verify_docs < 0:
             _fail("tokenizer.verify_docs", self.verify_docs, "must be >= 0")
+        if os.path.isdir(os.path.expanduser(self.path)):
+            inside = os.path.join(os.path.expanduser(self.path), TOKENIZER_FILE_IN_DIR[self.kind])
+            if not os.path.isfile(inside):
+                _fail("tokenizer.path", self.path, f"is a directory without "
+                      f"{TOKENIZER_FILE_IN_DIR[self.kind]} (tokenizer.kind={self.kind!r})")
+            object.__setattr__(self, "path", inside)
 
 
 @dataclass(frozen=True)
@@ -100,7 +116,7 @@ class SeparatorConfig:
     tokens: Tuple[str, ...] = ()
     """Special tokens used as the separator instead, e.g. ["<|end_of_text|>"]; resolved to ids."""
 
-    position: str = "prefix"
+    position: SeparatorPosition = "prefix"
     """"prefix" puts the separator before every document (as Fu et al.'s per-document "<s>" BOS
     in Llama-2), "suffix" after every document."""
 
@@ -281,76 +297,17 @@ class BuildRecipe:
             _fail("batch_bytes", self.batch_bytes, "must be >= 1024")
 
 
-def _build(cls: type, raw: Any, where: str) -> Any:
-    """Dataclass from a mapping, rejecting unknown keys (typos fail loudly, naming the key)."""
-    if not isinstance(raw, Mapping):
-        _fail(where or "recipe", raw, "must be a mapping")
-    names = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - set(names))
-    if unknown:
-        _fail(f"{where}.{unknown[0]}" if where else unknown[0], raw[unknown[0]], "unknown field")
-    kwargs: Dict[str, Any] = {}
-    for key, value in raw.items():
-        sub = f"{where}.{key}" if where else key
-        if cls is BuildRecipe and key == "inputs":
-            items = value if isinstance(value, list) else [value]
-            kwargs[key] = tuple(
-                _build(InputSpec, {"path": v} if isinstance(v, str) else v, f"{sub}[{i}]")
-                for i, v in enumerate(items)
-            )
-        elif cls is BuildRecipe and key in _SECTIONS:
-            kwargs[key] = _build(_SECTIONS[key], value or {}, sub)
-        elif cls is UpsampleConfig and key == "domains":
-            kwargs[key] = {
-                str(d): _build(DomainPolicy, p or {}, f"{sub}.{d}") for d, p in (value or {}).items()
-            }
-        elif key in ("tokens", "length_buckets"):
-            kwargs[key] = tuple(value or ())
-        else:
-            kwargs[key] = value
-    try:
-        return cls(**kwargs)
-    except TypeError as e:  # a required field is missing
-        raise ValueError(f"{where or 'recipe'}: {e}") from None
-
-
-_SECTIONS = {
-    "tokenizer": TokenizerConfig,
-    "output": OutputConfig,
-    "separator": SeparatorConfig,
-    "upsampling": UpsampleConfig,
-}
-
-
-def apply_overrides(raw: Dict[str, Any], overrides: Sequence[str]) -> Dict[str, Any]:
-    """Apply `a.b=value` overrides to a raw recipe mapping (value parsed as a YAML scalar)."""
-    for item in overrides:
-        if "=" not in item:
-            raise ValueError(f"override {item!r}: expected key.sub=value")
-        key, value = item.split("=", 1)
-        node = raw
-        parts = key.split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ValueError(f"override {item!r}: {part} is not a section")
-        node[parts[-1]] = yaml.safe_load(value)
-    return raw
-
-
 def load_recipe(path: str, overrides: Sequence[str] = ()) -> BuildRecipe:
     """Read a YAML recipe, apply `key.sub=value` overrides, validate everything."""
-    with open(path, encoding="utf-8") as f:
-        raw = yaml.safe_load(f) or {}
-    return recipe_from_dict(apply_overrides(raw, overrides))
+    return recipe_from_dict(config_io.apply_overrides(config_io.load_yaml(path), overrides))
 
 
 def recipe_from_dict(raw: Mapping[str, Any]) -> BuildRecipe:
-    """Validate a raw mapping (as YAML gives) into a `BuildRecipe`."""
-    return _build(BuildRecipe, raw, "")
+    """Validate a raw mapping (as YAML gives) into a `BuildRecipe` (unknown keys, wrong types and
+    choices outside a `Literal` are errors naming the key)."""
+    return config_io.from_dict(BuildRecipe, raw)
 
 
 def recipe_to_dict(recipe: BuildRecipe) -> Dict[str, Any]:
     """Plain-data form of a recipe (for the stats report)."""
-    return dataclasses.asdict(recipe)
-
+    return config_io.to_dict(recipe)

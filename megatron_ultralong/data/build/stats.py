@@ -91,6 +91,28 @@ def _table(title: str, stats: Dict[str, Any], total_tokens: int) -> List[str]:
     return lines
 
 
+def _budget_table(rows: Dict[str, Any]) -> List[str]:
+    """Realised vs target output tokens per domain and length class (affixes included)."""
+    domains = [d for d in rows if d != "_all"]
+    if not domains:
+        return []
+    classes = [c for c in rows[domains[0]] if c != "total"]
+
+    def cell(c: Dict[str, Any]) -> str:
+        ratio = c["realised_over_target"]
+        return f"{_fmt(c['realised'])} / {_fmt(c['target'])}" + (f" ({ratio:.3f})" if ratio else "")
+
+    lines = ["", "### Budget: realised / target tokens (ratio)", "",
+             "| domain | " + " | ".join(classes) + " | total |", "|---|" + "---:|" * (len(classes) + 1)]
+    for d in domains:
+        lines.append(f"| {d} | " + " | ".join(cell(rows[d][c]) for c in classes)
+                     + f" | {cell(rows[d]['total'])} |")
+    lines.append(f"| all | " + " | ".join("" for _ in classes) + f" | {cell(rows['_all']['total'])} |")
+    lines += ["", "Targets are the plan's expectation (weights x source tokens); each document's "
+              "copies are drawn independently, so realised/target is 1 within ~1/sqrt(documents).", ""]
+    return lines
+
+
 def render_markdown(report: Dict[str, Any]) -> str:
     """Human-readable form of the JSON report."""
     src, out = report["source"], report["output_documents"]
@@ -123,6 +145,7 @@ def render_markdown(report: Dict[str, Any]) -> str:
         w = p["weights"]
         lines.append(f"| {d} | {p['source_share']:.1%} -> {p['target_share']:.1%} | {p['scale']:.4g} | "
                      f"{w['short']:.4g} / {w['medium']:.4g} / {w['long']:.4g} |")
+    lines += _budget_table(report["budget"].get("by_domain_class", {}))
     if report["skipped"]["examples"]:
         lines += ["", "### Skipped records (first few)", ""]
         lines += [f"- {e}" for e in report["skipped"]["examples"]]
@@ -141,7 +164,7 @@ def plot_length_histogram(
     before: LengthStats, after: LengthStats, png_path: str, title: str, thresholds: Sequence[int] = ()
 ) -> None:
     """Token-weighted document-length histogram, source vs output, log-x (matplotlib Agg); dashed
-    lines mark the short/long thresholds."""
+    lines mark the short/long thresholds, labelled in the legend and at the top of each line."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -152,8 +175,11 @@ def plot_length_histogram(
     for stats, label in ((before, "source"), (after, "output (after upsampling)")):
         total = max(1, int(stats.hist_tokens.sum()))
         ax.step(centers, stats.hist_tokens / total, where="mid", label=label)
-    for t in thresholds:
-        ax.axvline(t, color="gray", linestyle="--", linewidth=0.8)
+    for t, (name, color) in zip(thresholds, (("short threshold", "tab:red"),
+                                             ("long threshold", "tab:green"))):
+        ax.axvline(t, color=color, linestyle="--", linewidth=0.9, label=f"{name} ({t:,} tokens)")
+        ax.text(t, 0.98, f" {name}\n {t:,}", transform=ax.get_xaxis_transform(), color=color,
+                fontsize=8, va="top", ha="left")
     nonzero = np.nonzero(before.hist_tokens + after.hist_tokens)[0]
     if len(nonzero):
         ax.set_xlim(centers[nonzero[0]] / 2, centers[nonzero[-1]] * 2)

@@ -3,45 +3,47 @@ prove, before it is used, that it gives the ids HF `tokenizers` gives.
 
 Why it can be exact. HF's BPE merges the adjacent pair with the lowest *merge index*; tiktoken
 merges the adjacent pair whose concatenation has the lowest *rank*, and emits ranks as ids. With
-ranks = HF ids the two agree when (checked by `structural_check`, all of it):
+ranks = HF ids the two agree except on documents containing an exception that `bpe_merges`
+finds from the vocabulary and merges alone (entries their merges do not rebuild, results of
+out-of-order merges; see its docstring for the proof), which are routed to HF, given that
+(`structural_check`):
   1. the pre-tokenizer is a regex Split ("Isolated") + ByteLevel without its own regex, or a
      ByteLevel with its GPT-2 regex; no normalizer; the model is plain BPE (no dropout, unk,
-     prefix/suffix, byte fallback) with `ignore_merges: true` (tiktoken also emits a whole
-     pre-token that is itself a token without merging);
-  2. the vocab is byte-level and holds all 256 single bytes;
-  3. merges are closed under splitting: every split of a token into two tokens is a merge (else
-     tiktoken could merge a pair HF never merges), every merge result is a token, and merges are
-     ordered by the result's id (so HF's merge order refines tiktoken's rank order);
-  4. added tokens are all special, not normalized, no lstrip/rstrip/single_word, none a
+     prefix/suffix, byte fallback); `ignore_merges` may be true or false;
+  2. the vocab is byte-level and holds all 256 single bytes; every merge uses and makes vocab
+     tokens;
+  3. added tokens are all special, not normalized, no lstrip/rstrip/single_word, none a
      substring of another.
-Llama-3's tokenizer.json satisfies all of this: it was converted from Meta's tiktoken ranks by
-transformers' TikTokenConverter, which writes exactly such merges.
+Tokenizers that fail these are genuinely different (a normalizer rewrites text, byte fallback
+and non-byte-level pre-tokenizers have no tiktoken counterpart) and are refused with the reason.
 
-Two things structure does not settle. (a) When two *different* splits of one token are adjacent
-pairs in the same word at once, HF takes the one listed first and tiktoken the leftmost; the
-outcome can differ only if merging one creates a pair ranked below that token (Llama-3's own file
-has many tokens with several splits; transformers relies on the same conversion). (b) That both
-regex engines (Oniguruma in `tokenizers`, fancy-regex in tiktoken) classify every code point
-alike (\\p{L}, \\p{N}, \\s, case folding). So
+Two things structure does not settle. (a) Ties between two merges making the same token
+(`bpe_merges` case 3; Llama-3's own file has many tokens with several splits; transformers'
+TikTokenConverter relies on the same). (b) That both regex engines (Oniguruma in `tokenizers`,
+fancy-regex in tiktoken) classify every code point alike (\\p{L}, \\p{N}, \\s, case folding). So
 `prove_equivalence` also compares ids on probe texts (special tokens, whitespace runs, digits,
 emoji, CJK, combining marks, ...), on a sweep over every code point of planes 0-3 and 14 in
-several contexts, and on a sample of the corpus. Code points that differ in the sweep, and all
-code points outside the swept planes (unassigned or private use), are routed to HF per document.
+several contexts, and on bounded slices of a sample of the corpus. Code points that differ in the
+sweep, and all code points outside the swept planes (unassigned or private use), are routed to HF
+per document.
 """
 from __future__ import annotations
 
 import functools
 import hashlib
 import json
+import logging
 import os
 import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from megatron_ultralong.data.build.bpe_merges import analyse_merges
 from megatron_ultralong.data.build.byte_level import bytes_to_unicode
-
 # GPT-2's ByteLevel regex, used when ByteLevel does its own splitting (use_regex=True).
-GPT2_SPLIT_REGEX = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+from megatron_ultralong.data.build.pretoken_chunks import GPT2_SPLIT_REGEX, bounded_slices
+
+logger = logging.getLogger(__name__)
 
 # Planes swept code point by code point; everything else (planes 4-13: unassigned as of Unicode
 # 16; 15-16: private use) is routed to HF instead of being proven.
@@ -50,6 +52,8 @@ UNSWEPT_CLASS = r"\U00040000-\U000DFFFF\U000E1000-\U0010FFFF"
 # Contexts for each code point c: after a letter, before/after digits, around spaces, after an
 # apostrophe (the case-insensitive contraction branch), before a newline.
 SWEEP_CONTEXT = "'{c}a{c}1{c} {c}\n"
+# Bumped whenever what the cached proof means changes.
+PROOF_VERSION = 2
 
 PROBE_TEXTS = (
     "Hello world! It's a test; we're sure they'll've done it. I'M LOUD'S'T",
@@ -79,6 +83,8 @@ class TiktokenParts:
     pat_str: str
     ranks: Dict[bytes, int]
     special_tokens: Dict[str, int]
+    routed: Tuple[bytes, ...] = ()
+    """Byte strings whose documents go to HF (`bpe_merges.MergeAnalysis.routed`)."""
 
 
 @dataclass(frozen=True)
@@ -88,11 +94,42 @@ class Proof:
     ok: bool
     reasons: Tuple[str, ...] = ()
     hf_only_chars: str = ""
+    hf_only_strings: Tuple[bytes, ...] = ()
     mismatched_code_points: Tuple[int, ...] = ()
     checks: Dict[str, int] = field(default_factory=dict)
 
 
+class Router:
+    """Decides per document whether HF must encode it: it contains a code point the proof did
+    not cover or a string `bpe_merges` found to be an exception."""
+
+    def __init__(self, hf_only_chars: str = "", hf_only_strings: Sequence[bytes] = ()):
+        texts, raws = [], []
+        for s in hf_only_strings:
+            try:
+                texts.append(re.escape(s.decode("utf-8")))
+            except UnicodeDecodeError:  # part of a multi-byte character: search the UTF-8 bytes
+                raws.append(re.escape(s))
+        alts = ([f"[{hf_only_chars}]"] if hf_only_chars else []) + sorted(texts, key=len, reverse=True)
+        self.text_re = re.compile("|".join(alts)) if alts else None
+        self.bytes_re = re.compile(b"|".join(sorted(raws, key=len, reverse=True))) if raws else None
+
+    def needs_hf(self, text: str) -> bool:
+        if self.text_re is not None and self.text_re.search(text):
+            return True
+        return self.bytes_re is not None and self.bytes_re.search(
+            text.encode("utf-8", "surrogatepass")) is not None
+
+
 def read_tokenizer_json(path: str) -> Dict[str, Any]:
+    """The parsed file (callers must not modify it): parsed once per process and file version,
+    since a 128K-vocab tokenizer.json takes ~0.5 s to parse and several steps need it."""
+    st = os.stat(path)
+    return _read_json(os.path.abspath(path), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=4)
+def _read_json(path: str, size: int, mtime_ns: int) -> Dict[str, Any]:
     with open(path, encoding="utf-8") as f:
         return json.load(f)
 
@@ -119,15 +156,18 @@ def _split_pattern(pre: Optional[Dict[str, Any]]) -> Tuple[Optional[str], List[s
     return (pattern.get("Regex") if not reasons else None), reasons
 
 
-def _merge_pairs(merges: Sequence[Any]) -> List[Tuple[str, str]]:
-    # tokenizers < 0.20 writes "a b" strings, newer versions [a, b] pairs.
-    return [tuple(m.split(" ", 1)) if isinstance(m, str) else (m[0], m[1]) for m in merges]
+def split_pattern(data: Dict[str, Any]) -> Optional[str]:
+    """The pre-tokenizer's split regex of a tokenizer.json, None if it has no single one."""
+    return _split_pattern(data.get("pre_tokenizer"))[0]
 
 
 def structural_check(
     data: Dict[str, Any], check_merges: bool = True
 ) -> Tuple[Optional[TiktokenParts], List[str]]:
-    """Conditions 1-4 of the module docstring; returns the tiktoken parts or the reasons not."""
+    """Conditions 1-3 of the module docstring; returns the tiktoken parts or the reasons not.
+
+    check_merges=False skips the merge analysis (~1-2 s for a 128K vocab; worker processes get
+    its result from the main process)."""
     reasons: List[str] = []
     model = data.get("model", {})
     if model.get("type") != "BPE":
@@ -142,8 +182,6 @@ def structural_check(
         reasons.append(f"model.unk_token={model.get('unk_token')!r}")
     if model.get("continuing_subword_prefix") or model.get("end_of_word_suffix"):
         reasons.append("model uses a subword prefix or end-of-word suffix")
-    if not model.get("ignore_merges", False):
-        reasons.append("model.ignore_merges is false (HF would merge a whole-token pre-token)")
     byte_of = {ch: b for b, ch in bytes_to_unicode().items()}
     vocab: Dict[str, int] = model.get("vocab", {})
     ranks: Dict[bytes, int] = {}
@@ -153,8 +191,11 @@ def structural_check(
         ranks[bytes(byte_of[c] for c in tok)] = i
     if len(ranks) != len(vocab) or any(bytes([b]) not in ranks for b in range(256)):
         reasons.append("vocab lacks some of the 256 byte tokens or has duplicates")
-    if check_merges:
-        reasons += _merge_closure_reasons(_merge_pairs(model.get("merges", [])), vocab, ranks)
+    routed: Tuple[bytes, ...] = ()
+    if check_merges and not reasons:
+        analysis, why = analyse_merges(model)
+        reasons += why
+        routed = analysis.routed
     specials: Dict[str, int] = {}
     for added in data.get("added_tokens", []):
         content = added["content"]
@@ -170,39 +211,11 @@ def structural_check(
             break
     if reasons or pat_str is None:
         return None, reasons
-    return TiktokenParts(pat_str=pat_str, ranks=ranks, special_tokens=specials), []
-
-
-def _merge_closure_reasons(
-    merges: Sequence[Tuple[str, str]], vocab: Dict[str, int], ranks: Dict[bytes, int]
-) -> List[str]:
-    pairs = set()
-    last = -1
-    for a, b in merges:
-        ab = a + b
-        if a not in vocab or b not in vocab or ab not in vocab:
-            return [f"merge ({a!r}, {b!r}) uses or makes a token outside the vocab"]
-        if vocab[ab] < last:
-            return ["merges are not ordered by the merged token's id"]
-        last = vocab[ab]
-        pairs.add((vocab[a], vocab[b]))
-    for tok, i in ranks.items():
-        if len(tok) < 2:
-            continue
-        splits = [(ranks[tok[:k]], ranks[tok[k:]]) for k in range(1, len(tok))
-                  if tok[:k] in ranks and tok[k:] in ranks]
-        if not splits:
-            return [f"token {tok!r} cannot be reached by any merge"]
-        if any(s not in pairs for s in splits):
-            return [f"merges are not closed under splitting (token {tok!r})"]
-    return []
+    return TiktokenParts(pat_str=pat_str, ranks=ranks, special_tokens=specials, routed=routed), []
 
 
 def build_encoding(data: Dict[str, Any], check_merges: bool = True):
-    """tiktoken Encoding for a tokenizer.json that passes `structural_check`.
-
-    check_merges=False skips the merge-closure scan (~1 s for a 128K vocab) in worker processes,
-    for a file the main process has already proven; everything else is still checked."""
+    """tiktoken Encoding for a tokenizer.json that passes `structural_check`."""
     import tiktoken
 
     parts, reasons = structural_check(data, check_merges)
@@ -229,9 +242,10 @@ def _code_point_class(code_points: Sequence[int]) -> str:
     return "".join(out)
 
 
-def _sweep(hf, encoding, chunk: int = 4096, limit: int = 1000) -> Tuple[List[int], int]:
+def _sweep(hf, encoding, router: Router, chunk: int = 4096, limit: int = 1000) -> Tuple[List[int], int]:
     """Code points whose sweep context encodes differently in HF and tiktoken (stops once more
-    than `limit` are found: past that the fast path is refused anyway)."""
+    than `limit` are found: past that the fast path is refused anyway). A context that the router
+    already sends to HF needs no proof."""
     cps = [c for lo, hi in SWEPT_RANGES for c in range(lo, hi) if not 0xD800 <= c <= 0xDFFF]
     groups = [cps[i:i + chunk] for i in range(0, len(cps), chunk)]
     bad: List[int] = []
@@ -241,100 +255,118 @@ def _sweep(hf, encoding, chunk: int = 4096, limit: int = 1000) -> Tuple[List[int
         ref = hf.encode_batch(texts, add_special_tokens=False)
         for group, text, r in zip(batch, texts, ref):
             if encoding.encode_ordinary(text) != r.ids:
-                bad += _narrow(hf, encoding, group)
+                bad += _narrow(hf, encoding, group, router)
         if len(bad) > limit:
             break
     return bad, len(cps)
 
 
-def _narrow(hf, encoding, group: Sequence[int]) -> List[int]:
+def _narrow(hf, encoding, group: Sequence[int], router: Router) -> List[int]:
     """The code points of a failing sweep chunk whose own context differs (batched)."""
     singles = [SWEEP_CONTEXT.format(c=chr(c)) for c in group]
     ref = hf.encode_batch(singles, add_special_tokens=False)
     fast = encoding.encode_ordinary_batch(singles, num_threads=1)
-    return [c for c, r, f in zip(group, ref, fast) if r.ids != f]
+    return [c for c, s, r, f in zip(group, singles, ref, fast)
+            if r.ids != f and not router.needs_hf(s)]
 
 
 @functools.lru_cache(maxsize=8)
-def _structure_and_sweep(path: str, digest: str) -> Tuple[Optional[Tuple[str, ...]], Tuple[int, ...], int]:
-    # Memoised on the file's digest: the sweep costs seconds and depends only on the file.
+def _structure_and_sweep(path: str, digest: str) -> Tuple[Optional[Tuple[str, ...]], Tuple[int, ...], int, Tuple[bytes, ...]]:
+    # Memoised on the file's digest: the merge analysis and the sweep cost seconds and depend
+    # only on the file.
     from tokenizers import Tokenizer
 
-    parts, reasons = structural_check(read_tokenizer_json(path))
+    data = read_tokenizer_json(path)
+    parts, reasons = structural_check(data)
     if parts is None:
-        return tuple(reasons), (), 0
+        return tuple(reasons), (), 0, ()
     hf = Tokenizer.from_file(path)
     hf.encode_special_tokens = True
-    encoding = build_encoding(read_tokenizer_json(path))
-    bad, swept = _sweep(hf, encoding)
-    return None, tuple(bad), swept
+    encoding = build_encoding(data, check_merges=False)
+    bad, swept = _sweep(hf, encoding, Router("", parts.routed))
+    return None, tuple(bad), swept, parts.routed
 
 
 def _sweep_key(digest: str) -> str:
-    """Cache key: the file, both libraries' versions, and what the sweep checks."""
+    """Cache key: the file, both libraries' versions, and what the proof checks."""
     import tiktoken
     import tokenizers
 
-    what = repr((digest, tokenizers.__version__, tiktoken.__version__, SWEPT_RANGES, SWEEP_CONTEXT))
+    what = repr((digest, tokenizers.__version__, tiktoken.__version__, SWEPT_RANGES, SWEEP_CONTEXT,
+                 PROOF_VERSION))
     return hashlib.sha256(what.encode()).hexdigest()[:32]
 
 
 def _cached_structure_and_sweep(path: str, digest: str, cache_dir: Optional[str]):
-    """`_structure_and_sweep`, with its result kept as a small JSON file in `cache_dir` (the sweep
-    costs seconds to tens of seconds; the result only depends on the key's inputs)."""
+    """`_structure_and_sweep`, with its result kept as a small JSON file in `cache_dir` (the
+    analysis and sweep cost seconds to tens of seconds; the result only depends on the key)."""
     if not cache_dir:
         return _structure_and_sweep(path, digest)
     cache = os.path.join(os.path.expanduser(cache_dir), f"tiktoken_proof_{_sweep_key(digest)}.json")
     try:
         with open(cache, encoding="utf-8") as f:
-            reasons, bad, swept = json.load(f)
-        return (tuple(reasons) if reasons is not None else None), tuple(bad), swept
+            reasons, bad, swept, routed = json.load(f)
+        return ((tuple(reasons) if reasons is not None else None), tuple(bad), swept,
+                tuple(bytes.fromhex(r) for r in routed))
     except (OSError, ValueError):
         pass
     result = _structure_and_sweep(path, digest)
     os.makedirs(os.path.dirname(cache), exist_ok=True)
     tmp = f"{cache}.{os.getpid()}.tmp"
     with open(tmp, "w", encoding="utf-8") as f:
-        json.dump([result[0], list(result[1]), result[2]], f)
+        json.dump([result[0], list(result[1]), result[2], [r.hex() for r in result[3]]], f)
     os.replace(tmp, cache)
     return result
 
 
+def file_digest(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def prove_equivalence(
     path: str, special_tokens_in_text: str, sample_texts: Sequence[str] = (),
-    cache_dir: Optional[str] = None,
+    cache_dir: Optional[str] = None, slice_chars: int = 1 << 16,
 ) -> Proof:
     """Decide whether the tiktoken path may replace HF for this tokenizer.json (module doc).
 
-    `cache_dir` keeps the structure + sweep result across runs; probes and corpus documents are
-    always compared afresh."""
+    `cache_dir` keeps the structure + merge analysis + sweep result across runs; probes and
+    corpus documents are always compared afresh, on slices of at most ~`slice_chars` characters
+    cut at pre-token boundaries (a 50 MB sample document must not cost GBs of HF Encodings)."""
     from tokenizers import Tokenizer
 
-    with open(path, "rb") as f:
-        digest = hashlib.sha256(f.read()).hexdigest()
-    reasons, bad_cps, swept = _cached_structure_and_sweep(path, digest, cache_dir)
+    reasons, bad_cps, swept, routed = _cached_structure_and_sweep(path, file_digest(path), cache_dir)
     if reasons is not None:
         return Proof(ok=False, reasons=reasons)
     if len(bad_cps) > 1000:
         return Proof(ok=False, reasons=(f"{len(bad_cps)} code points differ in the sweep",))
     hf_only = UNSWEPT_CLASS + _code_point_class(bad_cps)
 
-    route = re.compile(f"[{hf_only}]")
+    router = Router(hf_only, routed)
+    data = read_tokenizer_json(path)
     hf = Tokenizer.from_file(path)
     hf.encode_special_tokens = special_tokens_in_text == "ordinary"
-    encoding = build_encoding(read_tokenizer_json(path))
+    encoding = build_encoding(data, check_merges=False)
     allowed = "all" if special_tokens_in_text == "special" else set()
-    probes = [t for t in PROBE_TEXTS if not route.search(t)]
-    corpus = [t for t in sample_texts if not route.search(t)]
-    ref = hf.encode_batch(probes + corpus, add_special_tokens=False)
-    for i, (text, r) in enumerate(zip(probes + corpus, ref)):
-        if encoding.encode(text, allowed_special=allowed, disallowed_special=()) != r.ids:
-            where = "probe" if i < len(probes) else "corpus document"
-            return Proof(ok=False, reasons=(f"ids differ on a {where}: {text[:60]!r}",))
+    probes = [t for t in PROBE_TEXTS if not router.needs_hf(t)]
+    pattern = split_pattern(data)
+    corpus = [s for t in sample_texts for s in bounded_slices(t, pattern, slice_chars, 2)]
+    corpus = [t for t in corpus if not router.needs_hf(t)]
+    texts = probes + corpus
+    for start in range(0, len(texts), 64):  # bounded HF Encodings in memory
+        ref = hf.encode_batch(texts[start:start + 64], add_special_tokens=False)
+        for i, (text, r) in enumerate(zip(texts[start:start + 64], ref), start):
+            if encoding.encode(text, allowed_special=allowed, disallowed_special=()) != r.ids:
+                where = "probe" if i < len(probes) else "corpus document"
+                return Proof(ok=False, reasons=(f"ids differ on a {where}: {text[:60]!r}",))
     return Proof(
         ok=True,
         hf_only_chars=hf_only,
+        hf_only_strings=routed,
         mismatched_code_points=bad_cps,
         checks={"code_points_swept": swept, "probe_texts": len(probes),
-                "corpus_documents": len(corpus)},
+                "corpus_slices": len(corpus), "routed_strings": len(routed)},
     )

@@ -20,7 +20,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Tuple
 import numpy as np
 
 from megatron_ultralong.data.build.readers import BadRecord, RawBatch, parse_batch
-from megatron_ultralong.data.build.tokenizer_backends import BackendSpec, TiktokenBackend, load_backend
+from megatron_ultralong.data.build.tokenizer_backends import BackendSpec, TiktokenTokenizerBackend, load_backend
 
 
 @dataclass
@@ -35,6 +35,7 @@ class EncodedBatch:
     blank_lines: int
     records: int
     counters: Dict[str, int] = field(default_factory=dict)
+    file_bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -62,7 +63,7 @@ def encode_raw_batch(batch: RawBatch) -> EncodedBatch:
     parsed = parse_batch(batch, cfg.text_field, cfg.domain_field, cfg.known_domains)
     keys = np.asarray(parsed.keys, dtype=np.uint64)
     counters: Dict[str, int] = {}
-    if isinstance(backend, TiktokenBackend):
+    if isinstance(backend, TiktokenTokenizerBackend):
         before = (backend.routed_docs, backend.spot_checked, backend.spot_mismatches)
         ids = backend.encode_batch(parsed.texts, keys)
         after = (backend.routed_docs, backend.spot_checked, backend.spot_mismatches)
@@ -75,7 +76,7 @@ def encode_raw_batch(batch: RawBatch) -> EncodedBatch:
     return EncodedBatch(
         tokens=tokens, lengths=lengths, domains=parsed.domains, keys=keys, bad=parsed.bad,
         blank_lines=parsed.blank_lines, records=len(batch.lines) + len(batch.rows) - parsed.blank_lines,
-        counters=counters,
+        counters=counters, file_bytes=batch.file_bytes,
     )
 
 
@@ -122,7 +123,7 @@ def tokenize_to_pool(
     dom_file,
     key_file,
     skip_bad: bool,
-    on_progress: Callable[[int, int], None],
+    on_progress: Callable[[int, int, int], None],
 ) -> PoolSummary:
     """Drive the workers and append every valid document to the pool (in input order).
 
@@ -135,8 +136,9 @@ def tokenize_to_pool(
     start = time.perf_counter()
     for enc in run_workers(cfg, batches, workers):
         if enc.bad:
-            if not skip_bad:
-                raise BadInputError(enc.bad[0])
+            fatal = [b for b in enc.bad if b.reason != "blank line"]  # a blank line holds no data
+            if fatal and not skip_bad:
+                raise BadInputError(fatal[0])
             for b in enc.bad:
                 summary.bad[b.reason] = summary.bad.get(b.reason, 0) + 1
                 if len(summary.bad_examples) < 20:
@@ -146,6 +148,7 @@ def tokenize_to_pool(
         for k, v in enc.counters.items():
             summary.counters[k] = summary.counters.get(k, 0) + v
         if not len(enc.lengths):
+            on_progress(enc.file_bytes, 0, 0)
             continue
         ids = np.fromiter((domain_ids.setdefault(d, len(domain_ids)) for d in enc.domains),
                           dtype=np.uint16, count=len(enc.domains))
@@ -156,7 +159,7 @@ def tokenize_to_pool(
         enc.keys.tofile(key_file)
         summary.documents += len(enc.lengths)
         summary.tokens += len(enc.tokens)
-        on_progress(len(enc.tokens), len(enc.lengths))
+        on_progress(enc.file_bytes, len(enc.lengths), len(enc.tokens))
     summary.seconds = time.perf_counter() - start
     return summary
 

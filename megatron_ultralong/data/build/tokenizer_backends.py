@@ -5,12 +5,16 @@ and separators are added explicitly by the builder, so they appear exactly where
 (../shared/reference/DATA_AND_EVAL.md §A4: Llama-3's TemplateProcessing silently adds BOS and
 ignores add_eos_token). A backend is rebuilt inside each worker process from a picklable
 `BackendSpec`, so no tokenizer object crosses a process boundary.
+
+Long documents are encoded in pieces cut at pre-token boundaries (`pretoken_chunks`): the ids are
+the same, and memory no longer grows with the longest document (HF keeps ~100+ bytes of
+`Encoding` per token). The names say "Tokenizer" because `megatron_ultralong.eval` has model
+backends of its own.
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
-from typing import List, Optional, Protocol, Sequence
+from typing import List, Optional, Protocol, Sequence, Tuple
 
 import numpy as np
 
@@ -20,7 +24,7 @@ import numpy as np
 SPOT_CHECK_MASK = 1023
 
 
-class Backend(Protocol):
+class TokenizerBackend(Protocol):
     """What the builder needs from a tokenizer."""
 
     name: str
@@ -53,16 +57,42 @@ class BackendSpec:
     """tiktoken only: a regex character class body; documents containing any of these code points
     are encoded by HF (code points the equivalence proof did not cover or saw differ)."""
 
+    hf_only_strings: Tuple[bytes, ...] = ()
+    """tiktoken only: documents containing any of these byte strings are encoded by HF (the
+    exceptions `bpe_merges` found from the vocabulary and merges)."""
+
     hf_threads: bool = False
     """Let HF `tokenizers` use its thread pool (only when one process does all the work)."""
 
+    piece_chars: int = 1 << 18
+    """Documents longer than this (characters) are encoded in pre-token-aligned pieces."""
 
-class HFBackend:
+
+def _piece_splitter(path: str, piece_chars: int):
+    """A function text -> pieces for this tokenizer.json, or None when it cannot be cut exactly."""
+    from megatron_ultralong.data.build.pretoken_chunks import can_cut, split_at_pretokens
+    from megatron_ultralong.data.build.tiktoken_path import read_tokenizer_json, split_pattern
+
+    data = read_tokenizer_json(path)
+    specials = [a["content"] for a in data.get("added_tokens", [])]
+    if not can_cut(split_pattern(data), specials):
+        return None
+    return lambda text: split_at_pretokens(text, piece_chars)
+
+
+def _encode_long(encode_short, split, text: str) -> np.ndarray:
+    """Ids of a long text: its pieces encoded one at a time and concatenated."""
+    parts = [encode_short([piece])[0] for piece in split(text)]
+    return np.concatenate(parts) if parts else np.zeros(0, np.int64)
+
+
+class HFTokenizerBackend:
     """Hugging Face `tokenizers` from a tokenizer.json: the reference for ids."""
 
     name = "hf"
 
-    def __init__(self, path: str, special_tokens_in_text: str = "ordinary", threads: bool = False):
+    def __init__(self, path: str, special_tokens_in_text: str = "ordinary", threads: bool = False,
+                 piece_chars: int = 1 << 18):
         import os
 
         if not threads:
@@ -74,10 +104,24 @@ class HFBackend:
         # encode_special_tokens=True treats special-token strings in the text as ordinary text.
         self.tokenizer.encode_special_tokens = special_tokens_in_text == "ordinary"
         self.vocab_size = self.tokenizer.get_vocab_size(with_added_tokens=True)
+        self.piece_chars = piece_chars
+        self.split = _piece_splitter(path, piece_chars)
 
-    def encode_batch(self, texts: Sequence[str]) -> List[np.ndarray]:
+    def _encode_short(self, texts: Sequence[str]) -> List[np.ndarray]:
         encodings = self.tokenizer.encode_batch(list(texts), add_special_tokens=False)
         return [np.asarray(e.ids, dtype=np.int64) for e in encodings]
+
+    def encode_batch(self, texts: Sequence[str]) -> List[np.ndarray]:
+        if self.split is None or all(len(t) <= self.piece_chars for t in texts):
+            return self._encode_short(texts)
+        out: List[Optional[np.ndarray]] = [None] * len(texts)
+        short = [i for i, t in enumerate(texts) if len(t) <= self.piece_chars]
+        for i, ids in zip(short, self._encode_short([texts[i] for i in short])):
+            out[i] = ids
+        for i, t in enumerate(texts):
+            if out[i] is None:
+                out[i] = _encode_long(self._encode_short, self.split, t)
+        return out  # type: ignore[return-value]
 
     def token_id(self, token: str) -> Optional[int]:
         return self.tokenizer.token_to_id(token)
@@ -86,7 +130,7 @@ class HFBackend:
         return self.tokenizer.decode(list(ids), skip_special_tokens=False)
 
 
-class SentencePieceBackend:
+class SentencePieceTokenizerBackend:
     """SentencePiece model (Llama-2 style). Control symbols in text are never parsed as specials."""
 
     name = "sentencepiece"
@@ -109,34 +153,41 @@ class SentencePieceBackend:
         return self.sp.decode([int(i) for i in ids])
 
 
-class TiktokenBackend:
+class TiktokenTokenizerBackend:
     """tiktoken encoding rebuilt from a byte-level BPE tokenizer.json that `prove_equivalence`
     accepted. HF stays loaded for the documents routed to it and for spot checks."""
 
     name = "tiktoken"
 
     def __init__(self, spec: BackendSpec):
-        from megatron_ultralong.data.build.tiktoken_path import build_encoding, read_tokenizer_json
+        from megatron_ultralong.data.build.tiktoken_path import Router, build_encoding, read_tokenizer_json
 
-        self.hf = HFBackend(spec.path, spec.special_tokens_in_text, spec.hf_threads)
-        # The main process proved this file (merge closure included) before choosing this backend.
+        self.hf = HFTokenizerBackend(spec.path, spec.special_tokens_in_text, spec.hf_threads,
+                                     spec.piece_chars)
+        # The main process analysed this file's merges (their exceptions are in the spec) and
+        # proved it before choosing this backend.
         self.encoding = build_encoding(read_tokenizer_json(spec.path), check_merges=False)
         self.vocab_size = self.hf.vocab_size
         self.allowed_special = "all" if spec.special_tokens_in_text == "special" else set()
-        self.route = re.compile(f"[{spec.hf_only_chars}]") if spec.hf_only_chars else None
+        self.router = Router(spec.hf_only_chars, spec.hf_only_strings)
+        self.piece_chars = spec.piece_chars
         self.routed_docs = 0
         self.spot_checked = 0
         self.spot_mismatches = 0
 
     def _encode_one(self, text: str) -> Optional[np.ndarray]:
-        if self.route is not None and self.route.search(text):
+        if self.router.needs_hf(text):
             return None
         try:
-            ids = self.encoding.encode_to_numpy(
-                text, allowed_special=self.allowed_special, disallowed_special=()
-            )
+            if len(text) > self.piece_chars and self.hf.split is not None:
+                return _encode_long(lambda ts: [self._tiktoken(ts[0])], self.hf.split, text)
+            return self._tiktoken(text)
         except Exception:  # e.g. tiktoken's regex stack overflow on pathological input: use HF
             return None
+
+    def _tiktoken(self, text: str) -> np.ndarray:
+        ids = self.encoding.encode_to_numpy(
+            text, allowed_special=self.allowed_special, disallowed_special=())
         return ids.astype(np.int64)
 
     def encode_batch(self, texts: Sequence[str], keys: Optional[np.ndarray] = None) -> List[np.ndarray]:
@@ -165,18 +216,19 @@ class TiktokenBackend:
         return self.hf.decode(ids)
 
 
-def load_backend(spec: BackendSpec) -> Backend:
+def load_backend(spec: BackendSpec) -> TokenizerBackend:
     """Build the backend a spec describes (in the calling process)."""
     if spec.kind == "hf":
-        return HFBackend(spec.path, spec.special_tokens_in_text, spec.hf_threads)
+        return HFTokenizerBackend(spec.path, spec.special_tokens_in_text, spec.hf_threads,
+                                  spec.piece_chars)
     if spec.kind == "sentencepiece":
-        return SentencePieceBackend(spec.path)
+        return SentencePieceTokenizerBackend(spec.path)
     if spec.kind == "tiktoken":
-        return TiktokenBackend(spec)
+        return TiktokenTokenizerBackend(spec)
     raise ValueError(f"backend kind={spec.kind!r}: expected hf, sentencepiece or tiktoken")
 
 
-def special_token_ids(backend: Backend, tokens: Sequence[str], field: str) -> List[int]:
+def special_token_ids(backend: TokenizerBackend, tokens: Sequence[str], field: str) -> List[int]:
     """Ids of special-token strings; a missing one is a ValueError naming the recipe field."""
     ids = []
     for tok in tokens:

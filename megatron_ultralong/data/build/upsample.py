@@ -129,6 +129,35 @@ def plan_domains(
     return plans
 
 
+def expected_by_class(plans: Sequence[DomainPlan], totals: ClassTotals, extra_per_piece: int) -> np.ndarray:
+    """Target output tokens per (domain, length class), affixes included: [domains, 3]."""
+    weights = np.array([p.weights for p in plans], dtype=np.float64).reshape(len(plans), 3)
+    return weights * (totals.tokens + extra_per_piece * totals.pieces)
+
+
+def add_realised(realised: np.ndarray, domain_ids: np.ndarray, lengths: np.ndarray,
+                 copies: np.ndarray, cfg: UpsampleConfig, extra_per_piece: int) -> None:
+    """Fold written documents into realised output tokens per (domain, class) [domains, 3]."""
+    out = copies * (lengths + extra_per_piece * pieces_per_document(lengths, cfg))
+    np.add.at(realised, (domain_ids, length_classes(lengths, cfg)), out.astype(np.float64))
+
+
+def realised_vs_target(domains: Sequence[str], targets: np.ndarray,
+                       realised: np.ndarray) -> Dict[str, Dict[str, Dict[str, float]]]:
+    """Report rows: per domain and class (and the domain total), target and realised tokens."""
+
+    def cell(t: float, r: float) -> Dict[str, float]:
+        return {"target": round(float(t), 1), "realised": int(r),
+                "realised_over_target": round(float(r / t), 4) if t > 0 else None}
+
+    out: Dict[str, Dict[str, Dict[str, float]]] = {}
+    for i, d in enumerate(domains):
+        out[d] = {c: cell(targets[i, k], realised[i, k]) for k, c in enumerate(CLASS_NAMES)}
+        out[d]["total"] = cell(targets[i].sum(), realised[i].sum())
+    out["_all"] = {"total": cell(targets.sum(), realised.sum())}
+    return out
+
+
 def uniform_draws(keys: np.ndarray, seed: int) -> np.ndarray:
     """u in [0, 1) per document from (seed, 64-bit content key): splitmix64's finaliser."""
     z = np.asarray(keys, dtype=np.uint64) + np.uint64((seed * 0x9E3779B97F4A7C15) % (1 << 64))
