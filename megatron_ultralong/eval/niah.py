@@ -147,12 +147,16 @@ def run_niah(
     config: NiahConfig = NiahConfig(),
     title: str = "Needle in a haystack",
     log: bool = True,
+    haystack: Optional[Haystack] = None,
 ) -> NiahResults:
     """Run the grid and, if `out_dir` and backend.is_writer, write niah_results.json and
     niah_heatmap.png there. Every rank of a distributed backend must call this with the same
-    arguments (prompts are deterministic, the backend's forward is a collective)."""
+    arguments (prompts are deterministic, the backend's forward is a collective).
+
+    `haystack` replaces the filler named by config.haystack (a task's own text, e.g. the demo's
+    synthetic documents: `Haystack(tokenizer, "custom", text=...)`)."""
     check_grid(lengths, depths)
-    haystack = Haystack(tokenizer, config.haystack)
+    haystack = haystack if haystack is not None else Haystack(tokenizer, config.haystack)
     records: list[dict] = []
     scores = [[0.0] * len(lengths) for _ in depths]
     for j, length in enumerate(lengths):
