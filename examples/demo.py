@@ -11,7 +11,7 @@ Every step runs through the project's own CLIs, each as its own process, as a us
   2 dataset     -> Megatron .bin/.idx with per-domain length upsampling and "<s>" separators
                 (tools/build_dataset.py = mu-build-dataset)
   3 base        the base model at L: examples/toydata/base_l64 (HF checkpoint, 0.6 MB, made by
-                examples/miniature_base.py; --pretrain-base rebuilds it here, ~2-10 min)
+                examples/miniature_base.py; --pretrain-base rebuilds it here, ~4 CPU-minutes)
   4 convert     HF -> Megatron-Core with YaRN for 4L (factor 4, beta_fast 4, beta_slow 1), TP=2,
                 logits checked against transformers (tools/convert_checkpoint.py hf-to-mcore --verify)
   5 cpt         continued pretraining at 4L with CP=2 on two gloo processes, no document mask,
@@ -48,7 +48,7 @@ DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 SAMPLES_PER_CELL = 8
 CPT_STEPS = 25
 ACCURACY_FLOOR = 0.75
-"""Minimum NIAH accuracy at 4L after CPT (measured 0.9+ with this seed; see docs/evaluation.md)."""
+"""Minimum NIAH accuracy at 4L after CPT (measured 0.90 with these seeds; see docs/evaluation.md)."""
 
 # Two domains like a real mix: "web" mostly short, "books" with long documents (tokens per document).
 DOMAINS = (("web", 2 * 8 + 1, 2 * L, 3.0), ("books", L, TARGET, 1.0))
