@@ -176,15 +176,18 @@ def run_niah(
     title: str = "Needle in a haystack",
     log: bool = True,
     trained_length: Optional[int] = None,
+    haystack: Optional[Haystack] = None,
 ) -> NiahResults:
     """Run the grid and, if `out_dir` and backend.is_writer, write niah_results.json and
     niah_heatmap.png there. Every rank of a distributed backend must call this with the same
     arguments (prompts are deterministic, the backend's forward is a collective).
 
     Cells finished by an earlier run into the same out_dir are reused (niah_cells.jsonl);
-    trained_length draws a vertical line on the heatmap at the model's original context length."""
+    trained_length draws a vertical line on the heatmap at the model's original context length.
+    `haystack` replaces the filler named by config.haystack (a task's own text, e.g. the demo's
+    synthetic documents: `Haystack(tokenizer, "custom", text=...)`)."""
     check_grid(lengths, depths)
-    haystack = Haystack(tokenizer, config.haystack)
+    haystack = haystack if haystack is not None else Haystack(tokenizer, config.haystack)
     budget = config.max_new_tokens or answer_budget(tokenizer, ("9" * config.value_digits,))
     for length in lengths:
         check_length(int(length), budget, getattr(backend, "max_position_embeddings", None), config.over_length)
