@@ -205,8 +205,9 @@ def stage_export(out: str, checkpoint: str) -> str:
     text = run(_tool("tools/convert_checkpoint.py", "mcore-to-hf", checkpoint, hf_dir, "--overwrite",
                      "--no-progress", "--verify"), os.path.join(out, "logs", "export.log"))
     shutil.copy(os.path.join(out, "tokenizer", "tokenizer.json"), hf_dir)
-    for name in ("tokenizer_config.json", "special_tokens_map.json"):
-        shutil.copy(os.path.join(out, "tokenizer", name), hf_dir)
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):  # transformers 5 writes no special_tokens_map
+        if os.path.exists(os.path.join(out, "tokenizer", name)):
+            shutil.copy(os.path.join(out, "tokenizer", name), hf_dir)
     with open(os.path.join(hf_dir, "config.json"), encoding="utf-8") as f:
         cfg = json.load(f)
     print(f"  -> {hf_dir}: max_position_embeddings {cfg['max_position_embeddings']}, rope_scaling "
