@@ -220,13 +220,12 @@ def yarn_untrained(hf_base: str):
     no training: what conversion alone gives."""
     import transformers
 
-    from megatron_ultralong.rope import yarn_for_context_length
+    from megatron_ultralong.model.config import extend_context, load_model_config
 
     model = transformers.AutoModelForCausalLM.from_pretrained(hf_base, local_files_only=True)
-    _, scaling = yarn_for_context_length(TARGET, theta=model.config.rope_theta, original_max_position_embeddings=L,
-                                         beta_fast=4.0, beta_slow=1.0).to_hf()
-    cfg = model.config
-    cfg.rope_scaling, cfg.max_position_embeddings = scaling, TARGET
+    # The converter's own config math (extend_context -> to_hf), read by transformers 4.x and 5.x alike.
+    extended_cfg = extend_context(load_model_config(hf_base), TARGET, L, 4.0, 1.0)
+    cfg = transformers.LlamaConfig(**extended_cfg.to_hf(str(model.dtype).removeprefix("torch.")))
     extended = transformers.LlamaForCausalLM(cfg)
     extended.load_state_dict(model.state_dict())
     return extended.eval()
