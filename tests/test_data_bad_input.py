@@ -50,11 +50,11 @@ def test_skip_bad_counts_every_reason(tmp_path):
     paths = [_file(tmp_path, line, f"in{i}.jsonl") for i, (line, _) in enumerate(CASES)]
     report = build_dataset(make_recipe(paths, str(tmp_path / "ds"), upsampling=DOMAINS,
                                        skip_bad=True), progress=False)
-    expected = {}
+    expected = {"blank line": len(CASES)}  # each file's trailing blank line, listed not fatal
     for _, reason in CASES:
         expected[reason] = expected.get(reason, 0) + 1
     assert report["skipped"]["by_reason"] == expected
-    assert report["skipped"]["total"] == len(CASES)
+    assert report["skipped"]["total"] == 2 * len(CASES)
     assert report["input"]["documents"] == len(CASES) * len(GOOD)
     assert report["input"]["records"] == len(CASES) * (len(GOOD) + 1)
     assert report["input"]["blank_lines"] == len(CASES)
@@ -88,7 +88,7 @@ def test_cli_reports_bad_input_and_exits_nonzero(tmp_path, capsys):
     assert f"{path}:4: malformed JSON" in capsys.readouterr().err
     assert cli_main(["--config", str(recipe), "--no-progress", "--skip-bad"]) == 0
     out = capsys.readouterr().out
-    assert "skipped 1 record(s)" in out and "tokenizer backend: hf" in out
+    assert "skipped 1 record(s) and 1 blank line(s)" in out and "tokenizer backend: hf" in out
     assert (tmp_path / "ds.idx").exists()
 
 

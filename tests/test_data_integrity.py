@@ -176,3 +176,26 @@ def test_sigterm_removes_pool_files(tmp_path):
     assert proc.returncode == 128 + signal.SIGTERM, err
     assert "SIGTERM" in err
     assert not [n for n in os.listdir(tmp_path) if n.startswith(".ds.")]
+
+
+def test_status_lines_when_not_a_terminal(caplog):
+    """Batch logs (stderr not a terminal) get periodic status lines with MB/s, percent and ETA."""
+    import io
+    import logging
+
+    from megatron_ultralong.data.build.progress import StageProgress
+
+    caplog.set_level(logging.INFO, logger="megatron_ultralong.data.build.progress")
+    bar = StageProgress("tokenize", 4_000_000, "B", None, interval_s=0.0, stream=io.StringIO())
+    assert bar.bar is None  # no tqdm redraws into a log file
+    bar.update(1_000_000, docs=10, tokens=250_000)
+    bar.update(1_000_000, docs=10, tokens=250_000)
+    bar.close()
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 3 and lines[-1].endswith("(done)")
+    assert "tokenize: 20 docs, 500,000 tokens" in lines[1] and "MB/s" in lines[1]
+    assert "50.0% of 4.0 MB" in lines[1] and "ETA 0:" in lines[1]
+    quiet = StageProgress("tokenize", 10, "B", False, interval_s=0.0, stream=io.StringIO())
+    quiet.update(5)
+    quiet.close()
+    assert len(caplog.records) == 3

@@ -63,11 +63,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"error: {_os_error_line(e, overrides)}", file=sys.stderr)
         return 2
     out, tok, timing = report["output"], report["tokenizer"], report["timing"]
+    blank = report["skipped"]["by_reason"].get("blank line", 0)
     print(f"wrote {out['prefix']}.bin/.idx: {out['documents']:,} documents, {out['tokens']:,} tokens "
           f"({out['dtype']}); tokenizer backend: {tok['backend']}")
     print(f"tokenized {report['input']['tokens']:,} source tokens at "
           f"{timing['tokenize_tokens_per_s']:,.0f} tokens/s with {timing['workers']} worker(s); "
-          f"skipped {report['skipped']['total']} record(s); total {timing['total_s']:.1f} s")
+          f"skipped {report['skipped']['total'] - blank} record(s) and {blank} blank line(s); "
+          f"total {timing['total_s']:.1f} s")
     if tok.get("spot_mismatches"):
         print(f"warning: {tok['spot_mismatches']} fast-path spot-check mismatch(es); HF ids were "
               "used for those documents, but consider tokenizer.fast_path=off", file=sys.stderr)
