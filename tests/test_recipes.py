@@ -1,4 +1,4 @@
-"""examples/ recipes load through the real config schema, follow RECIPE.md's numbers, and use the
+"""examples/ recipes load through the real config schema, follow the paper's numbers (arXiv 2504.06214), and use the
 recompute setting the memory model (training/memory.py, printed by benchmarks/memory_plan.py and
 docs/parallelism_plan.md) picks for their Slurm layout."""
 from __future__ import annotations

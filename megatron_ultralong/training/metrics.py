@@ -1,6 +1,6 @@
 """Throughput arithmetic for the training log: FLOPs per token with causal attention counted right.
 
-Model training FLOPs per token (PERFORMANCE.md §11) = 6 N_matmul + 6 L d s, where N_matmul counts
+Model training FLOPs per token (Chowdhery et al. 2022, arXiv 2204.02311, App. B, with causal attention halved) = 6 N_matmul + 6 L d s, where N_matmul counts
 the weights of every matmul (QKV, output projection, MLP, LM head; not the embedding lookup), L
 layers, d = heads x head_dim, s the sequence length. Causal attention is half the s x s matrix:
 QK^T and PV each 2 s d per token forward, x3 for training -> 6 L d s. (NeMo/Bridge count the full

@@ -6,7 +6,7 @@ uses; overrides are `section.field=value` strings whose values are parsed as YAM
 
 The UltraLong paper says only that documents shorter than 4K tokens are downsampled and documents
 longer than 8K are upsampled, to 1B tokens, per domain, separated by "<s>"
-(../shared/reference/RECIPE.md §2); the factors and the domains are not published, so they are
+(arXiv 2504.06214, continued pretraining); the factors and the domains are not published, so they are
 fields here rather than constants.
 """
 from __future__ import annotations

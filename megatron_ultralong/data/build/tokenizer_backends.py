@@ -2,8 +2,8 @@
 
 Every backend encodes *without* adding special tokens (no BOS from a post-processor): BOS, EOS
 and separators are added explicitly by the builder, so they appear exactly where the recipe says
-(../shared/reference/DATA_AND_EVAL.md §A4: Llama-3's TemplateProcessing silently adds BOS and
-ignores add_eos_token). A backend is rebuilt inside each worker process from a picklable
+(Llama-3's tokenizer.json TemplateProcessing silently adds BOS and ignores add_eos_token:
+https://github.com/huggingface/transformers/issues/30947). A backend is rebuilt inside each worker process from a picklable
 `BackendSpec`, so no tokenizer object crosses a process boundary.
 
 Long documents are encoded in pieces cut at pre-token boundaries (`pretoken_chunks`): the ids are
