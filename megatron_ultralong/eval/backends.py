@@ -187,7 +187,9 @@ class HFBackend:
                 logits = self._prefill(check_prompt(suffix, self.vocab_size), cache)
             outs.append(greedy(lambda token: self._step(cache, token), logits, self.vocab_size,
                                max_new_tokens, stop_ids))
-            cache.crop(len(context))
+            extra = cache.get_seq_length() - len(context)
+            if extra > 0:  # a negative count removes tokens in transformers 4.x and 5.x (5.x refuses positive)
+                cache.crop(-extra)
         return outs
 
     def broadcast_from_writer(self, obj: Any) -> Any:

@@ -120,7 +120,8 @@ def init_runtime(
 
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        if "MASTER_PORT" not in os.environ:
+        lone_port = "MASTER_PORT" not in os.environ
+        if lone_port:
             if int(os.environ.get("WORLD_SIZE", "1")) > 1:
                 raise ValueError("WORLD_SIZE > 1 but MASTER_PORT is unset: launch with torchrun")
             os.environ["MASTER_PORT"] = str(free_port())  # a lone process: any free port
@@ -131,6 +132,10 @@ def init_runtime(
             timeout=timedelta(minutes=timeout_minutes),
             device_id=dev if use_cuda else None,
         )
+        if lone_port:
+            # The port was ours to pick: do not leave it in the environment, where every process this
+            # one starts later (a converter, a torchrun) would inherit it and find it taken.
+            del os.environ["MASTER_PORT"]
     world_size = dist.get_world_size()
     dp = parallel.data_parallel_size(world_size)
     check_device_support(parallel, dev)
