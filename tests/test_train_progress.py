@@ -63,7 +63,7 @@ def test_banner_step_lines_jsonl_and_resume(dataset, tmp_path):
     assert f"no checkpoint found in {ckpt}, starting from scratch" in log
     steps = [line for line in log.splitlines() if "[train] step " in line]
     assert [re.search(r"step (\d+)/3", s).group(1) for s in steps] == ["1", "2", "3"]
-    for field in (r"\d+ tok/s global, \d+ tok/s/GPU", r"TFLOP/s/GPU MFU", r"GiB alloc/reserved/peak \(\d+% of",
+    for field in (r"[\d,]+ tok/s global, [\d,]+ tok/s/GPU", r"TFLOP/s/GPU MFU", r"GiB alloc/reserved/peak \(\d+% of",
                   r"ETA (\d+d)?\d\d:\d\d:\d\d", r"[\d.]+ s/step"):
         assert all(re.search(field, s) for s in steps), field
     assert re.search(r"\] \[train\] step", steps[0]) and re.match(r"\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\]", steps[0])
