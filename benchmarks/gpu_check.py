@@ -241,8 +241,9 @@ def check_prefill(device: torch.device, dry: bool) -> None:
     seq = 256 if dry else 32768
     rt = init_runtime(ParallelConfig(), seed=1, device=device.type)
     model_cfg = load_model_config("tiny" if dry else "llama3.2-1b")
-    model = build_model(model_cfg, rt, params_dtype=torch.float32 if dry else torch.bfloat16).eval()
-    backend = MegatronBackend(model, rt, loss_chunk_tokens=4096)
+    model = build_model(model_cfg, rt, params_dtype=torch.float32 if dry else torch.bfloat16,
+                        loss_chunk_tokens=4096).eval()
+    backend = MegatronBackend(model, rt)
     ids = torch.randint(0, model_cfg.vocab_size, (seq,)).tolist()
     with torch.no_grad():
         seconds = timed(lambda: backend.next_token_logits(ids), device)

@@ -3,13 +3,12 @@
     python tests/memory_probe.py SEQ
 
 Prints one JSON line: "peak", the peak RSS of one forward+backward above a warm baseline (a fresh
-process per length: ru_maxrss is a high-water mark), and "saved", the bytes of the distinct
+process per length; the kernel's VmHWM, reset just before the step), and "saved", the bytes of the distinct
 storages autograd holds after a forward (measured second; a forward alone does not raise the peak).
 """
 from __future__ import annotations
 
 import json
-import resource
 import sys
 
 import torch
@@ -26,6 +25,14 @@ CONFIG = LlamaConfig(
 LOSS_CHUNK = 256
 
 
+def _vm_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
 def main(seq: int) -> dict:
     torch.set_num_threads(1)
     rt = init_runtime(ParallelConfig(), device="cpu")
@@ -35,9 +42,13 @@ def main(seq: int) -> dict:
     try:
         # Warm-up on a short sequence: threads, kernels and allocator pools join the baseline.
         model(ids[:, :LOSS_CHUNK], pos[:, :LOSS_CHUNK], None, labels=ids[:, :LOSS_CHUNK]).sum().backward()
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        # ru_maxrss never goes down, so an import that peaked higher (transformers 5 does) would hide
+        # the step's peak: reset the kernel's high-water mark and read VmHWM instead.
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        base = _vm_kib("VmHWM")
         model(ids, pos, None, labels=ids).sum().backward()
-        peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * 1024  # KiB on Linux
+        peak = (_vm_kib("VmHWM") - base) * 1024
         params = {p.untyped_storage().data_ptr() for p in model.parameters()}
         storages: dict[int, int] = {}
 
