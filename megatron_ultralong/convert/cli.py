@@ -180,7 +180,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     port = free_port()
     if nproc == 1:
-        return _spawned(0, 1, port, args, context)
+        # In this process: the rank variables it sets must not outlive the call (a caller that later
+        # starts a subprocess would hand it a MASTER_PORT whose store may still be listening here).
+        saved = dict(os.environ)
+        try:
+            return _spawned(0, 1, port, args, context)
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)
     import torch.multiprocessing as mp
 
     try:
