@@ -29,7 +29,7 @@ def test_activation_estimate_matches_measured_memory_on_cpu(seq):
                    distributed_optimizer=False, fused_kernels=False)
     est = M.estimate_layout(memory_probe.CONFIG, lay)
     measured = _probe(seq)
-    # Peak RSS of forward+backward above a warm baseline vs the parts of the estimate that grow
+    # Allocator peak of forward+backward above a warm baseline vs the parts of the estimate that grow
     # with the step's tokens: saved activations + the backward working set.
     assert measured["peak"] == pytest.approx(est.activations + est.backward_working_set, rel=0.15), measured
     # The saved set alone: the distinct storages autograd holds after the forward.

@@ -164,11 +164,14 @@ def activation_bytes_per_token_per_layer(cfg: LlamaConfig, lay: Layout) -> float
 
 
 def backward_working_bytes_per_token(cfg: LlamaConfig, lay: Layout) -> float:
-    """Transient bytes per local token during one layer's backward: the MLP's gradients (3F*e / t
-    fused), plus, with full recompute, the re-run chunk's whole saved set."""
-    # Fused SwiGLU backward: d(fc2 input) F*e -> d(fc1 out) 2F*e. Unfused (CPU): d(silu out),
-    # d(up), d(gate) and their concatenation into d(fc1 out), each F*e (the last 2F*e).
-    transient = (3 if lay.fused_kernels else 5) * cfg.ffn_hidden_size * lay.act_bytes / lay.tp
+    """Transient bytes per local token during one layer's backward: the MLP's gradients (3F*e / t),
+    plus, with full recompute, the re-run chunk's whole saved set."""
+    # The peak of a backward is in the last layer's SwiGLU backward. Fused: d(fc2 input) F*e ->
+    # d(fc1 out) 2F*e. Unfused (CPU), measured with the allocator's own events: MulBackward of
+    # silu(gate) * up holds the incoming F*e and both input gradients (2F*e), 3F*e again; its
+    # later steps free the incoming gradient first. By then the final norm's and fc2's saved
+    # inputs are already freed, so activations + this is an upper bound (~7% over on CPU).
+    transient = 3 * cfg.ffn_hidden_size * lay.act_bytes / lay.tp
     if lay.recompute == "full":
         rerun = replace(lay, recompute="none", recompute_modules=())
         transient += lay.recompute_num_layers * activation_bytes_per_token_per_layer(cfg, rerun)
