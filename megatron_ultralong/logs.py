@@ -22,13 +22,11 @@ _HANDLER_NAME = "megatron_ultralong.rank_handler"
 
 def global_rank() -> int:
     """This process's global rank: torch.distributed's when initialised, else torchrun's RANK, else 0."""
-    try:
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            return dist.get_rank()
-    except ImportError:  # pragma: no cover - torch is a hard dependency
-        pass
+    # Only when torch is already imported: a process that never imported it has no process group,
+    # and importing it here (2 s) for a log line would dominate the dataset builder's start-up.
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
     return int(os.environ.get("RANK", "0"))
 
 

@@ -165,13 +165,15 @@ def plot_length_histogram(
 ) -> None:
     """Token-weighted document-length histogram, source vs output, log-x (matplotlib Agg); dashed
     lines mark the short/long thresholds, labelled in the legend and at the top of each line."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # A bare Figure on the Agg canvas: pyplot's import and backend selection cost ~0.7 s of the
+    # builder's fixed start-up and touch global state a library should leave alone.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     centers = np.sqrt(np.concatenate([[1], HIST_EDGES]) * np.concatenate([HIST_EDGES, [HIST_EDGES[-1] * 2]]))
-    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
+    fig = Figure(figsize=(8, 4.5), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
     for stats, label in ((before, "source"), (after, "output (after upsampling)")):
         total = max(1, int(stats.hist_tokens.sum()))
         ax.step(centers, stats.hist_tokens / total, where="mid", label=label)
@@ -189,6 +191,5 @@ def plot_length_histogram(
     ax.set_title(title)
     ax.legend()
     ax.grid(alpha=0.3)
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.09, right=0.98, bottom=0.12, top=0.92)  # tight_layout: 0.4 s
     fig.savefig(png_path, format="png")
-    plt.close(fig)
