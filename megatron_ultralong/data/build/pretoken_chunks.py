@@ -43,12 +43,15 @@ def can_cut(pattern: Optional[str], special_tokens: Sequence[str] = ()) -> bool:
         " " in s or "\n" in s for s in special_tokens)
 
 
-def split_at_pretokens(text: str, max_chars: int = DEFAULT_PIECE_CHARS) -> List[str]:
+def iter_pretoken_pieces(text: str, max_chars: int = DEFAULT_PIECE_CHARS) -> Iterator[str]:
     """`text` as consecutive pieces, each cut at a proven boundary near `max_chars` (a piece is
-    longer only where no cut point exists). Call only when `can_cut` holds."""
+    longer only where no cut point exists), yielded one at a time so that only one piece's copy
+    of the text is alive (a list of them would hold a second copy of a 50 MB document). Call only
+    when `can_cut` holds."""
     if len(text) <= max_chars:
-        return [text]
-    pieces, start = [], 0
+        yield text
+        return
+    start = 0
     while len(text) - start > max_chars:
         # The last cut point in the second half of the window, else the first one after it.
         lo, hi = start + max_chars // 2, start + max_chars
@@ -60,10 +63,14 @@ def split_at_pretokens(text: str, max_chars: int = DEFAULT_PIECE_CHARS) -> List[
             if m is None:
                 break
             cut = m.start()
-        pieces.append(text[start:cut])
+        yield text[start:cut]
         start = cut
-    pieces.append(text[start:])
-    return pieces
+    yield text[start:]
+
+
+def split_at_pretokens(text: str, max_chars: int = DEFAULT_PIECE_CHARS) -> List[str]:
+    """All of `iter_pretoken_pieces` as a list."""
+    return list(iter_pretoken_pieces(text, max_chars))
 
 
 def bounded_slices(text: str, pattern: Optional[str], max_chars: int,
@@ -75,7 +82,7 @@ def bounded_slices(text: str, pattern: Optional[str], max_chars: int,
         return
     if pattern not in SUPPORTED_PATTERNS:
         return  # cannot slice exactly: such a document is not used as a sample
-    for i, piece in enumerate(split_at_pretokens(text, max_chars)):
+    for i, piece in enumerate(iter_pretoken_pieces(text, max_chars)):
         if i >= max_slices:
             return
         if len(piece) <= 4 * max_chars:

@@ -71,8 +71,11 @@ def encode_raw_batch(batch: RawBatch) -> EncodedBatch:
             ("routed_to_hf", "spot_checked", "spot_mismatches"), after, before)}
     else:
         ids = backend.encode_batch(parsed.texts) if parsed.texts else []
+    parsed.texts = []  # a huge document's text goes before the concatenation below
     lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
-    tokens = np.concatenate(ids).astype(np.int32) if ids else np.zeros(0, dtype=np.int32)
+    # Straight into int32 (same_kind casting): no int64 copy of the batch's tokens in between.
+    tokens = np.concatenate(ids, dtype=np.int32) if ids else np.zeros(0, dtype=np.int32)
+    del ids
     return EncodedBatch(
         tokens=tokens, lengths=lengths, domains=parsed.domains, keys=keys, bad=parsed.bad,
         blank_lines=parsed.blank_lines, records=len(batch.lines) + len(batch.rows) - parsed.blank_lines,

@@ -70,20 +70,21 @@ class BackendSpec:
 
 def _piece_splitter(path: str, piece_chars: int):
     """A function text -> pieces for this tokenizer.json, or None when it cannot be cut exactly."""
-    from megatron_ultralong.data.build.pretoken_chunks import can_cut, split_at_pretokens
+    from megatron_ultralong.data.build.pretoken_chunks import can_cut, iter_pretoken_pieces
     from megatron_ultralong.data.build.tiktoken_path import read_tokenizer_json, split_pattern
 
     data = read_tokenizer_json(path)
     specials = [a["content"] for a in data.get("added_tokens", [])]
     if not can_cut(split_pattern(data), specials):
         return None
-    return lambda text: split_at_pretokens(text, piece_chars)
+    return lambda text: iter_pretoken_pieces(text, piece_chars)
 
 
 def _encode_long(encode_short, split, text: str) -> np.ndarray:
-    """Ids of a long text: its pieces encoded one at a time and concatenated."""
-    parts = [encode_short([piece])[0] for piece in split(text)]
-    return np.concatenate(parts) if parts else np.zeros(0, np.int64)
+    """Ids of a long text (int32: ids of any real vocabulary fit): its pieces encoded one at a
+    time, each kept as int32 until the one concatenation."""
+    parts = [encode_short([piece])[0].astype(np.int32) for piece in split(text)]
+    return np.concatenate(parts) if parts else np.zeros(0, np.int32)
 
 
 class HFTokenizerBackend:
@@ -188,7 +189,7 @@ class TiktokenTokenizerBackend:
     def _tiktoken(self, text: str) -> np.ndarray:
         ids = self.encoding.encode_to_numpy(
             text, allowed_special=self.allowed_special, disallowed_special=())
-        return ids.astype(np.int64)
+        return ids.astype(np.int32)  # uint32 from tiktoken; the pool stores int32
 
     def encode_batch(self, texts: Sequence[str], keys: Optional[np.ndarray] = None) -> List[np.ndarray]:
         out: List[Optional[np.ndarray]] = [self._encode_one(t) for t in texts]
