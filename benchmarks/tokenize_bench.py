@@ -156,6 +156,33 @@ def _identical(a: str, b: str) -> bool:
     return all(filecmp.cmp(a + s, b + s, shallow=False) for s in (".bin", ".idx"))
 
 
+def markdown_table(summary: dict) -> str:
+    """The docs/benchmarks.md table of a results.json."""
+    names = {"llama3_im1": "(a) Llama-3-style, ignore_merges true",
+             "llama3_im0": "(b) the same, ignore_merges false", "hf_trainer": "(c) HF-trainer BPE"}
+    mb = summary["corpus_mb"]
+    rows = ["| tokenizer | corpus | run | wall s | tokens | tokens/s | vs baseline | load 1m | output |",
+            "|---|---|---|---:|---:|---:|---:|---|---|"]
+    for name, res in summary["results"].items():
+        for key, size in (("cold_small", "small"), ("baseline_small", "small"), ("builder_small", "small"),
+                          ("baseline_N", "N"), ("builder_N", "N")):
+            if key not in res:
+                continue
+            r = res[key]
+            run = {"cold": "builder, proof cold", "baseline": "preprocess_data.py",
+                   "builder": "builder, proof cached"}[key.split("_")[0]]
+            base = res[f"baseline_{size}"]["tokens_per_s"]
+            ratio = r["tokens_per_s"] / base
+            ident = res.get(f"identical_{size}") if key.startswith("builder") else None
+            rows.append(f"| {names.get(name, name)} | {mb[size]:g} MB | {run} | {r['wall_s']:.1f} | "
+                        f"{r['tokens']:,} | {r['tokens_per_s']:,} | "
+                        f"{'**' if key.startswith('builder') else ''}{ratio:.2f}x"
+                        f"{'**' if key.startswith('builder') else ''} | "
+                        f"{r['loadavg_1m'][0]:.1f} / {r['loadavg_1m'][1]:.1f} | "
+                        f"{'byte-identical' if ident else ('DIFFERS' if ident is False else '-')} |")
+    return "\n".join(rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -170,6 +197,12 @@ def main() -> None:
     parser.add_argument("--sizes", default="small,N", help="which corpora to run (small,N)")
     parser.add_argument("--reuse-proof-cache", action="store_true",
                         help="skip the cold run of a tokenizer whose proof is already cached")
+    parser.add_argument("--table", metavar="RESULTS_JSON",
+                        help="only print the markdown table of an earlier run's results.json")
+    if "--table" in sys.argv:  # no checkout needed to render a table
+        with open(sys.argv[sys.argv.index("--table") + 1]) as f:
+            print(markdown_table(json.load(f)))
+        return
     args = parser.parse_args()
     script = baseline.check_checkout(args.megatron_lm)
     python = args.python or baseline.setup_venv()

@@ -219,3 +219,25 @@ def test_index_writer_matches_megatron_core_byte_for_byte(tmp_path):
         lengths, pointers = read_index(str(tmp_path / "ours.idx"))
         assert np.array_equal(lengths, ds.sequence_lengths)
         assert np.array_equal(pointers, ds.index.sequence_pointers)
+
+
+def test_a_build_imports_neither_torch_nor_pyplot(tmp_path, corpus):
+    """The builder's fixed start-up cost: a build (CLI, status lines logged, report and PNG written)
+    must not import torch (2 s: the rank-aware log filter used to) or matplotlib.pyplot (0.7 s)."""
+    import subprocess
+    import sys
+
+    recipe = tmp_path / "r.json"
+    recipe.write_text(json.dumps({"inputs": [corpus], "workers": 0,
+                                  "tokenizer": {"path": tokenizer_path(), "fast_path": "off"},
+                                  "output": {"prefix": str(tmp_path / "ds")}}))
+    probe = ("import sys\n"
+             "from megatron_ultralong.data.build.cli import main\n"
+             "assert main(['--config', sys.argv[1]]) == 0\n"  # not a terminal: status lines logged
+             "print('loaded', sorted(m for m in sys.modules if m in ('torch', 'matplotlib.pyplot')"
+             " or m.split('.')[0] == 'megatron'))\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", probe, str(recipe)], capture_output=True, text=True,
+                         check=True, env=dict(os.environ, PYTHONPATH=root)).stdout
+    assert os.path.exists(tmp_path / "ds.lengths.png") and os.path.exists(tmp_path / "ds.idx")
+    assert "loaded []" in out, out[-500:]
