@@ -66,6 +66,21 @@ def test_greedy_generation_equals_transformers_generate(tok, hf):
         torch.testing.assert_close(backend.next_token_logits(ids), hf(torch.tensor([ids])).logits[0, -1].detach())
 
 
+def test_cache_is_passed_under_the_name_this_transformers_takes(tok, hf):
+    """transformers 5 renamed forward's past_key_values to cache and removes the old name in 5.40:
+    no deprecation warning about it (4.x takes past_key_values and warns about neither)."""
+    import warnings
+
+    backend = HFBackend(hf)
+    ids = torch.randint(2, tok.vocab_size, (12,), generator=torch.Generator().manual_seed(2)).tolist()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        backend.generate(ids, 3)
+        backend.generate_many(ids, [[5], [6, 7]], 2)
+        backend.token_losses(ids)
+    assert not [w for w in caught if "past_key_values" in str(w.message)], [str(w.message) for w in caught]
+
+
 def test_token_losses_equal_a_full_forward(tok, hf):
     ids = torch.randint(2, tok.vocab_size, (97,), generator=torch.Generator().manual_seed(1)).tolist()
     full = torch.nn.functional.cross_entropy(hf(torch.tensor([ids])).logits[0, :-1].detach(),

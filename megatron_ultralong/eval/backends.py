@@ -13,6 +13,7 @@ The Megatron backend lives in `megatron_backend.py`.
 """
 from __future__ import annotations
 
+import inspect
 from typing import Any, Callable, Optional, Protocol, Sequence
 
 import torch
@@ -126,6 +127,9 @@ class HFBackend:
         # The final norm for Llama-like models (also what the Megatron backend uses); else the last parameter.
         norms = [p for name, p in model.named_parameters() if name.endswith("norm.weight")]
         self.fingerprint = weights_fingerprint(self.vocab_size, norms[-1] if norms else list(model.parameters())[-1])
+        # transformers 5 renamed forward's `past_key_values` to `cache` (the old name is deprecated
+        # and goes in 5.40); 4.x only knows the old one.
+        self._cache_kwarg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
     @classmethod
     def from_pretrained(cls, path: str, dtype: Optional[torch.dtype] = None, device: Optional[str] = None,
@@ -145,13 +149,17 @@ class HFBackend:
 
         return DynamicCache()
 
+    def _forward(self, ids: Tensor, cache, **kwargs):
+        """The model on ids [1, n], reading and extending `cache`."""
+        return self.model(input_ids=ids, use_cache=True, **{self._cache_kwarg: cache}, **kwargs)
+
     @torch.no_grad()
     def _prefill(self, ids: Tensor, cache) -> Tensor:
         """Run ids [1, n] through the cache in chunks; returns the last position's logits [V]."""
         logits = None
         for start in range(0, ids.shape[1], self.prefill_chunk):
             chunk = ids[:, start : start + self.prefill_chunk].to(self.device)
-            out = self.model(input_ids=chunk, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            out = self._forward(chunk, cache, logits_to_keep=1)
             logits = out.logits[0, -1]
         return logits.float()
 
@@ -161,7 +169,7 @@ class HFBackend:
     @torch.no_grad()
     def _step(self, cache, token: int) -> Tensor:
         step = torch.tensor([[token]], device=self.device)
-        return self.model(input_ids=step, past_key_values=cache, use_cache=True).logits[0, -1].float()
+        return self._forward(step, cache).logits[0, -1].float()
 
     def generate(self, ids: Sequence[int], max_new_tokens: int, stop_ids: Sequence[int] = ()) -> list[int]:
         check_budget(max_new_tokens)
@@ -205,7 +213,7 @@ class HFBackend:
         for start in range(0, t.shape[1] - 1, self.loss_chunk):
             chunk = t[:, start : start + self.loss_chunk].to(self.device)
             targets = t[0, start + 1 : start + 1 + chunk.shape[1]].to(self.device)
-            logits = self.model(input_ids=chunk, past_key_values=cache, use_cache=True).logits[0].float()
+            logits = self._forward(chunk, cache).logits[0].float()
             # The last chunk's final position has no target when it ends at the sequence end.
             logits = logits[: targets.shape[0]]
             losses.append(F.cross_entropy(logits, targets, reduction="none").cpu())
