@@ -46,6 +46,7 @@ from megatron_ultralong.checkpoint.manifest import (
     write_file_durably,
     write_manifest,
 )
+from megatron_ultralong.checkpoint.paths import LATEST, MODEL_SUBDIR
 from megatron_ultralong.checkpoint.safe_metadata import check_dcp_metadata
 from megatron_ultralong.checkpoint.torch_dist import (
     begin_atomic_dir,
@@ -56,7 +57,6 @@ from megatron_ultralong.checkpoint.torch_dist import (
 
 logger = logging.getLogger(__name__)
 
-LATEST = "latest"
 STATE = "trainer_state.json"
 _ITER = re.compile(r"^iter_(\d{7})$")
 LAYOUT_FIELDS = ("tensor_parallel", "pipeline_parallel")
@@ -154,7 +154,7 @@ def save_train_checkpoint(
         (tmp / "optimizer").mkdir()
         (tmp / "rng").mkdir()
     _barrier()
-    save_megatron_checkpoint(model, tmp / "model", extra={"step": step}, side_files=side_files, overwrite=True)
+    save_megatron_checkpoint(model, tmp / MODEL_SUBDIR, extra={"step": step}, side_files=side_files, overwrite=True)
     optimizer.save(str(tmp / "optimizer"), model.sharded_state_dict())
     torch.save(_rng_state(use_cuda), tmp / "rng" / f"rank_{rank:05d}.pt")
     if rank == 0:
@@ -292,9 +292,9 @@ def load_train_checkpoint(
     if parallel is not None:
         check_layout(path, state, parallel)
     world = dist.get_world_size() if dist.is_initialized() else 1
-    for sub in ("model", "optimizer"):
+    for sub in (MODEL_SUBDIR, "optimizer"):
         check_dcp_metadata(path / sub)  # torch reads .metadata with plain pickle: vet it first
-    _named(f"{path / 'model'}", lambda: load_megatron_checkpoint(model, path / "model"))
+    _named(f"{path / MODEL_SUBDIR}", lambda: load_megatron_checkpoint(model, path / MODEL_SUBDIR))
     _named(f"{path / 'optimizer'}", lambda: optimizer.load(str(path / "optimizer"), model.sharded_state_dict()))
     _named(f"{path / STATE} (scheduler)", lambda: scheduler.load_state_dict(state["scheduler"]))
     rng = path / "rng" / f"rank_{_rank():05d}.pt"
