@@ -28,8 +28,8 @@ ROOT = os.path.dirname(HERE)
 # builds the 50 MB document) would show up as the builder's. Workers are sampled every 20 ms.
 _WRAPPER = r"""
 import json, os, sys, threading, time
-from megatron_ultralong.data.build.builder import build_dataset
-from megatron_ultralong.data.build.recipe import recipe_from_dict
+from megatron_ultralong.data.preprocess.builder import build_dataset
+from megatron_ultralong.data.preprocess.recipe import recipe_from_dict
 
 def status_kb(pid, field):
     try:

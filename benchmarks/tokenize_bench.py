@@ -121,7 +121,7 @@ def _timed(cmd: list, env=None) -> tuple:
 
 
 def _tokens(prefix: str) -> int:
-    from megatron_ultralong.data.build.indexed import read_index
+    from megatron_ultralong.data.preprocess.indexed import read_index
 
     lengths, _ = read_index(prefix + ".idx")
     return int(np.asarray(lengths, dtype=np.int64).sum())
@@ -210,7 +210,7 @@ def main() -> None:
     results = {}
     for name in args.tokenizers.split(","):
         tok = files["tokenizers"][name]
-        from megatron_ultralong.data.build.tiktoken_path import _sweep_key, file_digest
+        from megatron_ultralong.data.preprocess.tiktoken_path import _sweep_key, file_digest
 
         cache = os.path.join(args.out, "proof_cache")
         cached = os.path.join(cache, f"tiktoken_proof_{_sweep_key(file_digest(tok))}.json")

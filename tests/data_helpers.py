@@ -11,7 +11,7 @@ import tempfile
 from types import SimpleNamespace
 from typing import Any, Dict, List, Optional
 
-from megatron_ultralong.data.build.recipe import BuildRecipe, recipe_from_dict
+from megatron_ultralong.data.preprocess.recipe import BuildRecipe, recipe_from_dict
 from toydata.corpus import generate_records
 from toydata.tokenizer import train_llama3_style_tokenizer
 

@@ -7,9 +7,9 @@ import json
 import pytest
 from data_helpers import corpus_records, make_recipe
 
-from megatron_ultralong.data.build.builder import build_dataset
-from megatron_ultralong.data.build.cli import main as cli_main
-from megatron_ultralong.data.build.readers import BadInputError
+from megatron_ultralong.data.preprocess.builder import build_dataset
+from megatron_ultralong.data.preprocess.cli import main as cli_main
+from megatron_ultralong.data.preprocess.readers import BadInputError
 
 GOOD = [json.dumps(r, ensure_ascii=False).encode() for r in corpus_records(6, seed=8)]
 

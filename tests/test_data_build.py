@@ -21,9 +21,9 @@ from data_helpers import (
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 from tokenizers import Tokenizer
 
-from megatron_ultralong.data.build import indexed as indexed_mod
-from megatron_ultralong.data.build.builder import build_dataset
-from megatron_ultralong.data.build.readers import BadInputError
+from megatron_ultralong.data.preprocess import indexed as indexed_mod
+from megatron_ultralong.data.preprocess.builder import build_dataset
+from megatron_ultralong.data.preprocess.readers import BadInputError
 
 SEP = "<s>"
 
@@ -199,7 +199,7 @@ def test_index_writer_matches_megatron_core_byte_for_byte(tmp_path):
     build) gives exactly megatron-core's IndexedDatasetBuilder bytes, for both token dtypes."""
     from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
 
-    from megatron_ultralong.data.build.indexed import CompactIndexedDatasetBuilder, read_index
+    from megatron_ultralong.data.preprocess.indexed import CompactIndexedDatasetBuilder, read_index
 
     rng = np.random.default_rng(0)
     docs = [rng.integers(0, 60000, size=n) for n in (5, 1, 300, 17, 0, 2)]
@@ -232,7 +232,7 @@ def test_a_build_imports_neither_torch_nor_pyplot(tmp_path, corpus):
                                   "tokenizer": {"path": tokenizer_path(), "fast_path": "off"},
                                   "output": {"prefix": str(tmp_path / "ds")}}))
     probe = ("import sys\n"
-             "from megatron_ultralong.data.build.cli import main\n"
+             "from megatron_ultralong.data.preprocess.cli import main\n"
              "assert main(['--config', sys.argv[1]]) == 0\n"  # not a terminal: status lines logged
              "print('loaded', sorted(m for m in sys.modules if m in ('torch', 'matplotlib.pyplot')"
              " or m.split('.')[0] == 'megatron'))\n")

@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 from data_helpers import corpus_records, make_recipe, tokenizer_path, write_jsonl
 
-from megatron_ultralong.data.build.builder import build_dataset
-from megatron_ultralong.data.build.cli import main as cli_main
-from megatron_ultralong.data.build.readers import CorruptInputError
+from megatron_ultralong.data.preprocess.builder import build_dataset
+from megatron_ultralong.data.preprocess.cli import main as cli_main
+from megatron_ultralong.data.preprocess.readers import CorruptInputError
 
 RECORDS = corpus_records(400, seed=21)
 OFF = {"fast_path": "off"}  # these tests are about reading and writing, not the fast path
@@ -164,7 +164,7 @@ def test_sigterm_removes_pool_files(tmp_path):
     corpus = write_jsonl(str(tmp_path / "c.jsonl"), list(RECORDS) * 20)
     recipe = _recipe_file(tmp_path, [corpus], str(tmp_path / "ds"))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    proc = subprocess.Popen([sys.executable, "-m", "megatron_ultralong.data.build.cli", "--config",
+    proc = subprocess.Popen([sys.executable, "-m", "megatron_ultralong.data.preprocess.cli", "--config",
                              recipe, "--no-progress", "batch_bytes=4096"], env=env,
                             stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
@@ -183,9 +183,9 @@ def test_status_lines_when_not_a_terminal(caplog):
     import io
     import logging
 
-    from megatron_ultralong.data.build.progress import StageProgress
+    from megatron_ultralong.data.preprocess.progress import StageProgress
 
-    caplog.set_level(logging.INFO, logger="megatron_ultralong.data.build.progress")
+    caplog.set_level(logging.INFO, logger="megatron_ultralong.data.preprocess.progress")
     bar = StageProgress("tokenize", 4_000_000, "B", None, interval_s=0.0, stream=io.StringIO())
     assert bar.bar is None  # no tqdm redraws into a log file
     bar.update(1_000_000, docs=10, tokens=250_000)

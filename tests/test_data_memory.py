@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 from data_helpers import corpus_records, tokenizer_path, write_jsonl
 
-from megatron_ultralong.data.build.pretoken_chunks import (
+from megatron_ultralong.data.preprocess.pretoken_chunks import (
     CL100K_SPLIT_REGEX,
     GPT2_SPLIT_REGEX,
     can_cut,
     split_at_pretokens,
 )
-from megatron_ultralong.data.build.tokenizer_backends import (
+from megatron_ultralong.data.preprocess.tokenizer_backends import (
     BackendSpec,
     HFTokenizerBackend,
     TiktokenTokenizerBackend,
@@ -56,8 +56,8 @@ def test_piecewise_ids_equal_whole_document_ids(mode):
 
 _RSS_SCRIPT = r"""
 import json, sys
-from megatron_ultralong.data.build.builder import build_dataset
-from megatron_ultralong.data.build.recipe import recipe_from_dict
+from megatron_ultralong.data.preprocess.builder import build_dataset
+from megatron_ultralong.data.preprocess.recipe import recipe_from_dict
 raw = json.loads(sys.argv[1])
 build_dataset(recipe_from_dict(raw), progress=False)
 with open("/proc/self/status") as f:

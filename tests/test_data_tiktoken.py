@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from data_helpers import corpus_records, make_recipe, tokenizer_path, write_jsonl
 
-from megatron_ultralong.data.build import tiktoken_path
-from megatron_ultralong.data.build.builder import build_dataset
-from megatron_ultralong.data.build.tiktoken_path import PROBE_TEXTS, prove_equivalence, structural_check
-from megatron_ultralong.data.build.tokenizer_backends import BackendSpec, HFTokenizerBackend, TiktokenTokenizerBackend
+from megatron_ultralong.data.preprocess import tiktoken_path
+from megatron_ultralong.data.preprocess.builder import build_dataset
+from megatron_ultralong.data.preprocess.tiktoken_path import PROBE_TEXTS, prove_equivalence, structural_check
+from megatron_ultralong.data.preprocess.tokenizer_backends import BackendSpec, HFTokenizerBackend, TiktokenTokenizerBackend
 
 HARD_TEXTS = list(PROBE_TEXTS) + [
     "<|begin_of_text|><|end_of_text|><|eot_id|>glued<|start_header_id|>user<|end_header_id|>\n\n",
@@ -76,7 +76,7 @@ def _hard_corpus(path: str) -> list:
     """Every vocabulary entry alone (the pre-tokens where ignore_merges matters), glued into
     longer words, plus digits, CJK, emoji, mixed whitespace and long repeated characters."""
     vocab = json.load(open(path, encoding="utf-8"))["model"]["vocab"]
-    from megatron_ultralong.data.build.byte_level import bytes_to_unicode
+    from megatron_ultralong.data.preprocess.byte_level import bytes_to_unicode
 
     byte_of = {ch: b for b, ch in bytes_to_unicode().items()}
     entries = []
@@ -156,7 +156,7 @@ def test_late_merge_is_routed_to_hf(short_sweep, tmp_path):
     late = "".join(moved[0])
     proof = prove_equivalence(path, "ordinary")
     assert proof.ok, proof.reasons
-    from megatron_ultralong.data.build.byte_level import bytes_to_unicode
+    from megatron_ultralong.data.preprocess.byte_level import bytes_to_unicode
 
     byte_of = {ch: b for b, ch in bytes_to_unicode().items()}
     assert bytes(byte_of[c] for c in late) in proof.hf_only_strings

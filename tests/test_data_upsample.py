@@ -8,9 +8,9 @@ from data_helpers import corpus_records, make_recipe, tokenizer_path, write_json
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 from tokenizers import Tokenizer
 
-from megatron_ultralong.data.build import upsample
-from megatron_ultralong.data.build.builder import build_dataset
-from megatron_ultralong.data.build.recipe import (
+from megatron_ultralong.data.preprocess import upsample
+from megatron_ultralong.data.preprocess.builder import build_dataset
+from megatron_ultralong.data.preprocess.recipe import (
     DomainPolicy,
     UpsampleConfig,
     load_recipe,

@@ -102,8 +102,8 @@ def test_run_niah_uses_the_task_haystack_and_finds_tokenized_needles(tok, tmp_pa
 def test_upsampled_dataset_has_separators_and_whole_documents(tmp_path, tok_dir, tok):
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-    from megatron_ultralong.data.build.builder import build_dataset
-    from megatron_ultralong.data.build.recipe import load_recipe
+    from megatron_ultralong.data.preprocess.builder import build_dataset
+    from megatron_ultralong.data.preprocess.recipe import load_recipe
 
     corpus = str(tmp_path / "c.jsonl")
     facts.write_corpus(corpus, facts.corpus_records(200, seed=3, lengths=demo.DOMAINS))

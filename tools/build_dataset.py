@@ -4,7 +4,7 @@
 """
 import sys
 
-from megatron_ultralong.data.build.cli import main
+from megatron_ultralong.data.preprocess.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -17,7 +17,7 @@ from typing import Dict, Iterable, List, Sequence, Tuple
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from megatron_ultralong.data.build.byte_level import bytes_to_unicode
+from megatron_ultralong.data.preprocess.byte_level import bytes_to_unicode
 
 # Llama-3 / 3.1 pre-tokenizer split regex (tokenizer.json `pre_tokenizer.pretokenizers[0]`), the
 # same pattern as Meta's tiktoken `pat_str` (https://github.com/meta-llama/llama3/blob/main/llama/tokenizer.py).

@@ -55,7 +55,7 @@ change without notice), everywhere in the package; revisit these on a megatron-c
 - `TorchDistLoadShardedStrategy.load` and `dist_checkpointing.dict_utils`
   (checkpoint/chunk_load.py: collective-free chunk loads).
 - `datasets.indexed_dataset._IndexWriter._sequence_pointers` and `IndexedDatasetBuilder`'s
-  `data_file`, `sequence_lengths`, `sequence_modes`, `document_indices` (data/build/indexed.py).
+  `data_file`, `sequence_lengths`, `sequence_modes`, `document_indices` (data/preprocess/indexed.py).
 - The layout of `get_cuda_rng_tracker().get_states()` (checkpoint/train_state.py saves it).
 - DDP's `zero_grad_buffer` / `finish_grad_sync` method names (training/optimizer.py's CPU
   `TorchDataParallel` mirrors them) and `finalize_model_grads(..., pg_collection=)`.

@@ -19,8 +19,8 @@ from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 import numpy as np
 
-from megatron_ultralong.data.build.readers import BadRecord, RawBatch, parse_batch
-from megatron_ultralong.data.build.tokenizer_backends import BackendSpec, TiktokenTokenizerBackend, load_backend
+from megatron_ultralong.data.preprocess.readers import BadRecord, RawBatch, parse_batch
+from megatron_ultralong.data.preprocess.tokenizer_backends import BackendSpec, TiktokenTokenizerBackend, load_backend
 
 
 @dataclass
@@ -133,7 +133,7 @@ def tokenize_to_pool(
     Raises `BadInputError` on the first bad record unless `skip_bad`; `domain_ids` is extended
     with domains in order of first appearance (declared domains are pre-seeded by the caller).
     """
-    from megatron_ultralong.data.build.readers import BadInputError
+    from megatron_ultralong.data.preprocess.readers import BadInputError
 
     summary = PoolSummary()
     start = time.perf_counter()

@@ -25,7 +25,7 @@ from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 
-from megatron_ultralong.data.build.recipe import UpsampleConfig
+from megatron_ultralong.data.preprocess.recipe import UpsampleConfig
 
 CLASS_NAMES = ("short", "medium", "long")
 

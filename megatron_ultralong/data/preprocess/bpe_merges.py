@@ -32,7 +32,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Dict, List, Sequence, Tuple
 
-from megatron_ultralong.data.build.byte_level import bytes_to_unicode
+from megatron_ultralong.data.preprocess.byte_level import bytes_to_unicode
 
 # More routed strings than this and the per-document check (one regex alternation) would cost
 # more than it saves; the fast path is refused instead.

@@ -22,7 +22,7 @@ import zlib
 from dataclasses import dataclass, field
 from typing import IO, Iterator, List, Optional, Sequence, Tuple
 
-from megatron_ultralong.data.build.recipe import BuildRecipe, InputSpec
+from megatron_ultralong.data.preprocess.recipe import BuildRecipe, InputSpec
 
 BAD_REASONS = ("malformed JSON", "missing field", "non-UTF-8", "empty text", "unknown domain",
                "blank line")

@@ -26,21 +26,21 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from megatron_ultralong.data.build import upsample
-from megatron_ultralong.data.build.indexed import (
+from megatron_ultralong.data.preprocess import upsample
+from megatron_ultralong.data.preprocess.indexed import (
     AtomicOutputs,
     CompactIndexedDatasetBuilder,
     read_index,
     remove_stale_temporaries,
     token_dtype,
 )
-from megatron_ultralong.data.build.progress import StageProgress
-from megatron_ultralong.data.build.readers import expand_inputs, iter_raw_batches
-from megatron_ultralong.data.build.recipe import BuildRecipe, recipe_to_dict
-from megatron_ultralong.data.build.stats import LengthStats, plot_length_histogram, write_report
-from megatron_ultralong.data.build.tiktoken_path import prove_equivalence
-from megatron_ultralong.data.build.tokenize_stage import WorkerConfig, split_sample, tokenize_to_pool
-from megatron_ultralong.data.build.tokenizer_backends import (
+from megatron_ultralong.data.preprocess.progress import StageProgress
+from megatron_ultralong.data.preprocess.readers import expand_inputs, iter_raw_batches
+from megatron_ultralong.data.preprocess.recipe import BuildRecipe, recipe_to_dict
+from megatron_ultralong.data.preprocess.stats import LengthStats, plot_length_histogram, write_report
+from megatron_ultralong.data.preprocess.tiktoken_path import prove_equivalence
+from megatron_ultralong.data.preprocess.tokenize_stage import WorkerConfig, split_sample, tokenize_to_pool
+from megatron_ultralong.data.preprocess.tokenizer_backends import (
     TokenizerBackend,
     BackendSpec,
     load_backend,

@@ -34,9 +34,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     from megatron_ultralong.logs import setup_logging
 
     setup_logging()
-    from megatron_ultralong.data.build.builder import BuildTerminated
-    from megatron_ultralong.data.build.readers import BadInputError
-    from megatron_ultralong.data.build.recipe import load_recipe
+    from megatron_ultralong.data.preprocess.builder import BuildTerminated
+    from megatron_ultralong.data.preprocess.readers import BadInputError
+    from megatron_ultralong.data.preprocess.recipe import load_recipe
 
     overrides = list(args.overrides)
     if args.workers is not None:
@@ -49,7 +49,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         overrides.append(f"output.prefix={args.output}")
     try:
         recipe = load_recipe(args.config, overrides)
-        from megatron_ultralong.data.build.builder import build_dataset
+        from megatron_ultralong.data.preprocess.builder import build_dataset
 
         report = build_dataset(recipe, progress=False if args.no_progress else None,
                                progress_interval_s=args.progress_interval)

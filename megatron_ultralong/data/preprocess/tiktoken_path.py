@@ -38,10 +38,10 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from megatron_ultralong.data.build.bpe_merges import analyse_merges
-from megatron_ultralong.data.build.byte_level import bytes_to_unicode
+from megatron_ultralong.data.preprocess.bpe_merges import analyse_merges
+from megatron_ultralong.data.preprocess.byte_level import bytes_to_unicode
 # GPT-2's ByteLevel regex, used when ByteLevel does its own splitting (use_regex=True).
-from megatron_ultralong.data.build.pretoken_chunks import GPT2_SPLIT_REGEX, bounded_slices
+from megatron_ultralong.data.preprocess.pretoken_chunks import GPT2_SPLIT_REGEX, bounded_slices
 
 logger = logging.getLogger(__name__)
 

@@ -70,8 +70,8 @@ class BackendSpec:
 
 def _piece_splitter(path: str, piece_chars: int):
     """A function text -> pieces for this tokenizer.json, or None when it cannot be cut exactly."""
-    from megatron_ultralong.data.build.pretoken_chunks import can_cut, iter_pretoken_pieces
-    from megatron_ultralong.data.build.tiktoken_path import read_tokenizer_json, split_pattern
+    from megatron_ultralong.data.preprocess.pretoken_chunks import can_cut, iter_pretoken_pieces
+    from megatron_ultralong.data.preprocess.tiktoken_path import read_tokenizer_json, split_pattern
 
     data = read_tokenizer_json(path)
     specials = [a["content"] for a in data.get("added_tokens", [])]
@@ -161,7 +161,7 @@ class TiktokenTokenizerBackend:
     name = "tiktoken"
 
     def __init__(self, spec: BackendSpec):
-        from megatron_ultralong.data.build.tiktoken_path import Router, build_encoding, read_tokenizer_json
+        from megatron_ultralong.data.preprocess.tiktoken_path import Router, build_encoding, read_tokenizer_json
 
         self.hf = HFTokenizerBackend(spec.path, spec.special_tokens_in_text, spec.hf_threads,
                                      spec.piece_chars)
