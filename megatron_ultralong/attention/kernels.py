@@ -174,10 +174,16 @@ def self_check(forward: Callable, backward: Callable, device: torch.device, dtyp
         for causal in (True, False):
             out, lse = forward(q, k, v, scale, causal)
             dq, dk, dv = backward(dout, q, k, v, out, lse, scale, causal)
-            ref_q, ref_k, ref_v = (t.detach().float().clone().requires_grad_() for t in (q, k, v))
-            ref = F.scaled_dot_product_attention(ref_q, ref_k, ref_v, is_causal=causal, scale=scale, enable_gqa=True)
-            ref.backward(dout.float())
-            scores = (ref_q @ _expand_kv(ref_k, h).transpose(-1, -2)) * scale
+            # "auto" is first resolved where grad is off: inside an autograd Function's forward (the CP
+            # attention) or under torch.no_grad() (evaluation). The reference's autograd must not
+            # depend on that, or every backend would fail here and "sdpa" be pinned for the process.
+            with torch.enable_grad():
+                ref_q, ref_k, ref_v = (t.detach().float().clone().requires_grad_() for t in (q, k, v))
+                ref = F.scaled_dot_product_attention(ref_q, ref_k, ref_v, is_causal=causal, scale=scale,
+                                                     enable_gqa=True)
+                ref.backward(dout.float())
+            with torch.no_grad():
+                scores = (ref_q @ _expand_kv(ref_k, h).transpose(-1, -2)) * scale
             if causal:
                 scores = scores.masked_fill(torch.ones(s, s, dtype=torch.bool, device=device).triu(1), float("-inf"))
             pairs = (("out", out, ref), ("lse", lse, scores.logsumexp(-1)), ("dq", dq, ref_q.grad),
@@ -191,6 +197,11 @@ def self_check(forward: Callable, backward: Callable, device: torch.device, dtyp
     except Exception as exc:  # noqa: BLE001 - any failure means "do not use this backend"
         return False, f"{type(exc).__name__}: {exc}"
     return True, "ok"
+
+
+def _auto_eligible(q: Tensor) -> bool:
+    """Whether "auto" looks past "sdpa" for q: the accelerated kernels are CUDA half precision only."""
+    return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
 
 
 @functools.lru_cache(maxsize=None)
@@ -212,9 +223,7 @@ def select_backend(backend: str, q: Tensor) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"attention backend={backend!r}: expected one of {BACKENDS}")
     if backend == "auto":
-        if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
-            return _auto_choice(q.device, q.dtype)
-        return "sdpa"
+        return _auto_choice(q.device, q.dtype) if _auto_eligible(q) else "sdpa"
     if not _available(backend, q):
         raise ValueError(
             f"attention backend={backend!r} needs CUDA fp16/bf16 tensors and its package "
