@@ -116,3 +116,21 @@ def test_sdpa_self_check_passes_on_cpu():
     ok, reason = kernels.self_check(kernels._sdpa_forward, kernels._sdpa_backward, torch.device("cpu"), torch.float32,
                                     tol=1e-4)
     assert ok, reason
+
+
+def test_cuda_fp32_efficient_backward_gets_the_lse_padded_to_32_rows(monkeypatch):
+    # The forward returns lse [b, h, ceil(s/32)*32] (kAlignLSE) and the backward reads it in blocks of
+    # 32 rows; the merged lse the ring passes back has s rows and must be padded again.
+    rec = _Recorder()
+    monkeypatch.setattr(kernels, "_aten", rec)
+    q = torch.randn(1, 4, 40, 8, device="meta", dtype=torch.float32)
+    kv = torch.randn(1, 2, 40, 8, device="meta", dtype=torch.float32)
+    out, lse = kernels._sdpa_forward(q, kv, kv, 0.3, True)
+    assert lse.shape == (1, 4, 40)
+    kernels._sdpa_backward(out, q, kv, kv, out, lse, 0.3, True)
+    assert rec.calls["_scaled_dot_product_efficient_attention_backward"][6].shape == (1, 4, 64)
+    real = torch.randn(1, 2, 40)
+    padded = kernels._pad_lse(real)
+    assert padded.shape == (1, 2, 64) and torch.equal(padded[..., :40], real) and bool(padded[..., 40:].isinf().all())
+    aligned = torch.randn(1, 2, 64)
+    assert kernels._pad_lse(aligned) is aligned

@@ -11,8 +11,9 @@ Backends (`select_backend`; kernels.BACKENDS):
     CPU:            aten._scaled_dot_product_flash_attention_for_cpu (+ _backward); GQA native.
     CUDA fp16/bf16: aten._scaled_dot_product_flash_attention (+ _backward); K/V heads expanded
                     locally (only within this rank; nothing repeated travels).
-    CUDA fp32:      aten._scaled_dot_product_efficient_attention (+ _backward); its lse may be
-                    padded to a multiple of 32 rows and is sliced.
+    CUDA fp32:      aten._scaled_dot_product_efficient_attention (+ _backward); its lse is
+                    padded to a multiple of 32 rows: sliced after the forward, padded again for
+                    the backward (which reads it in blocks of 32 rows).
 - "cudnn": aten._scaled_dot_product_cudnn_attention (+ _backward), CUDA fp16/bf16; it returns the
   lse when asked (compute_log_sumexp=True). K/V heads expanded locally.
 - "flash_attn" (FlashAttention-2) and "fa3" (FlashAttention-3, Hopper): flash_backends.py, bound
@@ -86,6 +87,22 @@ def _sdpa_forward(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool) -
     return res[0], res[1][..., : q.size(2)]
 
 
+EFFICIENT_LSE_ALIGN = 32
+"""PyTorch's memory-efficient attention pads its lse to a multiple of 32 query rows (`kAlignLSE`,
+aten/src/ATen/native/transformers/cuda/mem_eff_attention/kernel_forward.h), and its backward loads
+it in blocks of that size."""
+
+
+def _pad_lse(lse: Tensor, align: int = EFFICIENT_LSE_ALIGN) -> Tensor:
+    """lse [b, h, s] -> [b, h, ceil(s / align) * align], the layout the efficient backward reads.
+
+    The forward's padding is never written; here it is +inf, so the padded rows' probabilities
+    exp(score - lse) are exactly 0 in whatever the kernel computes for them.
+    """
+    pad = -lse.size(-1) % align
+    return lse if pad == 0 else F.pad(lse, (0, pad), value=float("inf"))
+
+
 def _sdpa_backward(
     dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, scale: float, causal: bool
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -106,7 +123,7 @@ def _sdpa_backward(
     else:
         empty = torch.empty(0, device=q.device)
         dq, dk, dv, _ = _aten._scaled_dot_product_efficient_attention_backward(
-            dout, q, ke, ve, None, out, lse, empty, empty, 0.0, [True, True, True, False], causal, scale=scale
+            dout, q, ke, ve, None, out, _pad_lse(lse), empty, empty, 0.0, [True, True, True, False], causal, scale=scale
         )
     return dq, _fold_kv_grad(dk, g), _fold_kv_grad(dv, g)
 

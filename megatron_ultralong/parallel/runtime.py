@@ -115,6 +115,7 @@ def init_runtime(
         raise ValueError("device='cuda' requested but torch.cuda.is_available() is False")
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if use_cuda:
+        configure_cuda_allocator()
         torch.cuda.set_device(local_rank)
     dev = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
 
@@ -156,6 +157,23 @@ def init_runtime(
         data_parallel_size=dp,
         pg_collection=ProcessGroupCollection.use_mpu_process_groups(),
     )
+
+
+CUDA_ALLOC_CONF = "expandable_segments:True"
+"""The CUDA caching allocator's setting for training: the CP attention allocates K/V blocks, merge
+buffers and gradients of many sizes per layer, which fragment fixed-size segments."""
+
+
+def configure_cuda_allocator(environ: Optional[dict] = None) -> bool:
+    """Set PYTORCH_CUDA_ALLOC_CONF=CUDA_ALLOC_CONF unless the user set it (or torch 2.9's
+    PYTORCH_ALLOC_CONF). The allocator reads it when it first allocates, so this runs before any CUDA
+    tensor exists; if CUDA is already initialised the setting cannot take effect and is left alone.
+    Returns whether it was set."""
+    env = os.environ if environ is None else environ
+    if "PYTORCH_CUDA_ALLOC_CONF" in env or "PYTORCH_ALLOC_CONF" in env or torch.cuda.is_initialized():
+        return False
+    env["PYTORCH_CUDA_ALLOC_CONF"] = CUDA_ALLOC_CONF
+    return True
 
 
 def free_port() -> int:
