@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from typing import Callable, Literal, Sequence, get_args
+from typing import Callable, Literal, Optional, Sequence, get_args
 
 import torch
 import torch.nn.functional as F
@@ -247,6 +247,21 @@ def select_backend(backend: str, q: Tensor) -> str:
             f"(got {q.device.type} {q.dtype}); 'sdpa' runs everywhere"
         )
     return backend
+
+
+def varlen_kernel(backend: str, q: Tensor) -> Optional[Callable[..., Tensor]]:
+    """The packed-documents kernel of the backend `backend` resolves to for q, or None.
+
+    flash-attn and FA3 have one (`flash_attn_varlen_func`, flash_backends.FlashBinding.varlen):
+    (q [t, h, d], k/v [t, g, d], cu_seqlens int32 [n + 1], max_seqlen, scale, causal) -> out
+    [t, h, d], differentiable. PyTorch's SDPA ops and cuDNN through them have none here, so their
+    callers attend per document.
+    """
+    name = select_backend(backend, q)
+    if name not in ("flash_attn", "fa3"):
+        return None
+    binding = load_binding(name)
+    return binding.varlen if binding is not None else None
 
 
 # --- the interface --------------------------------------------------------------------------------
