@@ -6,11 +6,13 @@ The sections live in benchmarks/gpu_sections/ (one module each, registered with 
 __init__ says how to add one) and run in SECTION_MODULES order, with a cleanup between them:
   env        torch / CUDA / megatron-core versions; TE, flash-attn, FA3, cuDNN availability; the
              attention backends' self-checks (kernels.self_check) and what "auto" picks.
-  cp_kernels one CP rank of the 1M recipe on one GPU: every ring step against a reference, with
-             pass/fail thresholds, and the CP rank efficiency.
+  cp_kernels every ring step of three CP ranks (out, lse, dQ, dK, dV) against a dense fp32
+             reference, with pass/fail thresholds; one CP rank of the 1M recipe timed.
   train_step a Llama-3.2-1B-shaped model, one optimizer step per recompute setting, per layer spec
              (local; Transformer Engine's when it imports): time, TFLOP/s, peak vs memory model.
-  prefill    the evaluation prefill (next-token logits) at 32K tokens.
+  train_step_plugin  a train step with a document mask, so the plugin's own attention runs: varlen
+             (flash-attn/FA3) and the one-rank ring, with what "auto" chose INSIDE training.
+  prefill    the evaluation prefill (next-token logits) at 32K tokens, and "auto" under no_grad.
 --dry-run (CPU): the same code at toy sizes (errors are real, times are not figures) and every
 GPU-only part skipped with its reason. Times here are never quoted as performance: the figures go to
 docs/benchmarks.md from a run on the GPU, with the command and machine.

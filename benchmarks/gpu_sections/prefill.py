@@ -16,15 +16,22 @@ def check_prefill(ctx: Context) -> None:
     seq = 256 if ctx.dry else 32768
     model_cfg = load_model_config("tiny" if ctx.dry else "llama3.2-1b")
     ctx.record("prefill", "tokens", seq)
+    from megatron_ultralong.attention import kernels
+
+    dtype = torch.float32 if ctx.dry else torch.bfloat16
     for spec in ctx.layer_specs():
+        kernels._auto_choice.cache_clear()  # "auto" is then first resolved under no_grad, in evaluation
+        kernels.AUTO_CHOSEN.clear()
         rt = init_runtime(ParallelConfig(), seed=1, device=ctx.device.type)
-        model = build_model(model_cfg, rt, params_dtype=torch.float32 if ctx.dry else torch.bfloat16,
+        model = build_model(model_cfg, rt, params_dtype=dtype,
                             use_transformer_engine=spec == "te", loss_chunk_tokens=4096).eval()
         backend = MegatronBackend(model, rt)
         ids = torch.randint(0, model_cfg.vocab_size, (seq,)).tolist()
         with torch.no_grad():
             seconds = ctx.timed(lambda: backend.next_token_logits(ids))
         ctx.record("prefill", f"{spec}_seconds", seconds, "s")
+        ctx.record("prefill", f"{spec}_auto_backend_in_eval", kernels.AUTO_CHOSEN.get((str(ctx.device), str(dtype)),
+                                                                                    "sdpa"))
         ctx.record("prefill", f"{spec}_tokens_per_s", seq / seconds)
         del model, backend
         ctx.cleanup()

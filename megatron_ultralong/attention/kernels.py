@@ -221,18 +221,25 @@ def _auto_eligible(q: Tensor) -> bool:
     return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
 
 
+AUTO_CHOSEN: dict[tuple[str, str], str] = {}
+"""(device, dtype) -> what "auto" resolved to there, as strings (reports: benchmarks/gpu_check.py)."""
+
+
 @functools.lru_cache(maxsize=None)
 def _auto_choice(device: torch.device, dtype: torch.dtype) -> str:
     probe = torch.empty(0, device=device, dtype=dtype)
+    choice = "sdpa"
     for name in AUTO_ORDER:
         if not _available(name, probe):
             continue
         ok, reason = self_check(_FORWARD[name], _BACKWARD[name], device, dtype)
         if ok:
             logger.info("attention backend auto -> %s (%s, %s)", name, device, dtype)
-            return name
+            choice = name
+            break
         logger.warning("attention backend %s failed its self-check, not used: %s", name, reason)
-    return "sdpa"
+    AUTO_CHOSEN[(str(device), str(dtype))] = choice
+    return choice
 
 
 def select_backend(backend: str, q: Tensor) -> str:
