@@ -39,3 +39,6 @@ def check_env(ctx: Context) -> None:
         ok, reason = kernels.self_check(kernels._FORWARD[name], kernels._BACKWARD[name], device, dtype)
         ctx.record("env", f"self_check_{name}", "ok" if ok else f"FAILED: {reason}")
     ctx.record("env", "auto_backend", kernels.select_backend("auto", probe))
+    from megatron_ultralong.parallel.runtime import rope_fusion_choice
+
+    ctx.record("env", "rope_fusion_at_micro_batch_1", rope_fusion_choice(device, 1))

@@ -37,6 +37,7 @@ def build_step(ctx: Context, cfg, packed_seq_params=None):
     model_cfg = load_model_config(cfg.model.config)
     dtype = torch.bfloat16 if cfg.model.params_dtype == "bfloat16" else torch.float32
     model = build_model(model_cfg, rt, params_dtype=dtype, calculate_per_token_loss=True,
+                        micro_batch_size=cfg.train.micro_batch_size,  # 1: TE's fused RoPE when TE imports
                         use_transformer_engine=cfg.model.use_transformer_engine,
                         **_recompute_overrides(cfg, rt.is_cuda))
     model.loss_chunk_tokens = cfg.train.loss_chunk_tokens

@@ -13,8 +13,12 @@ tests/test_runtime.py fails if megatron-core changes under one of them:
    turns them off on CPU. Gradient accumulation fusion stays on for GPU runs whenever megatron-core
    found apex's `fused_weight_gradient_mlp_cuda` (its private flag
    `tensor_parallel.layers._grad_accum_fusion_available`; megatron's linear layers raise without
-   it, and TE's layers fuse the same accumulation themselves). RoPE fusion is off everywhere: our angles are [s, b, 1, d] from position
-   ids, and fused RoPE cannot apply a YaRN attention factor anyway.
+   it, and TE's layers fuse the same accumulation themselves). RoPE fusion (`rope_fusion_choice`)
+   is on where megatron-core found Transformer Engine's fused RoPE (sbhd), on the GPU, at micro-batch
+   1: TE's kernel takes one row of angles ([s, 1, 1, d]; ours come from position ids, one row
+   when b = 1) and no mscale, and the plugin passes none (the YaRN attention factor is folded into
+   the softmax scale, model/gpt.py). Elsewhere megatron's unfused RoPE runs, which keeps cos/sin of
+   the angles for q and k per layer.
 3. Rotary embedding. megatron-core's `RotaryEmbedding` allocates on `torch.cuda.current_device()`;
    the plugin never builds it (GPTModel gets position_embedding_type="none" and our
    `RotaryAngles` supplies `rotary_pos_emb`), so nothing to patch.
@@ -194,8 +198,23 @@ def seed_everything(seed: int, use_cuda: bool) -> None:
         model_parallel_cuda_manual_seed(seed)
 
 
-def megatron_config_overrides(device: torch.device) -> dict:
-    """TransformerConfig fields that depend on the device (accommodations 1 and 2)."""
+def te_fused_rope_available() -> bool:
+    """Whether megatron-core imported Transformer Engine's fused RoPE for the sbhd layout (what its
+    `apply_rotary_pos_emb` calls when `apply_rope_fusion` is set)."""
+    from megatron.core.models.common.embeddings import rope_utils
+
+    return rope_utils.fused_apply_rotary_pos_emb is not None
+
+
+def rope_fusion_choice(device: torch.device, micro_batch_size: Optional[int]) -> bool:
+    """Use megatron's TE-fused RoPE (accommodation 2): GPU, TE's kernel importable, and micro-batch 1
+    (TE's sbhd kernel takes angles [s, 1, 1, d]; None = unknown batch, e.g. evaluation: unfused)."""
+    return device.type == "cuda" and micro_batch_size == 1 and te_fused_rope_available()
+
+
+def megatron_config_overrides(device: torch.device, micro_batch_size: Optional[int] = None) -> dict:
+    """TransformerConfig fields that depend on the device (accommodations 1 and 2); micro_batch_size
+    decides the RoPE fusion (`rope_fusion_choice`)."""
     on_gpu = device.type == "cuda"
     return dict(
         use_cpu_initialization=not on_gpu,
@@ -204,7 +223,7 @@ def megatron_config_overrides(device: torch.device) -> dict:
         bias_dropout_fusion=on_gpu,
         persist_layer_norm=False,
         gradient_accumulation_fusion=on_gpu and grad_accum_fusion_available(),
-        apply_rope_fusion=False,  # see accommodation 2
+        apply_rope_fusion=rope_fusion_choice(device, micro_batch_size),  # see accommodation 2
     )
 
 

@@ -100,6 +100,7 @@ class Trainer:
             self.model_cfg, self.rt, params_dtype=dtype,
             use_transformer_engine=cfg.model.use_transformer_engine,
             loss_chunk_tokens=cfg.train.loss_chunk_tokens,
+            micro_batch_size=cfg.train.micro_batch_size,  # 1: TE's fused RoPE where it exists
             calculate_per_token_loss=True,
             **_recompute_overrides(cfg, self.rt.is_cuda),
         )
