@@ -33,5 +33,7 @@ cd "$ROOT"
 export PYTHONPATH="$ROOT:$ROOT/examples${PYTHONPATH:+:$PYTHONPATH}"
 export CUDA_DEVICE_MAX_CONNECTIONS=1
 # The ring allocates blocks of varying sizes; expandable segments keep them from fragmenting.
-export PYTORCH_CUDA_ALLOC_CONF="${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}"
+if [ -z "${PYTORCH_CUDA_ALLOC_CONF:-}" ] && [ -z "${PYTORCH_ALLOC_CONF:-}" ]; then
+    export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+fi
 exec "$PY" benchmarks/gpu_check.py "$@"
