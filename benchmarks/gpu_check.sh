@@ -29,11 +29,11 @@ if ! "$PY" -c "import megatron.core, numpy, packaging, yaml" 2>/dev/null; then
     fi
 fi
 
-cd "$ROOT"
+# No cd: a relative --out is relative to where the script was called from.
 export PYTHONPATH="$ROOT:$ROOT/examples${PYTHONPATH:+:$PYTHONPATH}"
 export CUDA_DEVICE_MAX_CONNECTIONS=1
 # The ring allocates blocks of varying sizes; expandable segments keep them from fragmenting.
 if [ -z "${PYTORCH_CUDA_ALLOC_CONF:-}" ] && [ -z "${PYTORCH_ALLOC_CONF:-}" ]; then
     export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 fi
-exec "$PY" benchmarks/gpu_check.py "$@"
+exec "$PY" "$HERE/gpu_check.py" "$@"
