@@ -5,24 +5,32 @@ training/memory.py's estimate."""
 from __future__ import annotations
 
 import traceback
+from typing import Any, Optional
 
 import torch
 
 from gpu_sections import Context, section
 
 
-def train_config(ctx: Context, seq: int, recompute: str, modules: tuple[str, ...], spec: str):
-    """The TrainConfig of one measured setting (tiny fp32 model on CPU in the dry run)."""
+def train_config(ctx: Context, seq: int, recompute: str, modules: tuple[str, ...], spec: str,
+                 overrides: Optional[dict[str, dict[str, Any]]] = None):
+    """The TrainConfig of one measured setting (tiny fp32 model on CPU in the dry run).
+
+    overrides: {config section: {field: value}} on top (e.g. {"model": {"mlp_tiles": 4}}).
+    """
     from megatron_ultralong.config_io import from_dict
     from megatron_ultralong.training.config import TrainConfig
 
-    return from_dict(TrainConfig, {
+    tree: dict[str, dict[str, Any]] = {
         "data": {"paths": ["synthetic"], "seq_length": seq},
         "model": {"config": "tiny" if ctx.dry else "llama3.2-1b", "params_dtype": "float32" if ctx.dry else "bfloat16",
                   "recompute": recompute, "recompute_modules": list(modules) or ["layernorm", "mlp"],
                   "use_transformer_engine": spec == "te"},
         "train": {"device": ctx.device.type, "loss_chunk_tokens": min(seq, 16384)},
-    })
+    }
+    for section_name, fields in (overrides or {}).items():
+        tree.setdefault(section_name, {}).update(fields)
+    return from_dict(TrainConfig, tree)
 
 
 def build_step(ctx: Context, cfg, packed_seq_params=None):
