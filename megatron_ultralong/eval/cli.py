@@ -98,6 +98,22 @@ _COMMANDS = {
 }
 
 
+def check_out_dir(out: str, flag: str = "--out") -> None:
+    """Create `out` and prove it writable with a probe file, before any model loads (a model can take
+    minutes to load; a read-only or misspelled --out must not cost them)."""
+    import tempfile
+
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"{flag}={out!r}: cannot create the directory ({e.strerror})") from None
+    try:
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".write_probe"):
+            pass
+    except OSError as e:
+        raise ValueError(f"{flag}={out!r}: not writable ({e.strerror})") from None
+
+
 def _backend(args: argparse.Namespace):
     """(backend, tokenizer, runtime or None) from the common flags."""
     from megatron_ultralong.eval.megatron_backend import resolve_megatron_checkpoint
@@ -205,6 +221,7 @@ def main(argv: Optional[list[str]] = None, command: Optional[str] = None) -> Non
     setup_logging()  # progress, ETA and length warnings from the grid runner (rank 0 only)
     runtime = None
     try:
+        check_out_dir(args.out)
         backend, tokenizer, runtime = _backend(args)
         message = {"niah": _niah, "ruler": _ruler, "ppl": _ppl}[args.command](args, backend, tokenizer)
     except ValueError as e:
