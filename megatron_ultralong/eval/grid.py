@@ -45,6 +45,23 @@ class Cell:
     """Human-readable description for the progress line."""
 
 
+@dataclass(frozen=True)
+class BenchCell:
+    """One unit of work, run and saved as a whole."""
+
+    key: str
+    """Stable unique name within the benchmark (what resume matches on)."""
+
+    prompt_tokens: int
+    """Longest prompt of the cell in tokens (prompt + generation): picks the backend."""
+
+    num_prompts: int
+    """Prompts in the cell (with prompt_tokens: the ETA's and the cost table's weight)."""
+
+    label: str = ""
+    """Human-readable name for the progress line."""
+
+
 def check_length(prompt_tokens: int, max_new_tokens: int, max_positions: Optional[int], policy: OverLength,
                  flag: str = "--lengths") -> bool:
     """Whether prompt + generated tokens exceed the model's max_position_embeddings.
@@ -142,6 +159,7 @@ class GridRunner:
 
     def __init__(self, path: Optional[str], header: dict, backend: Any, name: str, log: bool = True):
         self.path = path
+        self.header = header
         self.name = name
         self.log = log
         self.writer = bool(getattr(backend, "is_writer", True))
