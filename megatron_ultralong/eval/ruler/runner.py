@@ -171,3 +171,31 @@ class RulerBenchmark:
                    "nulls": {k: r["nulls"] for k, r in results.items()}, "aggregates": self.aggregate(results)}
         summary["json_path"] = write_json(os.path.join(out_dir, "ruler_results.json"), summary)
         return summary
+
+
+def run_ruler_benchmark(backend: Any, tokenizer: EvalTokenizer, config: RulerConfig, out_dir: Optional[str],
+                        over_length: str = "warn", log: bool = True) -> dict:
+    """`mu-eval-ruler`: every (length, task) cell through the grid runner (`<out>/ruler_cells.jsonl`,
+    resumable), then the prediction files and ruler_results.json (writer only). Returns the summary
+    ({"scores", "aggregates", ...}) on the writer, {} elsewhere."""
+    from megatron_ultralong.eval.grid import Cell, GridRunner, check_length
+    from megatron_ultralong.eval.identity import run_identity
+
+    bench = RulerBenchmark(config)
+    bench.check_inputs()
+    for n in sorted(set(int(x) for x in config.lengths)):
+        check_length(n, 0, getattr(backend, "max_position_embeddings", None), over_length)  # n includes generation
+    header = {"suite": bench.header(), "identity": run_identity(backend, tokenizer)}
+    runner = GridRunner(None if out_dir is None else os.path.join(out_dir, "ruler_cells.jsonl"), header, backend,
+                        "ruler", log=log)
+    cells = bench.cells()
+    by_key = {c.key: c for c in cells}
+    grid = [Cell(c.key, float(c.prompt_tokens * c.num_prompts), c.label) for c in cells]
+    got = runner.run(grid, lambda cell: bench.run_cell(by_key[cell.key], backend, tokenizer),
+                     lambda r: f"score {r['score']:.2f}")
+    results = {c.key: r for c, r in zip(cells, got)}
+    if not getattr(backend, "is_writer", True):
+        return {}
+    if out_dir is None:
+        return {"scores": bench.scores(results), "aggregates": bench.aggregate(results)}
+    return bench.finish(results, out_dir)
