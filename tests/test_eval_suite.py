@@ -127,4 +127,4 @@ def test_suite_config_errors_name_file_and_key(tmp_path):
     with pytest.raises(ValueError, match="benchmarks.ruler: unknown key"):
         make("ruler", {"lengths": [1024], "task": ["vt"]})
     with pytest.raises(ValueError, match="--ruler-squad: required"):
-        make("ruler", {"lengths": [1024], "tasks": ["qa_1"]})  # inputs checked before any model loads
+        make("ruler", {"lengths": [1024], "tasks": ["qa_1"]}).check_inputs()  # the CLI: before any model loads

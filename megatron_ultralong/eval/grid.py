@@ -61,6 +61,9 @@ class BenchCell:
     label: str = ""
     """Human-readable name for the progress line."""
 
+    new_tokens: int = 0
+    """Tokens generated per prompt at most (the cost table's decode term)."""
+
 
 def check_length(prompt_tokens: int, max_new_tokens: int, max_positions: Optional[int], policy: OverLength,
                  flag: str = "--lengths") -> bool:

@@ -101,7 +101,8 @@ class RulerBenchmark:
 
     def cells(self) -> list:
         c = self.config
-        return [BenchCell(f"length={int(n)}/task={t}", int(n), c.samples, f"RULER {t} {format_length(int(n))}")
+        return [BenchCell(f"length={int(n)}/task={t}", int(n), c.samples, f"RULER {t} {format_length(int(n))}",
+                          TASKS[t].spec.tokens_to_generate)
                 for n in sorted(set(int(x) for x in c.lengths)) for t in c.tasks]
 
     @staticmethod

@@ -9,6 +9,7 @@ from megatron_ultralong.eval.grid import BenchCell
 from megatron_ultralong.eval.haystack import Haystack
 from megatron_ultralong.eval.niah import NiahConfig, check_grid, make_niah_sample, run_sample
 from megatron_ultralong.eval.report import format_length
+from megatron_ultralong.eval.tasks import ANSWER_MARGIN
 from megatron_ultralong.eval.ruler.runner import RulerBenchmark, RulerConfig
 from megatron_ultralong.eval.suite.registry import register
 from megatron_ultralong.eval.tokenizer import EvalTokenizer
@@ -44,8 +45,9 @@ class NiahBenchmark:
 
     def cells(self) -> list[BenchCell]:
         c = self.config
+        new = c.prompt.max_new_tokens or c.prompt.value_digits + ANSWER_MARGIN  # tasks.answer_budget's bound
         return [BenchCell(f"length={int(n)}/depth={float(d)}", int(n), c.prompt.samples_per_cell,
-                          f"NIAH {format_length(int(n))} depth {100 * d:.0f}%")
+                          f"NIAH {format_length(int(n))} depth {100 * d:.0f}%", new)
                 for n in c.lengths for d in c.depths]
 
     def run_cell(self, cell: BenchCell, backend: Any, tokenizer: EvalTokenizer) -> dict:
@@ -70,6 +72,4 @@ def _niah(options: dict) -> NiahBenchmark:
 
 @register("ruler")
 def _ruler(options: dict) -> RulerBenchmark:
-    bench = RulerBenchmark(from_dict(RulerConfig, options, "benchmarks.ruler"))
-    bench.check_inputs()
-    return bench
+    return RulerBenchmark(from_dict(RulerConfig, options, "benchmarks.ruler"))

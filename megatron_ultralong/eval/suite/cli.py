@@ -86,7 +86,9 @@ def main(argv: Optional[list[str]] = None) -> None:
         if args.model_name:
             config = type(config)(config.benchmarks, config.hf_max_tokens, args.model_name)
         check_out_dir(args.out)
-        benches = {n: make(n, o) for n, o in config.benchmarks.items()}  # inputs checked before any model loads
+        benches = {n: make(n, o) for n, o in config.benchmarks.items()}
+        for b in benches.values():  # data files read now: a missing one fails before any model loads
+            getattr(b, "check_inputs", lambda: None)()
         long = [c.key for b in benches.values() for c in b.cells() if route(c, config.hf_max_tokens) == "megatron"]
         if long and args.megatron_model is None:
             raise ValueError(f"{len(long)} cells (e.g. {long[0]}) exceed hf_max_tokens={config.hf_max_tokens}: give "

@@ -13,6 +13,7 @@ its aggregates, which become rows of the results table.
         def run_cell(self, cell, backend, tokenizer) -> dict: ...   # JSON-serialisable, has "score"
         def aggregate(self, results: dict[str, dict]) -> dict[str, float]: ...  # {column: percent}
         def finish(self, results, out_dir) -> None: ...  # optional: the benchmark's own files
+        def check_inputs(self) -> None: ...    # optional: read data files before any model loads
 
 `make(name, options)` builds a registered benchmark from the suite config's section for it.
 """
