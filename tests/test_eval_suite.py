@@ -126,5 +126,24 @@ def test_suite_config_errors_name_file_and_key(tmp_path):
         make("lveval2", {})
     with pytest.raises(ValueError, match="benchmarks.ruler: unknown key"):
         make("ruler", {"lengths": [1024], "task": ["vt"]})
-    with pytest.raises(ValueError, match="--ruler-squad: required"):
+    with pytest.raises(ValueError, match=r"--ruler-squad \(inputs.squad_json\): required"):
         make("ruler", {"lengths": [1024], "tasks": ["qa_1"]}).check_inputs()  # the CLI: before any model loads
+
+
+def test_cost_table_in_docs_is_the_scripts_output():
+    """docs/evaluation.md's cost table is what benchmarks/eval_cost.py prints (reproducible), and its
+    FLOPs are the project's FLOP model: 2 N s + 2 L d s^2 per prefill (causal), 2 N + 4 L d s per token."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("eval_cost", os.path.join(ROOT, "benchmarks", "eval_cost.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    from megatron_ultralong.model.config import load_model_config
+    from megatron_ultralong.training.metrics import matmul_params
+
+    cfg = load_model_config("llama3.1-8b")
+    s, g, ld = 1 << 20, 128, cfg.num_layers * cfg.num_attention_heads * cfg.head_dim
+    n = matmul_params(cfg)
+    assert mod.prompt_flops(cfg, s, g) == pytest.approx(2 * n * s + 2 * ld * s * s + g * (2 * n + 4 * ld * s))
+    table = mod.markdown(mod.cost_rows(mod.DEFAULT, cfg), 8, 989.0, 0.4)
+    assert table in open(os.path.join(ROOT, "docs", "evaluation.md"), encoding="utf-8").read()

@@ -127,7 +127,7 @@ def test_word_key_and_essay_tasks(env):
 def test_missing_input_is_one_line_error(env, tmp_path):
     count, _ = env
     res = Resources(RulerInputs())
-    with pytest.raises(ValueError, match="--ruler-squad: required"):
+    with pytest.raises(ValueError, match=r"--ruler-squad \(inputs.squad_json\): required"):
         generate("qa_1", 1, 2048, count, res)
     bad = tmp_path / "squad.json"
     bad.write_text('{"data": [{"title": "x"}]}')

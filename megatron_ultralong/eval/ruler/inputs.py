@@ -46,16 +46,16 @@ def _load_json(path: Optional[str], flag: str) -> Any:
 
 def essay_words(path: Optional[str]) -> list[str]:
     """The essay text split on single spaces after collapsing whitespace, as niah.py does."""
-    data = _load_json(path, "--ruler-essays")
+    data = _load_json(path, "--ruler-essays (inputs.essay_json)")
     if not isinstance(data, dict) or not isinstance(data.get("text"), str) or not data["text"].strip():
-        raise ValueError(f"--ruler-essays={path!r}: expected a JSON object with a non-empty string 'text'")
+        raise ValueError(f"--ruler-essays (inputs.essay_json)={path!r}: expected a JSON object with a non-empty string 'text'")
     return re.sub(r"\s+", " ", data["text"]).split(" ")
 
 
 def read_squad(path: Optional[str]) -> tuple[list[dict], list[str]]:
     """(questions, documents) as RULER's qa.py read_squad: answerable questions only, documents
     de-duplicated and sorted, each question's other paragraphs of the same article as `more_context`."""
-    data = _load_json(path, "--ruler-squad")
+    data = _load_json(path, "--ruler-squad (inputs.squad_json)")
     try:
         docs = sorted({p["context"] for d in data["data"] for p in d["paragraphs"]})
         index = {c: i for i, c in enumerate(docs)}
@@ -69,33 +69,33 @@ def read_squad(path: Optional[str]) -> tuple[list[dict], list[str]]:
                                     "context": [index[p["context"]]],
                                     "more_context": [i for i in more if i != index[p["context"]]]})
     except (KeyError, TypeError) as e:
-        raise ValueError(f"--ruler-squad={path!r}: not the SQuAD v2 layout (missing {e})") from None
+        raise ValueError(f"--ruler-squad (inputs.squad_json)={path!r}: not the SQuAD v2 layout (missing {e})") from None
     if not qas:
-        raise ValueError(f"--ruler-squad={path!r}: no answerable questions")
+        raise ValueError(f"--ruler-squad (inputs.squad_json)={path!r}: no answerable questions")
     return qas, docs
 
 
 def read_hotpotqa(path: Optional[str]) -> tuple[list[dict], list[str]]:
     """(questions, documents) as RULER's qa.py read_hotpotqa: a document is "title\\n" + its joined
     sentences; every question's ten paragraphs (gold and distractors) are its context."""
-    data = _load_json(path, "--ruler-hotpotqa")
+    data = _load_json(path, "--ruler-hotpotqa (inputs.hotpotqa_json)")
     try:
         docs = sorted({f"{t}\n{''.join(p)}" for d in data for t, p in d["context"]})
         index = {c: i for i, c in enumerate(docs)}
         qas = [{"query": d["question"], "outputs": [d["answer"]],
                 "context": [index[f"{t}\n{''.join(p)}"] for t, p in d["context"]]} for d in data]
     except (KeyError, TypeError, ValueError) as e:
-        raise ValueError(f"--ruler-hotpotqa={path!r}: not the HotpotQA dev distractor layout ({e})") from None
+        raise ValueError(f"--ruler-hotpotqa (inputs.hotpotqa_json)={path!r}: not the HotpotQA dev distractor layout ({e})") from None
     if not qas:
-        raise ValueError(f"--ruler-hotpotqa={path!r}: no questions")
+        raise ValueError(f"--ruler-hotpotqa (inputs.hotpotqa_json)={path!r}: no questions")
     return qas, docs
 
 
 def english_words(path: Optional[str]) -> list[str]:
     """The values of RULER's english_words.json, in file order."""
-    data = _load_json(path, "--ruler-english-words")
+    data = _load_json(path, "--ruler-english-words (inputs.english_words_json)")
     if not isinstance(data, dict) or not all(isinstance(w, str) for w in data.values()):
-        raise ValueError(f"--ruler-english-words={path!r}: expected a JSON object mapping keys to words")
+        raise ValueError(f"--ruler-english-words (inputs.english_words_json)={path!r}: expected a JSON object mapping keys to words")
     return list(data.values())
 
 
