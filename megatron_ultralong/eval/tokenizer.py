@@ -56,7 +56,8 @@ class EvalTokenizer:
             if not path.endswith(".json"):
                 raise ValueError(f"{flag}={path!r}: expected an HF tokenizer directory or a tokenizer.json")
             parent = os.path.dirname(os.path.abspath(path))
-            if os.path.basename(path) == "tokenizer.json" and os.path.isfile(os.path.join(parent, "tokenizer_config.json")):
+            beside = os.path.join(parent, "tokenizer_config.json")
+            if os.path.basename(path) == "tokenizer.json" and os.path.isfile(beside):
                 logger.info("%s=%s: loading its directory (tokenizer_config.json holds BOS/EOS)", flag, path)
                 return cls.from_path(parent, flag)
             tok = cls.wrap(PreTrainedTokenizerFast(tokenizer_file=path))

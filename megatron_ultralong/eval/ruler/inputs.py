@@ -48,7 +48,8 @@ def essay_words(path: Optional[str]) -> list[str]:
     """The essay text split on single spaces after collapsing whitespace, as niah.py does."""
     data = _load_json(path, "--ruler-essays (inputs.essay_json)")
     if not isinstance(data, dict) or not isinstance(data.get("text"), str) or not data["text"].strip():
-        raise ValueError(f"--ruler-essays (inputs.essay_json)={path!r}: expected a JSON object with a non-empty string 'text'")
+        raise ValueError(f"--ruler-essays (inputs.essay_json)={path!r}: expected a JSON object with a "
+                         "non-empty string 'text'")
     return re.sub(r"\s+", " ", data["text"]).split(" ")
 
 
@@ -85,7 +86,8 @@ def read_hotpotqa(path: Optional[str]) -> tuple[list[dict], list[str]]:
         qas = [{"query": d["question"], "outputs": [d["answer"]],
                 "context": [index[f"{t}\n{''.join(p)}"] for t, p in d["context"]]} for d in data]
     except (KeyError, TypeError, ValueError) as e:
-        raise ValueError(f"--ruler-hotpotqa (inputs.hotpotqa_json)={path!r}: not the HotpotQA dev distractor layout ({e})") from None
+        raise ValueError(f"--ruler-hotpotqa (inputs.hotpotqa_json)={path!r}: not the HotpotQA dev distractor "
+                         f"layout ({e})") from None
     if not qas:
         raise ValueError(f"--ruler-hotpotqa (inputs.hotpotqa_json)={path!r}: no questions")
     return qas, docs
@@ -95,7 +97,8 @@ def english_words(path: Optional[str]) -> list[str]:
     """The values of RULER's english_words.json, in file order."""
     data = _load_json(path, "--ruler-english-words (inputs.english_words_json)")
     if not isinstance(data, dict) or not all(isinstance(w, str) for w in data.values()):
-        raise ValueError(f"--ruler-english-words (inputs.english_words_json)={path!r}: expected a JSON object mapping keys to words")
+        raise ValueError(f"--ruler-english-words (inputs.english_words_json)={path!r}: expected a JSON object "
+                         "mapping keys to words")
     return list(data.values())
 
 
