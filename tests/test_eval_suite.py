@@ -147,3 +147,14 @@ def test_cost_table_in_docs_is_the_scripts_output():
     assert mod.prompt_flops(cfg, s, g) == pytest.approx(2 * n * s + 2 * ld * s * s + g * (2 * n + 4 * ld * s))
     table = mod.markdown(mod.cost_rows(mod.DEFAULT, cfg), 8, 989.0, 0.4)
     assert table in open(os.path.join(ROOT, "docs", "evaluation.md"), encoding="utf-8").read()
+
+
+def test_long_cells_without_a_megatron_model_fail_before_loading(tmp_path, capsys):
+    from megatron_ultralong.eval.suite.cli import main
+
+    cfg = tmp_path / "s.yaml"
+    cfg.write_text("hf_max_tokens: 100\nbenchmarks:\n  niah: {lengths: [200], depths: [0.5]}\n")
+    with pytest.raises(SystemExit) as e:
+        main(["--model", "/nonexistent", "--suite-config", str(cfg), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "1 cells (e.g. length=200/depth=0.5) exceed hf_max_tokens=100" in err

@@ -136,3 +136,16 @@ def test_missing_input_is_one_line_error(env, tmp_path):
     with pytest.raises(ValueError, match="unknown RULER task"):
         generate("niah", 1, 2048, count, res)
     assert set(BASE_TASKS) == {t.base for t in TASKS.values()}
+
+
+def test_inputs_are_checked_before_any_model_work():
+    from megatron_ultralong.eval.ruler.runner import RulerBenchmark, RulerConfig
+
+    # cwe reads english_words.json whatever the length, as RULER's script does at start
+    with pytest.raises(ValueError, match=r"--ruler-english-words \(inputs.english_words_json\): required"):
+        RulerBenchmark(RulerConfig(lengths=(2048,), tasks=("cwe",))).check_inputs()
+    with pytest.raises(ValueError, match=r"--ruler-essays \(inputs.essay_json\)='/nonexistent.json': cannot read"):
+        RulerBenchmark(RulerConfig(lengths=(2048,), tasks=("niah_single_2",),
+                                   inputs=RulerInputs(essay_json="/nonexistent.json"))).check_inputs()
+    with pytest.raises(ValueError, match="ruler.tasks"):
+        RulerConfig(lengths=(2048,), tasks=("niah",))

@@ -398,7 +398,10 @@ def needs(task: str) -> set[str]:
         out |= {"essay", "sent_tokenize"}
     if TASKS[task].base == "qa":
         out.add(a["dataset"])
-    if TASKS[task].base == "common_words_extraction" or "words" in (a.get("type_needle_k"), a.get("type_needle_v")):
+    if TASKS[task].base == "common_words_extraction":
+        # RULER's common_words_extraction.py loads english_words.json at start, whatever the length
+        out |= {"wonderwords", "english_words"}
+    if "words" in (a.get("type_needle_k"), a.get("type_needle_v")):
         out.add("wonderwords")
     return out
 

@@ -67,6 +67,9 @@ class CliPool:
             backend, tokenizer, runtime = _backend(ns)
             if kind == "megatron" and backend.__class__.__name__ != "MegatronBackend":
                 raise ValueError(f"--megatron-model={a.megatron_model!r}: not a Megatron checkpoint")
+            if kind == "hf" and backend.__class__.__name__ == "MegatronBackend":
+                raise ValueError(f"--model={a.model!r}: the HF model directory (a Megatron checkpoint goes to "
+                                 "--megatron-model)")
             self.runtime = runtime or self.runtime
             self._loaded[kind] = (backend, tokenizer)
         return self._loaded[kind]
