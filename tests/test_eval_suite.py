@@ -87,6 +87,8 @@ def test_suite_killed_and_resumed_computes_every_cell_once(model_dir, tmp_path):
     assert sorted(run1 + run2) == sorted(all_keys)  # nothing lost either
     res = json.loads((out / "suite_results.json").read_text())
     assert res["benchmarks"]["ruler"]["cells_done"] == 3 and not res["benchmarks"]["ruler"]["missing"]
+    assert (out / "niah_heatmap.png").stat().st_size > 0
+    assert len(json.loads((out / "niah_results.json").read_text())["scores"]) == 2  # depths x lengths
     assert set(res["row"]) >= {"NIAH mean", "RULER 1K", "RULER mean"}
     table = (out / "suite_table.md").read_text()
     assert "| **tiny** (this run) |" in table and "| UltraLong-8B-1M (Table 1) | – | – | – | 79.10 |" in table

@@ -1,6 +1,7 @@
 """The suite's NIAH and RULER benchmarks (registered on import; suite/registry.py)."""
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -8,7 +9,7 @@ from megatron_ultralong.config_io import from_dict
 from megatron_ultralong.eval.grid import BenchCell
 from megatron_ultralong.eval.haystack import Haystack
 from megatron_ultralong.eval.niah import NiahConfig, check_grid, make_niah_sample, run_sample
-from megatron_ultralong.eval.report import format_length
+from megatron_ultralong.eval.report import format_length, save_heatmap, write_json
 from megatron_ultralong.eval.tasks import ANSWER_MARGIN
 from megatron_ultralong.eval.ruler.runner import RulerBenchmark, RulerConfig
 from megatron_ultralong.eval.suite.registry import register
@@ -63,6 +64,18 @@ class NiahBenchmark:
             return {}
         scores = [r["score"] for r in results.values()]
         return {"NIAH mean": round(sum(scores) / len(scores), 2), "NIAH min": round(min(scores), 2)}
+
+    def finish(self, results: dict[str, dict], out_dir: str) -> None:
+        """niah_results.json and the heatmap (depth x length, in [0, 1]) once every cell is done."""
+        if len(results) < len(self.cells()):
+            return
+        c = self.config
+        grid = [[results[f"length={int(n)}/depth={float(d)}"]["score"] / 100.0 for n in c.lengths] for d in c.depths]
+        write_json(os.path.join(out_dir, "niah_results.json"),
+                   {"lengths": list(c.lengths), "depths": list(c.depths), "scores": grid,
+                    "samples": [s for r in results.values() for s in r["samples"]]})
+        save_heatmap(os.path.join(out_dir, "niah_heatmap.png"), grid, c.lengths, c.depths, "Needle in a haystack",
+                     None)
 
 
 @register("niah")
