@@ -53,3 +53,28 @@ def save_tiny_hf(directory: str, vocab_size: int = VOCAB_SIZE) -> tuple[str, str
     tok.save_pretrained(tok_dir)
     tiny_eval_llama(len(tok)).save_pretrained(model_dir)
     return tok_dir, model_dir
+
+
+def train_ruler_tokenizer(vocab_size: int = 1200):
+    """A byte-level BPE like `train_tiny_tokenizer`, also trained on RULER's templates and the RULER
+    fixtures, so that RULER's minimum haystacks (e.g. vt's 500-token one-shot example) fit."""
+    import json
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from megatron_ultralong.eval.ruler.constants import BASE_TASKS, NEEDLE, NOISE
+
+    fixtures = os.path.join(os.path.dirname(__file__), "fixtures", "ruler")
+    with open(os.path.join(fixtures, "PaulGrahamEssays.json"), encoding="utf-8") as f:
+        essay = json.load(f)["text"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    texts = [essay, NOISE * 4, NEEDLE, "VAR ABCDE = VAR FGHIJ \n" * 4]
+    texts += [s.template + s.answer_prefix for s in BASE_TASKS.values()] * 4
+    tok.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")

@@ -27,7 +27,7 @@ def test_niah_cli_writes_results_and_heatmap(hf_dirs, tmp_path, capsys):
 def test_ruler_and_ppl_cli(hf_dirs, tmp_path):
     tok_dir, model_dir = hf_dirs
     main(["--model", model_dir, "--tokenizer", tok_dir, "--out", str(tmp_path), "--lengths", "700",
-          "--tasks", "vt", "niah_multivalue", "--samples", "1", "--device", "cpu"], command="ruler")
+          "--tasks", "vt", "niah_multivalue", "--samples", "1", "--device", "cpu", "--styled"], command="ruler")
     with open(tmp_path / "ruler_results.json") as f:
         assert set(json.load(f)["scores"]) == {"vt", "niah_multivalue"}
     docs = tmp_path / "docs.jsonl"
@@ -97,3 +97,30 @@ def test_niah_cli_marks_the_trained_length_and_resumes(hf_dirs, tmp_path, capsys
     assert len(lines) == 3 and json.loads(lines[0])["header"]["config"]["max_new_tokens"] is None
     main(flags, command="niah")  # resumed: the file is not rewritten or extended
     assert (tmp_path / "niah_cells.jsonl").read_text().splitlines() == lines
+
+
+def test_ruler_cli_runs_rulers_own_tasks(tmp_path):
+    """mu-eval-ruler defaults to RULER's tasks, prompts and scoring; predictions in RULER's layout
+    re-score to the same number with RULER's metric."""
+    import os
+
+    from eval_helpers import tiny_eval_llama, train_ruler_tokenizer
+    from megatron_ultralong.eval.ruler.metrics import score_ruler
+
+    tok = train_ruler_tokenizer()
+    model_dir = str(tmp_path / "m")
+    tok.save_pretrained(model_dir)
+    tiny_eval_llama(len(tok)).save_pretrained(model_dir)
+    squad = os.path.join(os.path.dirname(__file__), "fixtures", "ruler", "squad.json")
+    out = tmp_path / "out"
+    main(["--model", model_dir, "--out", str(out), "--lengths", "1024", "--tasks", "qa_1", "vt",
+          "--samples", "2", "--ruler-squad", squad, "--device", "cpu"], command="ruler")
+    res = json.loads((out / "ruler_results.json").read_text())
+    assert set(res["scores"]) == {"qa_1", "vt"} and "RULER 1K" in res["aggregates"]
+    for task in ("qa_1", "vt"):
+        lines = [json.loads(x) for x in (out / "ruler" / "1024" / f"{task}.jsonl").read_text().splitlines()]
+        assert len(lines) == 2 and all(0 < r["length"] <= 1024 for r in lines)
+        assert score_ruler(task, [r["pred"] for r in lines], [r["outputs"] for r in lines]) == res["scores"][task]["1024"]
+    with pytest.raises(SystemExit):
+        main(["--model", model_dir, "--out", str(out), "--lengths", "1024", "--tasks", "qa_2", "--device", "cpu"],
+             command="ruler")

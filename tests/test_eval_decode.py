@@ -81,9 +81,11 @@ def _run(rank, world_size, tp, cp, lengths):
     g = torch.Generator().manual_seed(3)
     for name, hf in _hf_models():
         backend = _backend(hf, rt)
-        from megatron_ultralong.eval import HFBackend
+        from megatron_ultralong.eval.megatron_backend import MegatronBackend
 
-        assert backend.fingerprint == HFBackend(hf).fingerprint  # the grid's resume key names the weights
+        # the grid's resume key names the weights: stable for the same model, set on every rank
+        assert backend.fingerprint == MegatronBackend(backend.model, rt).fingerprint
+        assert backend.identity.startswith(f"megatron/tp={tp}/cp={cp}/")
         for n in lengths:
             assert n % (2 * cp) != 0 or cp == 1
             ids = torch.randint(2, 300, (n,), generator=g).tolist()

@@ -1,4 +1,5 @@
-"""Long-context evaluation: NIAH grids, RULER-style tasks, loss by position; HF and Megatron backends."""
+"""Long-context evaluation: NIAH grids, RULER (exact, and the RULER-style families), the suite, loss by
+position; HF and Megatron backends."""
 from megatron_ultralong.eval.backends import Backend, HFBackend
 from megatron_ultralong.eval.niah import NiahConfig, NiahResults, run_niah
 from megatron_ultralong.eval.perplexity import loss_by_position

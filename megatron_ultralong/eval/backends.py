@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from megatron_ultralong.eval.identity import pick_tensors, weights_fingerprint
+
 
 class Backend(Protocol):
     """What the NIAH / RULER / perplexity runners call."""
@@ -32,7 +34,10 @@ class Backend(Protocol):
     """The original context length before RoPE scaling (= max_position_embeddings without it)."""
 
     fingerprint: str
-    """Identifies the weights (`weights_fingerprint`): a grid resumes only with the same model."""
+    """Identifies the weights (`identity.weights_fingerprint`): a grid resumes only with the same model."""
+
+    identity: str
+    """Identifies the backend and its numerics (kind, dtype, device, parallel layout)."""
 
     def next_token_logits(self, ids: Sequence[int]) -> Tensor:
         """Logits [V] (float32) of the token following `ids`."""
@@ -55,13 +60,6 @@ class Backend(Protocol):
     def broadcast_from_writer(self, obj: Any) -> Any:
         """`obj` as the writing process has it, on every process (identity with one process)."""
         ...
-
-
-def weights_fingerprint(vocab_size: int, final_norm_weight: Tensor) -> str:
-    """A cheap identity for resuming a grid run: vocabulary size and the sum of the final norm's
-    weights (replicated on every TP/CP rank, [H]; any further training changes it), so results of
-    one checkpoint are never mixed with another's in the same --out."""
-    return f"vocab={vocab_size}/final_norm_sum={float(final_norm_weight.detach().double().sum()):.12e}"
 
 
 def check_budget(max_new_tokens: int) -> None:
@@ -124,9 +122,8 @@ class HFBackend:
         """Context length before RoPE scaling (the heatmap's vertical line)."""
         self.prefilled_tokens = 0
         """Prompt tokens prefilled by generate / generate_many so far (forks add none)."""
-        # The final norm for Llama-like models (also what the Megatron backend uses); else the last parameter.
-        norms = [p for name, p in model.named_parameters() if name.endswith("norm.weight")]
-        self.fingerprint = weights_fingerprint(self.vocab_size, norms[-1] if norms else list(model.parameters())[-1])
+        self.fingerprint = weights_fingerprint(model.config, pick_tensors(list(model.named_parameters())))
+        self.identity = f"hf/{next(model.parameters()).dtype}/{self.device.type}"
         # transformers 5 renamed forward's `past_key_values` to `cache` (the old name is deprecated
         # and goes in 5.40); 4.x only knows the old one.
         self._cache_kwarg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"

@@ -22,6 +22,7 @@ from typing import Optional, get_args
 
 
 from megatron_ultralong.dtypes import DTYPES, DtypeName
+from megatron_ultralong.eval.ruler.metrics import RULER_TASK_NAMES
 from megatron_ultralong.eval.tasks import RULER_TASKS
 from megatron_ultralong.parallel.config import CpCommType
 
@@ -72,13 +73,23 @@ def _add_niah(niah: argparse.ArgumentParser) -> None:
 
 
 def _add_ruler(ruler: argparse.ArgumentParser) -> None:
-    ruler.add_argument("--lengths", type=int, nargs="+", required=True, help="prompt lengths in tokens")
-    ruler.add_argument("--tasks", nargs="+", default=list(RULER_TASKS), choices=RULER_TASKS,
-                       help="tasks to run (default: all)")
-    ruler.add_argument("--samples", type=int, default=4, help="samples per task and length (default 4)")
+    ruler.add_argument("--lengths", type=int, nargs="+", required=True,
+                       help="sequence lengths in tokens (RULER: prompt + tokens to generate)")
+    ruler.add_argument("--tasks", nargs="+", help=f"tasks to run (default: all). RULER: {', '.join(RULER_TASK_NAMES)}; "
+                                                 f"--styled: {', '.join(RULER_TASKS)}")
+    ruler.add_argument("--samples", type=int, help="samples per task and length (default: RULER's 500; --styled 4)")
+    ruler.add_argument("--scorer", default="ruler", choices=["ruler", "strict"],
+                       help="ruler (default): RULER's string_match_all/part; strict: whole-token matches only")
+    ruler.add_argument("--ruler-essays", help="PaulGrahamEssays.json (essay haystack tasks)")
+    ruler.add_argument("--ruler-squad", help="SQuAD v2.0 dev JSON (qa_1)")
+    ruler.add_argument("--ruler-hotpotqa", help="HotpotQA dev distractor JSON (qa_2)")
+    ruler.add_argument("--ruler-english-words", help="RULER's english_words.json (cwe at long lengths)")
+    ruler.add_argument("--save-inputs", action="store_true", help="write prompts into the prediction files' input")
+    ruler.add_argument("--styled", action="store_true",
+                       help="the project's RULER-style task families instead of RULER's own (docs/evaluation.md)")
     ruler.add_argument("--split-queries", action="store_true",
-                       help="ask niah_multiquery's keys as separate questions of one prefilled context (KV "
-                            "cache fork) instead of RULER's single question")
+                       help="--styled: ask niah_multiquery's keys as separate questions of one prefilled context "
+                            "(KV cache fork) instead of a single question")
     _grid_flags(ruler)
     _common(ruler)
 
@@ -93,9 +104,25 @@ def _add_ppl(ppl: argparse.ArgumentParser) -> None:
 
 _COMMANDS = {
     "niah": ("needle-in-a-haystack grid -> niah_results.json, niah_heatmap.png", _add_niah),
-    "ruler": ("RULER-style tasks -> ruler_results.json, ruler_scores.png", _add_ruler),
+    "ruler": ("RULER's 13 tasks (or --styled) -> ruler_results.json, ruler/<length>/<task>.jsonl", _add_ruler),
     "ppl": ("loss by position -> ppl_by_position.json/.png", _add_ppl),
 }
+
+
+def check_out_dir(out: str, flag: str = "--out") -> None:
+    """Create `out` and prove it writable with a probe file, before any model loads (a model can take
+    minutes to load; a read-only or misspelled --out must not cost them)."""
+    import tempfile
+
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"{flag}={out!r}: cannot create the directory ({e.strerror})") from None
+    try:
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".write_probe"):
+            pass
+    except OSError as e:
+        raise ValueError(f"{flag}={out!r}: not writable ({e.strerror})") from None
 
 
 def _backend(args: argparse.Namespace):
@@ -142,12 +169,27 @@ def _niah(args, backend, tokenizer) -> str:
 
 
 def _ruler(args, backend, tokenizer) -> str:
-    from megatron_ultralong.eval.ruler import run_ruler
+    if args.styled:
+        from megatron_ultralong.eval.ruler import run_ruler
 
-    res = run_ruler(backend, tokenizer, args.lengths, args.out, args.tasks, args.samples, args.seed,
-                    max_new_tokens=args.max_new_tokens, split_queries=args.split_queries,
-                    over_length=args.over_length)
-    return f"RULER mean by length {json.dumps(res['mean'])}; results: {res.get('json_path')}"
+        bad = [t for t in args.tasks or () if t not in RULER_TASKS]
+        if bad:
+            raise ValueError(f"--tasks {bad}: --styled tasks are {list(RULER_TASKS)}")
+        res = run_ruler(backend, tokenizer, args.lengths, args.out, args.tasks or RULER_TASKS, args.samples or 4,
+                        args.seed, max_new_tokens=args.max_new_tokens, split_queries=args.split_queries,
+                        over_length=args.over_length)
+        return f"RULER-style mean by length {json.dumps(res['mean'])}; results: {res.get('json_path')}"
+    from megatron_ultralong.eval.ruler.inputs import RulerInputs
+    from megatron_ultralong.eval.ruler.runner import RulerConfig, run_ruler_benchmark
+
+    if args.max_new_tokens is not None or args.split_queries:
+        raise ValueError("--max-new-tokens/--split-queries apply to --styled; RULER fixes each task's budget")
+    cfg = RulerConfig(lengths=tuple(args.lengths), tasks=tuple(args.tasks or RULER_TASK_NAMES),
+                      samples=args.samples or 500, seed=42 + args.seed, scorer=args.scorer,
+                      inputs=RulerInputs(args.ruler_essays, args.ruler_squad, args.ruler_hotpotqa,
+                                         args.ruler_english_words), save_inputs=args.save_inputs)
+    res = run_ruler_benchmark(backend, tokenizer, cfg, args.out, args.over_length)
+    return f"RULER {json.dumps(res.get('aggregates', {}))}; results: {res.get('json_path')}"
 
 
 def _read_documents(path: str, tokenizer) -> list[list[int]]:
@@ -205,6 +247,7 @@ def main(argv: Optional[list[str]] = None, command: Optional[str] = None) -> Non
     setup_logging()  # progress, ETA and length warnings from the grid runner (rank 0 only)
     runtime = None
     try:
+        check_out_dir(args.out)
         backend, tokenizer, runtime = _backend(args)
         message = {"niah": _niah, "ruler": _ruler, "ppl": _ppl}[args.command](args, backend, tokenizer)
     except ValueError as e:

@@ -7,7 +7,8 @@ A 1M-token NIAH grid is 20+ cells of minutes each, on an allocation that can be 
 * a re-run with the same --out reads that file and skips the cells already there (their records
   are reused for the final JSON and plots): nothing computed twice, nothing lost. A run killed in
   the middle of writing leaves at most a partial last line, which is dropped (and cut from the
-  file) with a warning; a file written with a different configuration is refused, never mixed in;
+  file) with a warning; a file written with a different configuration, or by other weights,
+  tokenizer or backend (the header's `identity`, identity.py), is refused, never mixed in;
 * after each cell a log line gives cell i/N, elapsed time and the ETA. The ETA assumes a cell's
   time grows with its prompt tokens (`Cell.cost`); cells resumed from the file count neither way.
 
@@ -44,6 +45,26 @@ class Cell:
     """Human-readable description for the progress line."""
 
 
+@dataclass(frozen=True)
+class BenchCell:
+    """One unit of work, run and saved as a whole."""
+
+    key: str
+    """Stable unique name within the benchmark (what resume matches on)."""
+
+    prompt_tokens: int
+    """Longest prompt of the cell in tokens (prompt + generation): picks the backend."""
+
+    num_prompts: int
+    """Prompts in the cell (with prompt_tokens: the ETA's and the cost table's weight)."""
+
+    label: str = ""
+    """Human-readable name for the progress line."""
+
+    new_tokens: int = 0
+    """Tokens generated per prompt at most (the cost table's decode term)."""
+
+
 def check_length(prompt_tokens: int, max_new_tokens: int, max_positions: Optional[int], policy: OverLength,
                  flag: str = "--lengths") -> bool:
     """Whether prompt + generated tokens exceed the model's max_position_embeddings.
@@ -67,11 +88,24 @@ def _format_seconds(s: float) -> str:
     return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
 
 
+def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """The fields (dotted) where two headers differ, with both values."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for k in sorted(set(old) | set(new), key=str):
+            out += _differences(old.get(k), new.get(k), f"{prefix}{k}.")
+        return out
+    return [] if old == new else [f"{prefix[:-1] or 'header'}: {old!r} != {new!r}"]
+
+
 def read_cells(path: str, header: dict) -> dict[str, Any]:
     """Finished cells of a previous run at `path` ({key: result}); {} if the file does not exist.
 
-    ValueError naming the file (and line) for a different configuration or a corrupt line; a
-    partial last line (the run died while writing it) is cut from the file with a warning."""
+    ValueError naming the file (and line) for a different configuration or identity (weights,
+    tokenizer, backend: their cells are never reused), cells without a header line (nothing says
+    what produced them), or a corrupt line; a partial last line (the run died while writing it) is
+    cut from the file with a warning: if that was the header, the file is left empty and the
+    runner writes the header again."""
     if not os.path.exists(path):
         return {}
     header = json.loads(json.dumps(header))  # tuples -> lists, as the file holds them
@@ -80,6 +114,7 @@ def read_cells(path: str, header: dict) -> dict[str, Any]:
     lines = data.split(b"\n")
     done: dict[str, Any] = {}
     good_bytes = 0
+    seen_header = False
     for i, raw in enumerate(lines, 1):
         last = i == len(lines)
         if not raw.strip():
@@ -94,11 +129,15 @@ def read_cells(path: str, header: dict) -> dict[str, Any]:
                     f.truncate(good_bytes)
                 break
             raise ValueError(f"{path} line {i}: not valid JSON ({e}); fix or remove the file") from e
-        if i == 1:
-            if obj.get("header") != header:
-                raise ValueError(
-                    f"{path}: written by a run with a different configuration ({obj.get('header')!r} != "
-                    f"{header!r}); use another --out or delete the file to start over")
+        if not seen_header:
+            if not isinstance(obj, dict) or "header" not in obj:
+                raise ValueError(f"{path} line {i}: cells without a header line, so nothing says which model, "
+                                 "tokenizer and backend produced them; use another --out or delete the file")
+            diff = _differences(obj["header"], header)
+            if diff:
+                raise ValueError(f"{path}: written by a run with a different configuration ({'; '.join(diff)}); "
+                                 "its cells are not reused: use another --out or delete the file to start over")
+            seen_header = True
         elif not isinstance(obj, dict) or "cell" not in obj:
             raise ValueError(f"{path} line {i}: expected a cell record with a 'cell' field")
         else:
@@ -107,20 +146,31 @@ def read_cells(path: str, header: dict) -> dict[str, Any]:
     return done
 
 
+def write_header(path: str, header: dict) -> None:
+    """Create `path` holding only the header line, atomically (a crash leaves no partial header)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(json.dumps({"header": header}) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
 class GridRunner:
     """Runs cells in order, skipping finished ones, appending each new result as one JSON line."""
 
     def __init__(self, path: Optional[str], header: dict, backend: Any, name: str, log: bool = True):
         self.path = path
+        self.header = header
         self.name = name
         self.log = log
         self.writer = bool(getattr(backend, "is_writer", True))
         done: dict[str, Any] = {}
         if path is not None and self.writer:
             done = read_cells(path, header)
-            if not os.path.exists(path):
-                os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-                self._append({"header": header})
+            if not os.path.exists(path) or os.path.getsize(path) == 0:
+                write_header(path, header)
         share = getattr(backend, "broadcast_from_writer", None)  # absent on single-process test doubles
         self.done: dict[str, Any] = done if share is None else share(done)
 

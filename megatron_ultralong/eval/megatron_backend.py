@@ -28,7 +28,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from megatron_ultralong.eval.backends import check_budget, check_prompt, greedy, weights_fingerprint
+from megatron_ultralong.eval.backends import check_budget, check_prompt, greedy
+from megatron_ultralong.eval.identity import pick_tensors, weights_fingerprint
 from megatron_ultralong.eval.kv_cache import (
     DecodeState, advance, decode_session, install_cache, prefill_session, prefix_from_session,
 )
@@ -62,8 +63,11 @@ class MegatronBackend:
         self.is_writer = runtime.rank == 0
         self.max_position_embeddings = self.cfg.max_position_embeddings
         self.trained_length = self.cfg.rope.original_max_position_embeddings or self.max_position_embeddings
-        self.fingerprint = weights_fingerprint(self.vocab_size, model.decoder.final_layernorm.weight)
-        """Identifies the weights for resume (backends.weights_fingerprint; the same as the HF model's)."""
+        self.fingerprint = weights_fingerprint(self.cfg, pick_tensors(list(model.named_parameters())))
+        """Identifies the weights for resume (identity.weights_fingerprint: the writer rank's shards)."""
+        p = runtime.parallel
+        self.identity = (f"megatron/tp={p.tensor_parallel}/cp={self.cp_size}/{p.cp_comm_type}/"
+                         f"{next(model.parameters()).dtype}/{self.device.type}")
         self.prefilled_tokens = 0
         """Prompt tokens prefilled so far (how tests and benchmarks see that a fork re-prefilled nothing)."""
 

@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Optional, Sequence
 
 from megatron_ultralong.eval.backends import Backend
+from megatron_ultralong.eval.identity import run_identity
 from megatron_ultralong.eval.grid import OVER_LENGTH_POLICIES, Cell, GridRunner, OverLength, check_length
 from megatron_ultralong.eval.haystack import HAYSTACK_KINDS, Haystack
 from megatron_ultralong.eval.report import save_heatmap, write_json
@@ -193,7 +194,7 @@ def run_niah(
         check_length(int(length), budget, getattr(backend, "max_position_embeddings", None), config.over_length)
     runner = GridRunner(None if out_dir is None else os.path.join(out_dir, "niah_cells.jsonl"),
                         {"task": "niah", "config": asdict(config),
-                         "model": getattr(backend, "fingerprint", None)}, backend, "niah", log=log)
+                         "identity": run_identity(backend, tokenizer)}, backend, "niah", log=log)
     # Length-major order: all depths of the shortest length first (the heatmap fills column by column).
     grid = {f"length={int(n)}/depth={float(d)}": (int(n), float(d)) for n in lengths for d in depths}
     cells = [Cell(key, float(n) * config.samples_per_cell, f"length {n} depth {100 * d:.1f}%")

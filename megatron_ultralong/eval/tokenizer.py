@@ -7,9 +7,14 @@ that: `encode` never adds BOS/EOS; the prompt builder adds BOS itself, once.
 """
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
+
+from megatron_ultralong.eval.identity import tokenizer_fingerprint
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -25,24 +30,44 @@ class EvalTokenizer:
     stop_ids: tuple[int, ...]
     """Greedy decoding stops at the first of these (EOS and end-of-turn ids)."""
 
+    fingerprint: str = ""
+    """Identifies the tokenizer for resume (identity.tokenizer_fingerprint)."""
+
     @classmethod
     def wrap(cls, hf_tokenizer: Any, extra_stop_ids: Sequence[int] = ()) -> "EvalTokenizer":
         """Wrap a loaded transformers tokenizer; stop ids = its eos_token_id + extra_stop_ids."""
         stops = [i for i in (hf_tokenizer.eos_token_id, *extra_stop_ids) if i is not None]
-        return cls(hf_tokenizer, hf_tokenizer.bos_token_id, tuple(dict.fromkeys(stops)))
+        stop_ids = tuple(dict.fromkeys(stops))
+        return cls(hf_tokenizer, hf_tokenizer.bos_token_id, stop_ids,
+                   tokenizer_fingerprint(hf_tokenizer, hf_tokenizer.bos_token_id, stop_ids))
 
     @classmethod
     def from_path(cls, path: str, flag: str = "--tokenizer") -> "EvalTokenizer":
         """Load from an HF directory (tokenizer.json / tokenizer_config.json) or a tokenizer.json file.
 
-        `flag` names the CLI option in error messages.
+        A `tokenizer.json` with a `tokenizer_config.json` beside it is loaded from its directory, so
+        both spellings give the same BOS, stop ids and prompts. A bare tokenizer.json knows no BOS or
+        EOS (those live in tokenizer_config.json): that is loaded as it is, with a warning naming
+        what is missing. `flag` names the CLI option in error messages.
         """
         from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
         if os.path.isfile(path):
             if not path.endswith(".json"):
                 raise ValueError(f"{flag}={path!r}: expected an HF tokenizer directory or a tokenizer.json")
-            return cls.wrap(PreTrainedTokenizerFast(tokenizer_file=path))
+            parent = os.path.dirname(os.path.abspath(path))
+            beside = os.path.join(parent, "tokenizer_config.json")
+            if os.path.basename(path) == "tokenizer.json" and os.path.isfile(beside):
+                logger.info("%s=%s: loading its directory (tokenizer_config.json holds BOS/EOS)", flag, path)
+                return cls.from_path(parent, flag)
+            tok = cls.wrap(PreTrainedTokenizerFast(tokenizer_file=path))
+            missing = [what for what, v in (("no BOS is prepended", tok.bos_id), ("no EOS stops decoding",
+                                                                                  tok.stop_ids or None)) if v is None]
+            if missing:
+                logger.warning("%s=%s: a bare tokenizer.json without tokenizer_config.json beside it: %s "
+                               "(pass the tokenizer's directory to use its special tokens)", flag, path,
+                               " and ".join(missing))
+            return tok
         if not os.path.isdir(path):
             raise ValueError(f"{flag}={path!r}: no such file or directory")
         try:

@@ -16,6 +16,7 @@ import os
 from typing import Optional, Sequence
 
 from megatron_ultralong.eval.backends import Backend
+from megatron_ultralong.eval.identity import run_identity
 from megatron_ultralong.eval.grid import Cell, GridRunner, OverLength, check_length
 from megatron_ultralong.eval.haystack import Haystack
 from megatron_ultralong.eval.niah import check_grid, run_sample
@@ -65,7 +66,7 @@ def run_ruler(
     haystacks: dict[str, Haystack] = {}
     header = {"task": "ruler", "tasks": list(tasks), "samples_per_length": samples_per_length, "seed": seed,
               "max_new_tokens": max_new_tokens, "split_queries": split_queries,
-              "model": getattr(backend, "fingerprint", None)}
+              "identity": run_identity(backend, tokenizer)}
     runner = GridRunner(None if out_dir is None else os.path.join(out_dir, "ruler_cells.jsonl"), header, backend,
                         "ruler", log=log)
     grid = {f"length={int(n)}/task={t}": (int(n), t) for n in lengths for t in tasks}
