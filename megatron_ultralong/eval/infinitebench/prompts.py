@@ -128,7 +128,7 @@ def create_prompt(eg: dict, task: str, prompt_set: PromptSet = "yarn-mistral", w
         found = re.findall(r"The .+ of", eg["input"])
         if not found:
             raise ValueError(f"{where}: math_find input has no 'The ... of': {eg['input'][:80]!r}")
-        target = found[0].lower()[:-3]  # "the largest number " (upstream keeps the trailing space)
+        target = found[0].lower()[:-3]  # "The largest number of" -> "the largest number" (greedy .+)
         return template.format(prefix=f"What is {target} in the following list?", context=context, input=eg["input"])
     return template.format(context=context, input=eg["input"])
 
