@@ -166,3 +166,29 @@ def test_run_task_writes_upstream_rows_and_scores_them(tmp_path):
     assert result["scores"] == {"passkey": 50.0, "longbook_choice_eng": 100.0}
     assert result["average"] is None  # not all 12 tasks
     assert json.load(open(out / "infinitebench_results.json"))["scores"] == result["scores"]
+
+
+def test_text_generate_over_the_hf_backend_equals_hf_generate(tmp_path):
+    """The runners' generate(prompt, n) over a token backend: BOS + prompt, greedy, stop id dropped;
+    checked against transformers' own greedy `generate` on the tiny Llama."""
+    import torch
+    from eval_helpers import tiny_eval_llama
+
+    from megatron_ultralong.eval.backends import HFBackend
+    from megatron_ultralong.eval.textgen import text_generate
+    from megatron_ultralong.eval.tokenizer import EvalTokenizer
+
+    tok = train_tiny_tokenizer()
+    model = tiny_eval_llama(len(tok))
+    generate = text_generate(HFBackend(model), EvalTokenizer.wrap(tok))
+    data = tmp_path / "data"
+    _write(str(data / "passkey.jsonl"), [{"id": 0, "context": "noise " * 20 + "The pass key is 42. " + "noise " * 20,
+                                          "input": "What is the pass key?", "answer": ["42"]}])
+    res = run_task(generate, tok, str(data), "passkey", str(tmp_path / "out"), truncate_tokens=None)
+    prompt = create_prompt(json.loads((data / "passkey.jsonl").read_text()), "passkey")
+    ids = torch.tensor([[tok.bos_token_id] + tok.encode(prompt)])
+    with torch.no_grad():
+        ref = model.generate(ids, max_new_tokens=6, do_sample=False, eos_token_id=tok.eos_token_id,
+                             pad_token_id=tok.eos_token_id)
+    expected = tok.decode(ref[0, ids.shape[1]:], skip_special_tokens=True)
+    assert json.loads(open(res["path"]).readline())["prediction"] == expected
