@@ -109,6 +109,10 @@ def test_prompts_and_answers_as_eval_utils_builds_them():
     eg = {"context": "C", "input": "Q?", "answer": "two", "options": ["one", "two", "three", "four"]}
     assert get_answer(eg, "longbook_choice_eng") == ["two", "B"]
     assert get_answer(dict(eg, answer=["two"]), "code_debug") == ["two", "B"]
+    # kv_retrieval's one-element list becomes the string upstream's published predictions hold,
+    # which its word match can find (a list label never matches).
+    assert get_answer({"answer": ["abc-123"]}, "kv_retrieval") == "abc-123"
+    assert get_answer({"answer": ["71432"]}, "passkey") == ["71432"]
     assert create_prompt(eg, "longbook_choice_eng", "gpt4").endswith("A. one\nB. two\nC. three\nD. four")
     assert create_prompt({"context": "C", "input": "Q"}, "passkey").endswith("Q\n\nThe pass key is")
     with pytest.raises(ValueError, match="not one of the options"):

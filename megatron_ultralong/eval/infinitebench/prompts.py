@@ -135,7 +135,8 @@ def create_prompt(eg: dict, task: str, prompt_set: PromptSet = "yarn-mistral", w
 
 def get_answer(eg: dict, task: str, where: str = "sample") -> Any:
     """The sample's ground truth as upstream stores it in a predictions file (`get_answer`): for
-    code_debug and longbook_choice_eng [option text, letter]; otherwise `answer` unchanged."""
+    code_debug and longbook_choice_eng [option text, letter]; for kv_retrieval the one string (see
+    below); otherwise `answer` unchanged."""
     answer = eg["answer"]
     if task in ("code_debug", "longbook_choice_eng"):
         if isinstance(answer, list) and len(answer) == 2 and answer[1] in ("A", "B", "C", "D"):
@@ -145,6 +146,11 @@ def get_answer(eg: dict, task: str, where: str = "sample") -> Any:
         if not isinstance(text, str) or text not in opts:
             raise ValueError(f"{where}: answer {answer!r} is not one of the options {opts!r}")
         return [text, "ABCD"[opts.index(text)]]
+    if task == "kv_retrieval" and isinstance(answer, list) and len(answer) == 1:
+        # compute_scores.py compares a kv_retrieval label with words as is, so the list the HF
+        # files hold would never match (upstream PR #23, closed unmerged). Upstream's own published
+        # predictions store this label as a string; so do we.
+        return answer[0]
     return answer
 
 
