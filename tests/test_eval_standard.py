@@ -42,7 +42,8 @@ def _task_dir(tmp_path) -> str:
         "doc_to_text: \"{{question}}. The pass key is\"\ndoc_to_target: \"{{answer}}\"\n"
         "generation_kwargs:\n  until: [\"\\n\"]\n  max_gen_toks: 3\n  do_sample: false\n"
         "metric_list:\n  - metric: exact_match\n    ignore_case: true\n    ignore_punctuation: true\n"
-        "filter_list:\n  - name: strip\n    filter:\n      - function: remove_whitespace\n      - function: take_first\n")
+        "filter_list:\n  - name: strip\n    filter:\n      - function: remove_whitespace\n"
+        "      - function: take_first\n")
     return str(d)
 
 

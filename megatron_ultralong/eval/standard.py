@@ -85,8 +85,8 @@ def _needs_code(task: StandardTask) -> bool:
 def run_standard(lm: Any, config: StandardConfig = StandardConfig()) -> dict:
     """Run every task of `config` on `lm` (an `lm_eval` LM, e.g. `HFLM(pretrained=path)`).
     Returns {"scores": {column: percent}, "average": mean of the columns (None if any is missing),
-    "n_shot": {column: the shot count lm-eval reports having used}, "tasks": [task settings], "lm_eval_version": str}. ValueError naming a task whose metric is not
-    in lm-eval's results."""
+    "n_shot": {column: the shot count lm-eval reports having used}, "tasks": [task settings],
+    "lm_eval_version": str}. ValueError naming a task whose metric is not in lm-eval's results."""
     for task in config.tasks:  # before lm-eval's slow import and task indexing
         if _needs_code(task) and not config.allow_code_eval:
             raise ValueError(f"{task.column} ({task.lm_eval_task}) executes model-written code: pass "
@@ -112,8 +112,9 @@ def run_standard(lm: Any, config: StandardConfig = StandardConfig()) -> dict:
         n_shot[task.column] = int(out.get("n-shot", {}).get(task.lm_eval_task, task.num_fewshot))
     columns = [t.column for t in config.tasks]
     average = sum(scores[c] for c in columns) / len(columns) if all(c in scores for c in columns) else None
-    return {"scores": scores, "average": average, "n_shot": n_shot, "tasks": [dataclasses.asdict(t) for t in config.tasks],
-            "limit": config.limit, "lm_eval_version": _version()}
+    return {"scores": scores, "average": average, "n_shot": n_shot,
+            "tasks": [dataclasses.asdict(t) for t in config.tasks], "limit": config.limit,
+            "lm_eval_version": _version()}
 
 
 def _version() -> str:

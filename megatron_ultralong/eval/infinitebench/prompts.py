@@ -43,8 +43,8 @@ TEMPLATES: dict[str, dict[str, str]] = {
                    "{input}\n\nThe pass key is",
         "number_string": f"{_FIND_ONE}. I will quiz you about the important information there.\n\n{{context}}\n\n"
                          "{input}\n\nThe sequence of digits is",
-        "kv_retrieval": "Extract the value corresponding to the specified key in the JSON object below.\n\n{context}\n\n"
-                        "{input}",
+        "kv_retrieval": "Extract the value corresponding to the specified key in the JSON object below."
+                        "\n\n{context}\n\n{input}",
         "longbook_sum_eng": "Summarize the book below.\n\n{context}\n\nSummary:",
         "longbook_choice_eng": "Read the book and answer the question.\n\n{context}\n\nQuestion: {question}\nA. "
                                "{OPTION_A}\nB. {OPTION_B}\nC. {OPTION_C}\nD. {OPTION_D}\n\nThe letter of the "
@@ -68,8 +68,8 @@ TEMPLATES: dict[str, dict[str, str]] = {
                    "{context}\n\n{input}",
         "number_string": f"{_FIND_ONE}. I will quiz you about the important information there.\n\n{{context}}\n\n"
                          "{input}",
-        "kv_retrieval": "Extract the value corresponding to the specified key in the JSON object below.\n\n{context}\n\n"
-                        "{input}",
+        "kv_retrieval": "Extract the value corresponding to the specified key in the JSON object below."
+                        "\n\n{context}\n\n{input}",
         "longbook_qa_eng": "Read the book below and answer a question.\n\n{context}\n\nQuestion: {question}\n\n"
                            "Be very concise.",
         "longbook_choice_eng": "Read the book and answer the question.\n\n{context}\n\nQuestion: {question}\n\nOnly "
