@@ -223,3 +223,18 @@ def test_retention_and_resume_ignore_symlinked_iterations(tmp_path, caplog):
     assert sorted(p.name for p in deleted) == ["iter_0000001", "iter_0000002"]
     assert (save / "iter_0000009").is_symlink() and (outside / "iter_0000007" / ts.STATE).is_file()
     assert not list(save.glob(".*deleting"))
+
+
+def test_checkpoint_info_is_read_in_one_place_with_its_format_version(converted, tmp_path):
+    """The dry run's reader (checkpoint/paths.py) and the loader's give the same answer and the same
+    refusal: both go through checkpoint/info.py."""
+    from megatron_ultralong.checkpoint.info import INFO_FILE, read_checkpoint_info
+    from megatron_ultralong.checkpoint.paths import checkpoint_model_config
+
+    model, _ = _copy(converted, tmp_path)
+    assert checkpoint_model_config(model) == read_checkpoint_info(model).model_config
+    body = json.loads((model / INFO_FILE).read_text())
+    (model / INFO_FILE).write_text(json.dumps({**body, "format_version": 2}))
+    for read in (checkpoint_model_config, read_checkpoint_info):
+        with pytest.raises(ValueError, match=rf"{INFO_FILE}: format_version=2, expected 1"):
+            read(model)

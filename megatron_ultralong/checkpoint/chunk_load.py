@@ -73,6 +73,14 @@ class ChunkLoadStrategy(TorchDistLoadShardedStrategy):
         reader.read_data(plan, planner).wait()
         return dict_list_map_inplace(lambda sh: sh.data, sharded_state_dict)
 
+    def load_tensors_metadata(self, checkpoint_dir: Path, metadata: Optional[Metadata] = None):
+        return super().load_tensors_metadata(checkpoint_dir, self._reader(checkpoint_dir)[1])  # vetted
+
+    def load_sharded_metadata(self, checkpoint_dir: Path):
+        from megatron_ultralong.checkpoint.vetted_load import sharded_metadata
+
+        return sharded_metadata(self, checkpoint_dir, self._reader(checkpoint_dir)[1])
+
     def _reader(self, checkpoint_dir: Path) -> tuple[VettedFileSystemReader, Metadata]:
         key = str(Path(checkpoint_dir).resolve())
         if key not in self._readers:

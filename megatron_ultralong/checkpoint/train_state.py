@@ -165,7 +165,8 @@ def save_train_checkpoint(
         (tmp / "optimizer").mkdir()
         (tmp / "rng").mkdir()
     _barrier()
-    save_megatron_checkpoint(model, tmp / MODEL_SUBDIR, extra={"step": step}, side_files=side_files, overwrite=True)
+    save_megatron_checkpoint(model, tmp / MODEL_SUBDIR, extra={"step": step}, side_files=side_files, overwrite=True,
+                             manifest=False)  # the iteration's manifest below covers model/
     optimizer.save(str(tmp / "optimizer"), model.sharded_state_dict())
     torch.save(_rng_state(use_cuda), tmp / "rng" / f"rank_{rank:05d}.pt")
     if rank == 0:

@@ -146,17 +146,23 @@ class VettedLoadStrategy(TorchDistLoadShardedStrategy):
         return super().load_tensors_metadata(checkpoint_dir, self.metadata)
 
     def load_sharded_metadata(self, checkpoint_dir: Path) -> ShardedStateDict:
-        from megatron.core.dist_checkpointing.mapping import ShardedObject
-        from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+        self._reader(checkpoint_dir)  # same directory check
+        return sharded_metadata(self, checkpoint_dir, self.metadata)
 
-        # megatron's `load_sharded_metadata`, on the vetted metadata.
-        out = {}
-        for key, md in self.metadata.state_dict_metadata.items():
-            if isinstance(md, BytesStorageMetadata):
-                obj = ShardedObject.empty_from_unique_key(key)
-                out[obj.unique_key] = obj
-        out.update(self.load_tensors_metadata(checkpoint_dir))
-        return out
+
+def sharded_metadata(strategy: TorchDistLoadShardedStrategy, checkpoint_dir: Path, metadata: Metadata) -> ShardedStateDict:
+    """megatron-core's `TorchDistLoadShardedStrategy.load_sharded_metadata` on a vetted `metadata`
+    (megatron's own reads `.metadata` again through a plain reader)."""
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+    out = {}
+    for key, md in metadata.state_dict_metadata.items():
+        if isinstance(md, BytesStorageMetadata):
+            obj = ShardedObject.empty_from_unique_key(key)
+            out[obj.unique_key] = obj
+    out.update(TorchDistLoadShardedStrategy.load_tensors_metadata(strategy, checkpoint_dir, metadata))
+    return out
 
 
 def vetted_load(sharded_state_dict: ShardedStateDict, checkpoint_dir: str | os.PathLike, **kwargs: Any):
