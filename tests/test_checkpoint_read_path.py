@@ -105,6 +105,7 @@ def _readers_body(rank, world_size, model_dir, save_dir, match, data_paths):
                                          "train.device=cpu", "data.seq_length=16")))
 
 
+@pytest.mark.slow  # ~20 s: the export CLI twice and three readers in a gloo process
 @pytest.mark.parametrize("kind", ["plain", "dotted"])
 def test_metadata_that_would_run_code_is_refused_by_every_reader(converted, tmp_path, kind, capsys):
     from megatron_ultralong.checkpoint.safe_metadata import read_dcp_metadata
@@ -125,6 +126,7 @@ def test_metadata_that_would_run_code_is_refused_by_every_reader(converted, tmp_
     assert not marker.exists()
 
 
+@pytest.mark.slow  # ~20 s: the export CLI four times and the readers in a gloo process
 def test_flipped_byte_is_refused_before_anything_is_written(converted, tmp_path, capsys):
     model, save = _copy(converted, tmp_path)
     for root in (model, save / "iter_0000003" / "model"):

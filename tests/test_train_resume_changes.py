@@ -40,7 +40,8 @@ def _lrs(overrides):
         return step()
 
     trainer.optimizer.step = recording_step
-    return [(h["step"], lr) for h, lr in zip(trainer.train(), applied)]
+    history = trainer.train()
+    return [(h["step"], lr) for h, lr in zip(history, applied)] + [list(trainer.optimizer.param_groups[0]["betas"])]
 
 
 def _body(rank, world_size, dataset, tmp, out):
@@ -50,7 +51,8 @@ def _body(rank, world_size, dataset, tmp, out):
     setup_logging(stream=log)
     base = {"optim.warmup_steps": 0, "optim.decay_style": "cosine", "optim.lr": 3e-3, "optim.min_lr": 3e-5}
     first = _lrs(_overrides(dataset, **base, **{"train.steps": 4, "train.save": f"{tmp}/ckpt"}))
-    changed = {**base, "train.steps": 8, "optim.lr": 1e-2, "optim.min_lr": 1e-3, "train.load": f"{tmp}/ckpt"}
+    changed = {**base, "train.steps": 8, "optim.lr": 1e-2, "optim.min_lr": 1e-3, "optim.adam_beta2": 0.99,
+               "train.load": f"{tmp}/ckpt"}
     mark = log.tell()
     kept = _lrs(_overrides(dataset, **changed, **{"train.save": f"{tmp}/kept"}))
     log.flush()
@@ -74,6 +76,9 @@ def test_resume_reports_changed_schedule_and_applies_it_only_on_request(dataset,
     run_distributed(_body, 1, args=(dataset, str(tmp_path), str(out)))
     r = json.loads(out.read_text())
     cosine = lambda n, hi, lo, steps: lo + (hi - lo) * 0.5 * (1 + math.cos(math.pi * min(n, steps) / steps))  # noqa: E731
+    *r["first"], _ = r["first"]
+    *r["kept"], kept_betas = r["kept"]
+    *r["override"], override_betas = r["override"]
     assert [s for s, _ in r["first"]] == [1, 2, 3, 4]
     assert [lr for _, lr in r["first"]] == pytest.approx([cosine(n, 3e-3, 3e-5, 4) for n in range(4)], rel=1e-9)
 
@@ -84,12 +89,14 @@ def test_resume_reports_changed_schedule_and_applies_it_only_on_request(dataset,
     assert "keeps the checkpoint's schedule and optimizer settings, NOT this run's" in text
     for field in ("optim.lr: checkpoint 0.003, this run 0.01", "optim.min_lr: checkpoint 3e-05, this run 0.001",
                   "train.steps: checkpoint 4, this run 8", "steps 5-8 run at its min_lr 3e-05",
+                  "optim.adam_beta2: checkpoint 0.95, this run 0.99",
                   "train.override_schedule=true"):
         assert field in text, field
 
     # train.override_schedule=true: the new cosine (1e-2 -> 1e-3 over 8 steps) from step 5 on.
     assert [s for s, _ in r["override"]] == [5, 6, 7, 8]
     assert [lr for _, lr in r["override"]] == pytest.approx([cosine(n, 1e-2, 1e-3, 8) for n in range(4, 8)], rel=1e-9)
+    assert kept_betas == [0.9, 0.95] and override_betas == [0.9, 0.99]  # torch's load keeps the saved ones
 
     assert "train.override_schedule=true with train.steps=4" in r["errors"]["ended"]
     rope = r["errors"]["rope"]
