@@ -110,3 +110,19 @@ def test_override_schedule_without_a_run_to_resume_is_refused():
 
     with pytest.raises(ValueError, match="train.override_schedule=true needs train.load"):
         load_train_config(None, ("data.paths=[x]", "train.override_schedule=true"))
+
+
+def test_scheduler_keeps_norms_free_of_weight_decay():
+    """megatron's scheduler rewrites each group's weight_decay every step (x wd_mult): the 1-D
+    parameters (norms) must stay at 0 on the CPU optimizer, as megatron's own groups do."""
+    import torch
+
+    from megatron_ultralong.training.config import load_train_config
+    from megatron_ultralong.training.optimizer import CPUAdamW, build_scheduler
+
+    cfg = load_train_config(None, ("data.paths=[x]", "optim.weight_decay=0.1"))
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3, bias=False), torch.nn.LayerNorm(3, bias=False))
+    optimizer = CPUAdamW(model, cfg.optim, None)
+    scheduler = build_scheduler(optimizer, cfg)
+    scheduler.step(increment=1)
+    assert [g["weight_decay"] for g in optimizer.param_groups] == [0.1, 0.0]

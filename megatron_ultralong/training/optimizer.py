@@ -51,9 +51,12 @@ def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     for p in model.parameters():
         if p.requires_grad:
             (no_decay if p.dim() == 1 else decay).append(p)
+    # wd_mult: megatron's scheduler rewrites every group's weight_decay each step as its current
+    # value x the group's `wd_mult` (default 1), as megatron's own param groups expect; without 0
+    # here the norms would decay from the first step on.
     return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
+        {"params": decay, "weight_decay": weight_decay, "wd_mult": 1.0},
+        {"params": no_decay, "weight_decay": 0.0, "wd_mult": 0.0},
     ]
 
 
