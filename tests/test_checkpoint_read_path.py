@@ -146,6 +146,7 @@ def test_flipped_byte_is_refused_before_anything_is_written(converted, tmp_path,
     assert (tmp_path / "out" / "config.json").is_file()
 
 
+@pytest.mark.slow  # ~20 s on a shared 2-core box (the export CLI several times, readers in a gloo process)
 def test_paths_that_leave_the_checkpoint_are_refused(converted, tmp_path, capsys):
     from megatron_ultralong.checkpoint.safe_metadata import read_dcp_metadata
 
@@ -174,6 +175,8 @@ def test_paths_that_leave_the_checkpoint_are_refused(converted, tmp_path, capsys
         assert main(["mcore-to-hf", str(src), str(tmp_path / "out"), "--no-progress"]) == 2
         assert why in capsys.readouterr().err, why
         assert not (tmp_path / "out").exists()
+    # The evaluators and start-from resolve the same way (resume's `latest`: test_checkpoint_safety.py).
+    run_distributed(_readers_body, 1, args=(str(save), None, "not an iter_XXXXXXX directory", str(tmp_path / "none")))
 
     # A vetted-looking `.metadata` whose storage entry reads a file outside the directory.
     md = read_dcp_metadata(model)
