@@ -75,7 +75,9 @@ def test_resume_reports_changed_schedule_and_applies_it_only_on_request(dataset,
     out = tmp_path / "r.json"
     run_distributed(_body, 1, args=(dataset, str(tmp_path), str(out)))
     r = json.loads(out.read_text())
-    cosine = lambda n, hi, lo, steps: lo + (hi - lo) * 0.5 * (1 + math.cos(math.pi * min(n, steps) / steps))  # noqa: E731
+
+    def cosine(n, hi, lo, steps):
+        return lo + (hi - lo) * 0.5 * (1 + math.cos(math.pi * min(n, steps) / steps))
     *r["first"], _ = r["first"]
     *r["kept"], kept_betas = r["kept"]
     *r["override"], override_betas = r["override"]

@@ -131,7 +131,8 @@ class VettedLoadStrategy(TorchDistLoadShardedStrategy):
         mismatch_ok = {t.key: t for t in nested_values(sharded_state_dict)
                        if isinstance(t, ShardedTensor) and t.allow_shape_mismatch}
         orig = sharded_state_dict
-        sharded_state_dict, flat_mapping, rename_mapping = _replace_state_dict_keys_with_sharded_keys(sharded_state_dict)
+        sharded_state_dict, flat_mapping, rename_mapping = _replace_state_dict_keys_with_sharded_keys(
+            sharded_state_dict)
         pyt_state_dict = mcore_to_pyt_state_dict(sharded_state_dict, True)
         dcp.load_state_dict(pyt_state_dict, self._reader(checkpoint_dir), planner=_WeightsOnlyLoadPlanner(
             shapes_validation_sharded_tensors=flexible, allow_shape_mismatch_sharded_tensors=mismatch_ok))
@@ -150,7 +151,8 @@ class VettedLoadStrategy(TorchDistLoadShardedStrategy):
         return sharded_metadata(self, checkpoint_dir, self.metadata)
 
 
-def sharded_metadata(strategy: TorchDistLoadShardedStrategy, checkpoint_dir: Path, metadata: Metadata) -> ShardedStateDict:
+def sharded_metadata(strategy: TorchDistLoadShardedStrategy, checkpoint_dir: Path,
+                     metadata: Metadata) -> ShardedStateDict:
     """megatron-core's `TorchDistLoadShardedStrategy.load_sharded_metadata` on a vetted `metadata`
     (megatron's own reads `.metadata` again through a plain reader)."""
     from megatron.core.dist_checkpointing.mapping import ShardedObject
