@@ -95,4 +95,4 @@ def test_mcore_dir_errors_name_the_argument(tmp_path, capsys):
     (tmp_path / "save").mkdir()
     (tmp_path / "save" / "latest").write_text("iter_0000009\n")
     assert main(["mcore-to-hf", str(tmp_path / "save"), str(tmp_path / "out")]) == 2
-    assert "names 'iter_0000009', which has no complete model/" in capsys.readouterr().err
+    assert "latest names iter_0000009, which does not exist" in capsys.readouterr().err

@@ -130,3 +130,17 @@ def test_convert_both_ways_at_tp_pp_dp_matches_transformers(tmp_path):
     assert json.loads((bf16 / "config.json").read_text())["torch_dtype"] == "bfloat16"
     tensors = {k: v for f in bf16.glob("*.safetensors") for k, v in load_file(f).items()}
     assert {v.dtype for v in tensors.values()} == {torch.bfloat16}
+
+
+def test_token_ids_survive_hf_to_megatron_to_hf(tmp_path):
+    """pad_token_id (and bos/eos) come back in the exported config.json, read by transformers."""
+    from convert_fixtures import make_hf_model
+    from megatron_ultralong.convert.cli import main
+
+    hf = make_hf_model(kv=2, tied=False, rope_scaling=None)
+    hf.config.pad_token_id, hf.config.bos_token_id, hf.config.eos_token_id = 7, 1, [2, 5]
+    hf.save_pretrained(tmp_path / "hf")
+    assert main(["hf-to-mcore", str(tmp_path / "hf"), str(tmp_path / "mc"), "--no-progress"]) == 0
+    assert main(["mcore-to-hf", str(tmp_path / "mc"), str(tmp_path / "out"), "--no-progress"]) == 0
+    back = transformers.AutoConfig.from_pretrained(tmp_path / "out")
+    assert (back.pad_token_id, back.bos_token_id, back.eos_token_id) == (7, 1, [2, 5])

@@ -156,3 +156,14 @@ def test_help_and_config_errors_do_not_import_megatron(tmp_path):
     flat = " ".join(out.split())
     assert "train.loss_chunk_tokens = 16384" in flat and "recomputed in backward" in flat
     assert "model.megatron_checkpoint" in out and "parallel.context_parallel" in out
+
+
+def test_non_finite_or_negative_learning_rate_is_refused_by_the_dry_run_too(work, capsys):
+    recipe = os.path.join(ROOT, "examples", "recipes", "llama31_8b_1m.yaml")
+    for value, why in ((".nan", "optim.lr=nan: expected a finite number"),
+                       (".inf", "optim.lr=inf: expected a finite number"),
+                       ("-0.001", "optim.lr=-0.001")):
+        code, out = _run(capsys, "--config", recipe, "--dry-run", "--world-size", "256", f"optim.lr={value}")
+        assert code == 2 and why in out, (value, out[-400:])
+    code, out = _run(capsys, "--config", recipe, "--dry-run", "--world-size", "256", "optim.min_lr=.nan")
+    assert code == 2 and "optim.min_lr=nan: expected a finite number" in out

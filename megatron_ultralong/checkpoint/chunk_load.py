@@ -13,7 +13,9 @@ tensor it wants.
 which still applies the ShardedTensor factories (e.g. SwiGLU's [gate; up] halves) and merges them
 back; only the read itself changes: torch DCP's `FileSystemReader` is asked for exactly the requested
 chunks (`create_read_items_for_chunk_list`) and reads them straight into the requested tensors. The
-checkpoint's `.metadata` is read once per directory. Pass `validate_access_integrity=False` and
+checkpoint's `.metadata` is read once per directory, through `safe_metadata.read_dcp_metadata` (the
+vetted object is what torch's reader uses: the same one read path as `vetted_load.py`; the caller
+checks the manifest first, `vetted_load.verify_model_manifest`). Pass `validate_access_integrity=False` and
 `strict=StrictHandling.ASSUME_OK_UNEXPECTED` to `load` so megatron adds no collective of its own;
 missing tensors are errors here instead.
 
@@ -30,10 +32,11 @@ from megatron.core.dist_checkpointing.dict_utils import dict_list_map_inplace, n
 from megatron.core.dist_checkpointing.mapping import ShardedStateDict, ShardedTensor, StateDict
 from megatron.core.dist_checkpointing.strategies.torch import TorchDistLoadShardedStrategy
 from torch import Tensor
-from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, Metadata, TensorStorageMetadata
 from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner, ReadItem
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
+
+from megatron_ultralong.checkpoint.safe_metadata import VettedFileSystemReader, read_dcp_metadata
 
 
 class ChunkLoadStrategy(TorchDistLoadShardedStrategy):
@@ -43,9 +46,12 @@ class ChunkLoadStrategy(TorchDistLoadShardedStrategy):
     calls on the same checkpoint (the metadata is cached per directory).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, vetted: Optional[dict[str, Metadata]] = None) -> None:
+        """vetted: directory -> the `Metadata` `read_dcp_metadata` already returned for it (the caller
+        vetted it before writing anything); other directories are read and vetted on first use."""
         super().__init__()
-        self._readers: dict[str, tuple[FileSystemReader, Metadata]] = {}
+        self._vetted = {str(Path(k).resolve()): v for k, v in (vetted or {}).items()}
+        self._readers: dict[str, tuple[VettedFileSystemReader, Metadata]] = {}
 
     def load(self, sharded_state_dict: ShardedStateDict, checkpoint_dir: Path) -> StateDict:
         """Fill every ShardedTensor's `data` from the checkpoint; return the state dict of those
@@ -67,10 +73,18 @@ class ChunkLoadStrategy(TorchDistLoadShardedStrategy):
         reader.read_data(plan, planner).wait()
         return dict_list_map_inplace(lambda sh: sh.data, sharded_state_dict)
 
-    def _reader(self, checkpoint_dir: Path) -> tuple[FileSystemReader, Metadata]:
+    def load_tensors_metadata(self, checkpoint_dir: Path, metadata: Optional[Metadata] = None):
+        return super().load_tensors_metadata(checkpoint_dir, self._reader(checkpoint_dir)[1])  # vetted
+
+    def load_sharded_metadata(self, checkpoint_dir: Path):
+        from megatron_ultralong.checkpoint.vetted_load import sharded_metadata
+
+        return sharded_metadata(self, checkpoint_dir, self._reader(checkpoint_dir)[1])
+
+    def _reader(self, checkpoint_dir: Path) -> tuple[VettedFileSystemReader, Metadata]:
         key = str(Path(checkpoint_dir).resolve())
         if key not in self._readers:
-            reader = FileSystemReader(key)
+            reader = VettedFileSystemReader(key, self._vetted.get(key) or read_dcp_metadata(key))
             metadata = reader.read_metadata()
             reader.set_up_storage_reader(metadata, is_coordinator=True)
             self._readers[key] = (reader, metadata)

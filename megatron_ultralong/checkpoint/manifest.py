@@ -6,9 +6,9 @@ disk or a file truncated by a full quota loads silently (the weights just change
 records each file's size and CRC-32 in `manifest.json` and the load recomputes them first, naming
 the file that differs.
 
-Hash: `zlib.crc32`, streamed in 8 MiB blocks. The threat is storage corruption, not an attacker (no
-file of a checkpoint is ever unpickled: checkpoint/train_state.py loads with weights_only=True), and
-CRC-32 is several times faster than a cryptographic hash (docs/benchmarks.md, "checkpoint manifest
+Hash: `zlib.crc32`, streamed in 8 MiB blocks. The threat is storage corruption, not an attacker
+(whoever can rewrite a file can rewrite the manifest too; what keeps a hostile file from running
+code is that nothing is unpickled outside an allowlist: docs/security.md), and CRC-32 is several times faster than a cryptographic hash (docs/benchmarks.md, "checkpoint manifest
 hash"). The work is shared: rank r hashes files r, r + world, ... (largest first) and rank 0 gathers,
 so a 100 GB optimizer checkpoint costs each of 64 ranks ~1.6 GB of reading. Each rank also fsyncs the
 files it hashes, so a checkpoint that `latest` names is on disk, not in a page cache (on a network file
@@ -65,7 +65,7 @@ def _files(root: Path) -> list[str]:
         for name in names:
             full = Path(dirpath) / name
             if name != MANIFEST:
-                found.append((full.stat().st_size, full.relative_to(root).as_posix()))
+                found.append((full.lstat().st_size, full.relative_to(root).as_posix()))
     return [rel for _, rel in sorted(found, key=lambda t: (-t[0], t[1]))]
 
 
@@ -121,20 +121,30 @@ def read_manifest(root: Path) -> Optional[dict]:
     return files
 
 
-def verify_manifest(root: Path) -> Optional[str]:
+def verify_manifest(root: Path, only: str = "") -> Optional[str]:
     """Collective: recompute every file's size and CRC-32 (shared over the ranks).
 
     Returns None when every file matches its manifest entry, else one line naming the first bad
-    file (the same line on every rank). A checkpoint without a manifest (saved before they existed)
-    also returns None: the caller says it loads unverified. An unreadable manifest raises
-    CheckpointCorruptError."""
+    file (the same line on every rank). A file present but not listed is bad too (a file planted
+    after the save, e.g. a `.distcp` a rewritten `.metadata` points to). only: check just the
+    entries and files under this relative prefix (e.g. "model/": what a weights-only load reads).
+    A checkpoint without a manifest (saved before they existed) also returns None: the caller says
+    it loads unverified. An unreadable manifest raises CheckpointCorruptError."""
     root = Path(root)
     files = read_manifest(root)
     if files is None:
         return None
+    files = {rel: entry for rel, entry in files.items() if rel.startswith(only)}
     rank, world = _world()
-    names = sorted(files, key=lambda rel: (-int(files[rel]["size"]), rel))
+    try:
+        names = sorted(files, key=lambda rel: (-int(files[rel]["size"]), rel))
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointCorruptError(f"{root / MANIFEST}: malformed entry ({e})") from e
     problems = {}
+    if rank == 0:
+        scope = root / only if only else root
+        for rel in sorted(set(_files(scope)) - {r[len(only):] for r in files}):
+            problems[only + rel] = f"{scope / rel} is not listed in {root / MANIFEST} (added after the save)"
     for rel in names[rank::world]:
         want = files[rel]
         path = root / rel

@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
@@ -43,61 +43,20 @@ from megatron.core.dist_checkpointing.strategies.torch import (
 from megatron.core.dist_checkpointing.validation import StrictHandling
 from torch import Tensor, nn
 
-from megatron_ultralong.dtypes import DtypeName, dtype_name, parse_dtype
+from megatron_ultralong.checkpoint.info import INFO_FILE, CheckpointInfo, read_checkpoint_info
+from megatron_ultralong.checkpoint.manifest import write_manifest
+from megatron_ultralong.checkpoint.paths import require_megatron_checkpoint
+from megatron_ultralong.checkpoint.vetted_load import verify_model_manifest, vetted_load
+from megatron_ultralong.dtypes import dtype_name
 from megatron_ultralong.model.config import LlamaConfig
 from megatron_ultralong.model.gpt import DEFAULT_VOCAB_DIVISIBLE_BY
-from megatron_ultralong.rope import RopeConfig
 
-INFO_FILE = "ultralong_checkpoint.json"
+__all__ = ["INFO_FILE", "CheckpointInfo", "read_checkpoint_info", "save_megatron_checkpoint",
+           "load_megatron_checkpoint", "check_compatible"]
+
 HF_CONFIG_FILE = "config.json"
 SIDE_DIR = "hf_files"
 """Subdirectory for files carried to the HF side on export (tokenizer, generation config)."""
-FORMAT_VERSION = 1
-
-
-@dataclass(frozen=True)
-class CheckpointInfo:
-    """What `ultralong_checkpoint.json` records next to the tensors."""
-
-    model_config: LlamaConfig
-    """Architecture (incl. RoPE) the weights belong to."""
-
-    params_dtype: DtypeName = "float32"
-    """dtype of the saved weights: "float32", "bfloat16" or "float16"."""
-
-    vocab_divisible_by: int = DEFAULT_VOCAB_DIVISIBLE_BY
-    """Vocab padding rule used by the model that saved (padded = multiple of this x TP)."""
-
-    extra: dict = field(default_factory=dict)
-    """Caller's JSON-serialisable extras (iteration, tokens seen, source checkpoint...)."""
-
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        return parse_dtype(self.params_dtype, f"{INFO_FILE} params_dtype")
-
-    def to_json(self) -> dict:
-        cfg = asdict(self.model_config)
-        cfg["rope"] = asdict(self.model_config.rope)
-        return {
-            "format_version": FORMAT_VERSION,
-            "model_config": cfg,
-            "params_dtype": self.params_dtype,
-            "vocab_divisible_by": self.vocab_divisible_by,
-            "extra": self.extra,
-        }
-
-    @classmethod
-    def from_json(cls, d: dict, source: str = INFO_FILE) -> "CheckpointInfo":
-        if d.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"{source}: format_version={d.get('format_version')!r}, expected {FORMAT_VERSION}")
-        cfg = dict(d["model_config"])
-        cfg["rope"] = RopeConfig(**cfg["rope"])
-        return cls(
-            model_config=LlamaConfig(**cfg),
-            params_dtype=d["params_dtype"],
-            vocab_divisible_by=int(d["vocab_divisible_by"]),
-            extra=dict(d.get("extra") or {}),
-        )
 
 
 Materialize = Callable[[Tensor], Tensor]
@@ -205,6 +164,7 @@ def save_megatron_checkpoint(
     side_files: Sequence[str | os.PathLike] = (),
     overwrite: bool = False,
     materialize: Optional[Materialize] = None,
+    manifest: bool = True,
 ) -> Path:
     """Save this rank's model stage into a `torch_dist` checkpoint at `path` (collective: every
     rank of the default group calls it). Returns the final path.
@@ -215,6 +175,8 @@ def save_megatron_checkpoint(
     overwrite: replace an existing `path` (atomically, after the new checkpoint is complete).
     materialize: produce each tensor's data as it is written (`Materialize`), so a model whose
     weights were never filled can be saved with one weight in memory at a time (hf-to-mcore).
+    manifest: write `manifest.json` (CRC-32 per file, checked by every load); False when the caller
+    writes one for a directory above (a training checkpoint's iter_*/manifest.json).
     """
     path = Path(path)
     cfg = model_config or model.model_config
@@ -230,22 +192,11 @@ def save_megatron_checkpoint(
             (tmp / SIDE_DIR).mkdir()
             for f in side_files:
                 shutil.copy2(f, tmp / SIDE_DIR / Path(f).name)
+    _barrier()
+    if manifest:
+        write_manifest(tmp)  # collective
     finish_atomic_dir(tmp, path)
     return path
-
-
-def read_checkpoint_info(path: str | os.PathLike) -> CheckpointInfo:
-    """The plugin metadata of a checkpoint written by `save_megatron_checkpoint`."""
-    path = Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"Megatron checkpoint {path} does not exist")
-    if not (path / "metadata.json").is_file():
-        raise ValueError(f"{path}: no metadata.json, not a megatron-core distributed checkpoint")
-    info_path = path / INFO_FILE
-    if not info_path.is_file():
-        raise ValueError(f"{path}: no {INFO_FILE}; was it written by save_megatron_checkpoint?")
-    with open(info_path, encoding="utf-8") as f:
-        return CheckpointInfo.from_json(json.load(f), str(info_path))
 
 
 def check_compatible(model_config: LlamaConfig, saved: LlamaConfig, path: Path) -> None:
@@ -253,7 +204,7 @@ def check_compatible(model_config: LlamaConfig, saved: LlamaConfig, path: Path) 
 
     RoPE and max_position_embeddings may differ: extending the context of a loaded model is the point
     of the recipe, and they do not change any weight's shape."""
-    ignore = {"rope", "max_position_embeddings", "bos_token_id", "eos_token_id"}
+    ignore = {"rope", "max_position_embeddings", "bos_token_id", "eos_token_id", "pad_token_id"}
     diffs = [
         f"{k}: checkpoint {getattr(saved, k)!r} vs model {getattr(model_config, k)!r}"
         for k in asdict(saved)
@@ -263,26 +214,35 @@ def check_compatible(model_config: LlamaConfig, saved: LlamaConfig, path: Path) 
         raise ValueError(f"{path} does not fit the model: " + "; ".join(diffs))
 
 
-def load_megatron_checkpoint(model: nn.Module, path: str | os.PathLike, strict: bool = True) -> CheckpointInfo:
+def load_megatron_checkpoint(model: nn.Module, path: str | os.PathLike, strict: bool = True,
+                             allow_unverified: bool = False, manifest_checked: bool = False) -> CheckpointInfo:
     """Load a `torch_dist` checkpoint into this rank's model stage, at any TP/PP/DP (collective).
 
-    Weights are converted to the model's dtype. strict: every model weight must be in the
-    checkpoint and the architecture must match. Returns the checkpoint's `CheckpointInfo`.
+    path: a model directory, an iter_* directory or a save directory (checkpoint/paths.py). The one
+    read path (checkpoint/vetted_load.py): the manifest is checked first (allow_unverified: skip it,
+    on the user's explicit request; manifest_checked: the caller already did, e.g. resume), `.metadata`
+    is vetted and read once, nothing is unpickled beyond weights. Weights are converted to the
+    model's dtype. strict: every model weight must be in the checkpoint and the architecture must
+    match. Returns the checkpoint's `CheckpointInfo`.
     """
-    path = Path(path)
+    path = require_megatron_checkpoint(path, "checkpoint")
     info = read_checkpoint_info(path)
     if strict:
         check_compatible(model.model_config, info.model_config, path)
+    if not manifest_checked:
+        verify_model_manifest(path, allow_unverified)
     # RETURN_ALL: megatron drops the requested keys the checkpoint lacks and reports both kinds of
     # mismatch; only `_extra_state` entries may differ (see _check_mismatch).
     if strict:
-        state, ckpt_only, model_only = dist_checkpointing.load(
-            model.sharded_state_dict(), str(path), strict=StrictHandling.RETURN_ALL
-        )
+        state, ckpt_only, model_only = vetted_load(model.sharded_state_dict(), path, strict=StrictHandling.RETURN_ALL)
         _check_mismatch(path, {k.key if hasattr(k, "key") else k for k in ckpt_only},
                         {k.key if hasattr(k, "key") else k for k in model_only})
     else:
-        state = dist_checkpointing.load(model.sharded_state_dict(), str(path), strict=StrictHandling.LOG_ALL)
+        state = vetted_load(model.sharded_state_dict(), path, strict=StrictHandling.LOG_ALL)
+    # Transformer Engine unpickles a module's `_extra_state` (FP8 scaling history) in
+    # `set_extra_state` with plain pickle; this plugin trains without FP8, so a checkpoint's extra
+    # state carries nothing the model needs: it is never handed to the model (it keeps its own).
+    state = {k: v for k, v in state.items() if not _is_extra_state(k)}
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith("_extra_state")]
     if strict and (missing or unexpected):

@@ -11,12 +11,16 @@ complete checkpoint):
     trainer_state.json step, consumed samples, scheduler state, the config it ran with
     manifest.json     size and CRC-32 of every file above (checkpoint/manifest.py), written last
 
-Resume (`find_resume_checkpoint` + `load_train_checkpoint`): `latest` names the checkpoint; if it is
+Resume (`resume_candidates` + `load_train_checkpoint`): `latest` names the checkpoint; if it is
 missing, names something outside the save directory, or names an iteration that is incomplete or
 fails its checksums, the newest complete iteration that verifies is used instead, and the log says
-which and why. Nothing read from a checkpoint is unpickled freely: `.pt` files load with
-weights_only=True, and the `.metadata` files torch reads with plain pickle are vetted first
-(checkpoint/safe_metadata.py).
+which and why. The caller's `check` sees each candidate's trainer_state.json before anything is
+verified or loaded, and may refuse it (the trainer refuses another model's run and reports a
+changed schedule). Nothing read from a checkpoint is unpickled freely: `.pt` files load with
+weights_only=True, and the model goes through the one read path (checkpoint/vetted_load.py).
+
+An `iter_*` entry that is a symbolic link is not this run's checkpoint: resume, retention and the
+save-directory check ignore it (with a warning), as `latest` refuses to name one.
 
 Retention (`apply_retention`): after a new checkpoint is complete, fsynced and named by `latest`,
 older iterations beyond `keep_last` (except multiples of `keep_every`) are removed: renamed to a
@@ -28,11 +32,10 @@ import json
 import logging
 import os
 import random
-import re
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -46,8 +49,7 @@ from megatron_ultralong.checkpoint.manifest import (
     write_file_durably,
     write_manifest,
 )
-from megatron_ultralong.checkpoint.paths import LATEST, MODEL_SUBDIR
-from megatron_ultralong.checkpoint.safe_metadata import check_dcp_metadata
+from megatron_ultralong.checkpoint.paths import ITER_NAME, LATEST, MODEL_SUBDIR, STATE, pointer_target
 from megatron_ultralong.checkpoint.torch_dist import (
     begin_atomic_dir,
     finish_atomic_dir,
@@ -57,8 +59,6 @@ from megatron_ultralong.checkpoint.torch_dist import (
 
 logger = logging.getLogger(__name__)
 
-STATE = "trainer_state.json"
-_ITER = re.compile(r"^iter_(\d{7})$")
 LAYOUT_FIELDS = ("tensor_parallel", "pipeline_parallel")
 """Parallel sizes a resume must keep: the optimizer state is sharded by them (CPU: per rank; GPU:
 megatron's distributed optimizer). CP and DP may change (the model checkpoint is layout-free and the
@@ -75,11 +75,22 @@ def _barrier() -> None:
 
 
 def iteration_dirs(save_dir: str | os.PathLike) -> list[tuple[int, Path]]:
-    """(step, path) of every `iter_XXXXXXX` directory under save_dir, oldest first."""
+    """(step, path) of every `iter_XXXXXXX` directory under save_dir, oldest first. A symbolic link
+    named like one is skipped with a warning: it is no checkpoint this run wrote, and following it
+    would let retention delete, or resume load, a directory outside the save directory."""
     root = Path(save_dir)
     if not root.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _ITER.match(p.name)) and p.is_dir()]
+    found = []
+    for p in root.iterdir():
+        m = ITER_NAME.match(p.name)
+        if not m:
+            continue
+        if p.is_symlink():
+            logger.warning("%s is a symbolic link: ignored (not resumed from, never deleted)", p)
+            continue
+        if p.is_dir():
+            found.append((int(m.group(1)), p))
     return sorted(found)
 
 
@@ -154,7 +165,8 @@ def save_train_checkpoint(
         (tmp / "optimizer").mkdir()
         (tmp / "rng").mkdir()
     _barrier()
-    save_megatron_checkpoint(model, tmp / MODEL_SUBDIR, extra={"step": step}, side_files=side_files, overwrite=True)
+    save_megatron_checkpoint(model, tmp / MODEL_SUBDIR, extra={"step": step}, side_files=side_files, overwrite=True,
+                             manifest=False)  # the iteration's manifest below covers model/
     optimizer.save(str(tmp / "optimizer"), model.sharded_state_dict())
     torch.save(_rng_state(use_cuda), tmp / "rng" / f"rank_{rank:05d}.pt")
     if rank == 0:
@@ -209,22 +221,8 @@ def apply_retention(save_dir: str, keep_last: Optional[int], keep_every: Optiona
 # --- find and load ---
 
 def _pointer_target(load_dir: Path) -> tuple[Optional[Path], str]:
-    """The iteration `latest` names, or (None, why not)."""
-    pointer = load_dir / LATEST
-    if not pointer.is_file():
-        return None, f"{pointer} does not exist"
-    name = pointer.read_text(errors="replace").strip()
-    if not _ITER.match(name):
-        # Only a plain iter_XXXXXXX name: never a path out of the save directory (../, /abs, links).
-        return None, f"{pointer} names {name!r}, not an iter_XXXXXXX directory of {load_dir}"
-    target = load_dir / name
-    if target.is_symlink() or not target.resolve().is_relative_to(load_dir.resolve()):
-        return None, f"{pointer} names {name}, which leads outside {load_dir}"
-    if not target.is_dir():
-        return None, f"{pointer} names {name}, which does not exist"
-    if not is_complete(target):
-        return None, f"{pointer} names {name}, which is incomplete (no {STATE})"
-    return target, ""
+    """The complete iteration `latest` names, or (None, why not): checkpoint/paths.py's rules."""
+    return pointer_target(load_dir, require_complete=True)
 
 
 def resume_candidates(load_dir: str | os.PathLike) -> list[Path]:
@@ -286,15 +284,15 @@ def load_train_checkpoint(
     path: Path, model: torch.nn.Module, optimizer: Any, scheduler: Any, parallel: Optional[dict] = None
 ) -> tuple[int, int]:
     """Restore everything `save_train_checkpoint` wrote; returns (step, consumed_samples).
-    parallel: the run's `parallel` config section (dict), checked against the saved layout first."""
+    parallel: the run's `parallel` config section (dict), checked against the saved layout first.
+    The caller has verified the whole iteration against its manifest (`resume`)."""
     path = Path(path)
     state = read_train_state(path)
     if parallel is not None:
         check_layout(path, state, parallel)
     world = dist.get_world_size() if dist.is_initialized() else 1
-    for sub in (MODEL_SUBDIR, "optimizer"):
-        check_dcp_metadata(path / sub)  # torch reads .metadata with plain pickle: vet it first
-    _named(f"{path / MODEL_SUBDIR}", lambda: load_megatron_checkpoint(model, path / MODEL_SUBDIR))
+    _named(f"{path / MODEL_SUBDIR}",
+           lambda: load_megatron_checkpoint(model, path / MODEL_SUBDIR, manifest_checked=True))
     _named(f"{path / 'optimizer'}", lambda: optimizer.load(str(path / "optimizer"), model.sharded_state_dict()))
     _named(f"{path / STATE} (scheduler)", lambda: scheduler.load_state_dict(state["scheduler"]))
     rng = path / "rng" / f"rank_{_rank():05d}.pt"
@@ -316,15 +314,25 @@ def _quarantine(path: Path) -> None:
 
 
 def resume(
-    load_dir: str, model: torch.nn.Module, optimizer: Any, scheduler: Any, parallel: Optional[dict] = None
+    load_dir: str, model: torch.nn.Module, optimizer: Any, scheduler: Any, parallel: Optional[dict] = None,
+    check: Optional[Callable[[Path, dict], None]] = None,
 ) -> Optional[tuple[Path, int, int]]:
     """Collective: load the newest checkpoint under load_dir that verifies; None if there is none.
 
-    A checkpoint whose files fail the manifest check is skipped with a warning naming the file; if
+    check(path, trainer_state) runs on each candidate before it is verified or loaded (every rank);
+    it raises to refuse the checkpoint (a refusal stops the resume: the run belongs elsewhere). A
+    checkpoint whose files fail the manifest check is skipped with a warning naming the file; if
     every one fails, raises CheckpointCorruptError (starting from scratch would overwrite the run)."""
     candidates = resume_candidates(load_dir)
     failures = []
     for path in candidates:
+        if check is not None:
+            try:
+                state = read_train_state(path)
+            except CheckpointCorruptError:
+                state = None  # the manifest check below names the damage and falls back
+            if state is not None:
+                check(path, state)
         problem = verify_checkpoint(path)
         if problem is not None:
             failures.append((path, problem))

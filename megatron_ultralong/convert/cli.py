@@ -3,9 +3,11 @@
     mu-convert hf-to-mcore HF_DIR MCORE_DIR [--tp 2 --pp 2] [--dtype bf16]
                [--rope-yarn-target 1048576 --yarn-beta-fast 4] [--verify]
     mu-convert mcore-to-hf MCORE_DIR HF_DIR [--tp 1] [--dtype bf16] [--max-shard-size 2GB] [--verify]
+               [--no-verify-manifest]
 
 MCORE_DIR may be a converted model directory, a training checkpoint `iter_XXXXXXX/` (its model/)
-or a training save directory (the checkpoint `latest` names): checkpoint/paths.py resolves it.
+or a training save directory (the checkpoint `latest` names): checkpoint/paths.py resolves it, and
+its manifest (CRC-32 per file) is checked before anything is written (--no-verify-manifest waives it).
 --verify compares logits with transformers and exits 1 when max |logit diff| exceeds --verify-tol.
 
 Processes: under torchrun (WORLD_SIZE set) every rank runs the conversion itself; otherwise the tool
@@ -60,12 +62,15 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--no-progress", action="store_true", help="no progress bar")
         if name == "mcore-to-hf":
             s.add_argument("--max-shard-size", default="1GB", help="safetensors shard size (e.g. 2GB)")
+            s.add_argument("--no-verify-manifest", action="store_true",
+                           help="export even if the checkpoint's files differ from its manifest.json "
+                                "(CRC-32 per file, checked by default before anything is written)")
     return p
 
 
 def source_config(args: argparse.Namespace) -> "LlamaConfig":
     """The input's model config, validated (HF: also every tensor's name and shape)."""
-    from megatron_ultralong.checkpoint.torch_dist import read_checkpoint_info
+    from megatron_ultralong.checkpoint.info import read_checkpoint_info
     from megatron_ultralong.convert.hf_io import HFCheckpointReader
     from megatron_ultralong.convert.hf_to_mcore import check_hf_weights, model_config_from_hf
 
@@ -114,7 +119,7 @@ def run_conversion(args: argparse.Namespace, context: Optional["ContextExtension
             path, report = convert_hf_to_mcore(args.src, args.dst, runtime, **common)
         else:
             path, report = convert_mcore_to_hf(args.src, args.dst, runtime, max_shard_size=args.max_shard_size,
-                                               **common)
+                                               manifest_checked=True, **common)  # checked in main()
         status = 0
         if runtime.rank == 0:
             print(f"wrote {path}", flush=True)
@@ -157,7 +162,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from megatron_ultralong.model.config import check_parallel_fits
 
         if args.direction == "mcore-to-hf":  # a save dir, an iter_* dir or a model dir
+            from megatron_ultralong.checkpoint.safe_metadata import check_dcp_metadata
+            from megatron_ultralong.checkpoint.vetted_load import verify_model_manifest
+
             args.src = str(require_megatron_checkpoint(args.src, "MCORE_DIR"))
+            # Before any process starts and anything is written: a refused export leaves no output.
+            verify_model_manifest(args.src, allow_unverified=args.no_verify_manifest)
+            check_dcp_metadata(args.src)
         _dtype_flag(args)
         if args.direction == "mcore-to-hf":
             parse_size(args.max_shard_size)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Optional, Union
 
 import torch
@@ -77,8 +77,13 @@ class HFCheckpointReader:
     def _read_weight_map(self) -> dict[str, str]:
         index = self.path / INDEX_FILE
         if index.is_file():
-            with open(index, encoding="utf-8") as f:
-                weight_map = dict(json.load(f)["weight_map"])
+            try:
+                with open(index, encoding="utf-8") as f:
+                    weight_map = dict(json.load(f)["weight_map"])
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+                raise ValueError(f"{index}: not a safetensors index ({type(e).__name__}: {e})") from None
+            for name, file in weight_map.items():
+                _check_shard_name(index, name, file)
             absent = sorted({f for f in weight_map.values() if not (self.path / f).is_file()})
             if absent:
                 raise FileNotFoundError(
@@ -112,6 +117,17 @@ class HFCheckpointReader:
     def side_files(self) -> list[Path]:
         """Tokenizer / generation files present next to the weights (copied through)."""
         return [self.path / n for n in TOKENIZER_FILES if (self.path / n).is_file()]
+
+
+def _check_shard_name(index: Path, tensor: str, file: object) -> None:
+    """A shard named by the index must be a file of the checkpoint directory: a relative path with
+    no `..` (an index naming `../x` or `/abs` would make the converter read any file the user can).
+    The shard itself may be a symbolic link: the Hugging Face hub cache stores every file of a
+    snapshot as a link into its blob store."""
+    p = PurePosixPath(file) if isinstance(file, str) else None
+    if p is None or not file or p.is_absolute() or ".." in p.parts or "\\" in file:
+        raise ValueError(f"{index}: weight_map[{tensor!r}] = {file!r} is not a file of {index.parent} "
+                         "(absolute paths and '..' are refused)")
 
 
 ST_DTYPES = {  # safetensors header dtype names -> torch dtypes

@@ -187,7 +187,7 @@ def convert_hf_to_mcore(
         source.close()
     report = None
     if verify:  # what was written, read back through megatron's loader, against transformers
-        load_megatron_checkpoint(model, path)
+        load_megatron_checkpoint(model, path, manifest_checked=True)  # just written, manifest included
         # The reference runs with the config the conversion used (its RoPE replaced, or parsed from a
         # transformers 5 `rope_parameters` config.json that transformers 4.x would misread).
         report = verify_against_hf(model, runtime, reader.path, hf_config=cfg.to_hf(dtype_name(dtype)))

@@ -24,17 +24,21 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.validation import StrictHandling
+from torch.distributed.checkpoint.metadata import Metadata
 from tqdm import tqdm
 
+from megatron_ultralong.checkpoint.chunk_load import ChunkLoadStrategy
+from megatron_ultralong.checkpoint.info import read_checkpoint_info
+from megatron_ultralong.checkpoint.paths import require_megatron_checkpoint
 from megatron_ultralong.checkpoint.torch_dist import (
     SIDE_DIR,
     begin_atomic_dir,
     check_compatible,
     finish_atomic_dir,
     load_megatron_checkpoint,
-    read_checkpoint_info,
 )
-from megatron_ultralong.checkpoint.chunk_load import ChunkLoadStrategy
+from megatron_ultralong.checkpoint.safe_metadata import read_dcp_metadata
+from megatron_ultralong.checkpoint.vetted_load import WeightsOnlyCommonStrategy, verify_model_manifest
 from megatron_ultralong.convert.heap import release_freed_memory
 from megatron_ultralong.convert.hf_io import write_hf_config
 from megatron_ultralong.dtypes import dtype_name
@@ -80,6 +84,7 @@ def write_hf_stage(
     dtype: torch.dtype,
     max_shard_size: Union[int, str],
     progress: bool = True,
+    vetted: Optional[Metadata] = None,
 ) -> tuple[list[tuple[str, list[str]]], int]:
     """Load this stage from `checkpoint` one layer at a time, write it into temporary shards in
     out_dir and free each layer once written (collective over the TP group only: TP ranks gather).
@@ -88,7 +93,8 @@ def write_hf_stage(
     no resident memory): resident weights stay about one layer. Reads go through
     `ChunkLoadStrategy` (this rank's chunks only, no collective), writes through `HFShardWriter`
     (straight to disk, nothing buffered). The model's weights are released afterwards. Returns
-    (shards, bytes) written by this rank; empty except on TP rank 0 of DP/CP rank 0."""
+    (shards, bytes) written by this rank; empty except on TP rank 0 of DP/CP rank 0. vetted: the
+    checkpoint's `.metadata` as `read_dcp_metadata` returned it (read here when None)."""
     if is_replica(runtime):
         return [], 0
     tp = runtime.pg_collection.tp
@@ -99,13 +105,14 @@ def write_hf_stage(
                            prefix=f"pp{pp_rank:04d}-") if tp.rank() == 0 else None
     bar = tqdm(total=len(names), desc=f"megatron -> hf (stage {pp_rank})", unit="tensor",
                disable=not progress or writer is None)
-    strategy = ChunkLoadStrategy()
+    strategy = ChunkLoadStrategy({str(checkpoint): vetted} if vetted is not None else None)
     params = model.state_dict(keep_vars=True)
     with torch.no_grad():
         for group in param_groups(model):
             # megatron's load (factories applied and merged back) of just these keys, read locally.
             sharded = {k: v for k, v in model.sharded_state_dict().items() if k in group}
             state = dist_checkpointing.load(sharded, str(checkpoint), sharded_strategy=strategy,
+                                            common_strategy=WeightsOnlyCommonStrategy(),
                                             validate_access_integrity=False,
                                             strict=StrictHandling.ASSUME_OK_UNEXPECTED)
             del sharded
@@ -137,15 +144,24 @@ def convert_mcore_to_hf(
     overwrite: bool = False,
     progress: bool = True,
     verify: bool = False,
+    allow_unverified: bool = False,
+    manifest_checked: bool = False,
 ) -> tuple[Path, Optional[VerifyReport]]:
     """Convert a checkpoint written by `save_megatron_checkpoint` into an HF directory (collective).
+
+    mcore_dir: a model, iter_* or save directory (checkpoint/paths.py). Its manifest is checked
+    before anything is written (checkpoint/vetted_load.py; allow_unverified skips that on request,
+    manifest_checked says the caller did it), so a refused export leaves no output directory.
 
     dtype: exported dtype (default: the checkpoint's). context: extends the context
     written to config.json (`extend_context`; default: the checkpoint's own RoPE). verify: after the export, run the loaded model and
     transformers on the exported directory (its own config.json) and report on rank 0.
     Returns (output path, report or None).
     """
-    mcore_dir, out_dir = Path(mcore_dir), Path(out_dir)
+    mcore_dir, out_dir = require_megatron_checkpoint(mcore_dir, "MCORE_DIR"), Path(out_dir)
+    if not manifest_checked:
+        verify_model_manifest(mcore_dir, allow_unverified)
+    vetted = read_dcp_metadata(mcore_dir)  # refused here, before the output exists; read once
     info = read_checkpoint_info(mcore_dir)
     cfg = info.model_config if context is None else context.apply(info.model_config)
     check_parallel_fits(cfg, runtime.parallel.tensor_parallel, runtime.parallel.pipeline_parallel, "--tp ", "--pp ")
@@ -153,7 +169,12 @@ def convert_mcore_to_hf(
     model = build_stage(cfg, runtime, info.torch_dtype, info.vocab_divisible_by)
     out_dtype = dtype or info.torch_dtype
     tmp = begin_atomic_dir(out_dir, overwrite)
-    shards, nbytes = write_hf_stage(model, cfg, runtime, mcore_dir, tmp, out_dtype, max_shard_size, progress)
+    try:
+        shards, nbytes = write_hf_stage(model, cfg, runtime, mcore_dir, tmp, out_dtype, max_shard_size, progress,
+                                        vetted)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a failed export leaves nothing behind
+        raise
     del model
     gathered: list = [None] * (dist.get_world_size() if dist.is_initialized() else 1)
     record = (runtime.pg_collection.pp.rank(), shards, nbytes)
@@ -174,6 +195,6 @@ def convert_mcore_to_hf(
     report = None
     if verify:  # the export freed the weights: load the whole stage again
         model = build_stage(cfg, runtime, info.torch_dtype, info.vocab_divisible_by)
-        load_megatron_checkpoint(model, mcore_dir)
+        load_megatron_checkpoint(model, mcore_dir, manifest_checked=True)
         report = verify_against_hf(model, runtime, out_dir)
     return out_dir, report

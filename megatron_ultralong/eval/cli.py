@@ -35,6 +35,9 @@ def _common(parser: argparse.ArgumentParser) -> None:
                                             "Megatron checkpoint's hf_files/)")
     parser.add_argument("--out", required=True, help="output directory (JSON, JSON lines per cell, PNG); a re-run "
                                                      "with the same --out resumes")
+    parser.add_argument("--no-verify-manifest", action="store_true",
+                        help="Megatron: load the checkpoint even if its files differ from its manifest.json "
+                             "(CRC-32 per file, checked by default)")
     parser.add_argument("--tp", type=int, default=1, help="Megatron: tensor-parallel size (default 1)")
     parser.add_argument("--cp", type=int, default=1,
                         help="Megatron: context-parallel size; the prompt's prefill and KV cache are split over "
@@ -154,7 +157,9 @@ def _backend(args: argparse.Namespace):
     from megatron_ultralong.eval.megatron_backend import MegatronBackend, init_eval_runtime
 
     runtime = init_eval_runtime(args.tp, args.cp, args.cp_comm_type, args.device)
-    return MegatronBackend.from_checkpoint(str(megatron_dir), runtime, dtype), tokenizer, runtime
+    backend = MegatronBackend.from_checkpoint(str(megatron_dir), runtime, dtype,
+                                              allow_unverified=args.no_verify_manifest)
+    return backend, tokenizer, runtime
 
 
 def _niah(args, backend, tokenizer) -> str:

@@ -73,10 +73,12 @@ class MegatronBackend:
 
     @classmethod
     def from_checkpoint(cls, path: str, runtime: Runtime, params_dtype: Optional[torch.dtype] = None,
-                        loss_chunk_tokens: int = 4096) -> "MegatronBackend":
+                        loss_chunk_tokens: int = 4096, allow_unverified: bool = False) -> "MegatronBackend":
         """Build the model recorded in a `save_megatron_checkpoint` directory and load its weights
-        (loss_chunk_tokens: the model's chunk for `token_losses`)."""
-        from megatron_ultralong.checkpoint.torch_dist import load_megatron_checkpoint, read_checkpoint_info
+        through the one checkpoint read path (manifest checked unless allow_unverified; nothing
+        unpickled beyond weights). loss_chunk_tokens: the model's chunk for `token_losses`."""
+        from megatron_ultralong.checkpoint.info import read_checkpoint_info
+        from megatron_ultralong.checkpoint.torch_dist import load_megatron_checkpoint
 
         model_dir = resolve_megatron_checkpoint(path)
         if model_dir is None:
@@ -84,7 +86,7 @@ class MegatronBackend:
         info = read_checkpoint_info(model_dir)
         model = build_model(info.model_config, runtime, params_dtype=params_dtype or info.torch_dtype,
                             vocab_divisible_by=info.vocab_divisible_by, loss_chunk_tokens=loss_chunk_tokens)
-        load_megatron_checkpoint(model, model_dir)
+        load_megatron_checkpoint(model, model_dir, allow_unverified=allow_unverified)
         return cls(model, runtime)
 
     def _shard(self, ids: Tensor) -> tuple[Tensor, Tensor, int]:

@@ -67,6 +67,9 @@ class LlamaConfig:
     eos_token_id: Any = 128001
     """Carried through to the exported config.json (an int or a list, as in Llama 3.1)."""
 
+    pad_token_id: Any = None
+    """Carried through to the exported config.json (None: the HF config has none, as in Llama 3.1)."""
+
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "num_layers", "num_attention_heads", "num_kv_heads",
                      "head_dim", "ffn_hidden_size", "max_position_embeddings"):
@@ -129,6 +132,7 @@ class LlamaConfig:
             rope=RopeConfig.from_hf(d),
             bos_token_id=d.get("bos_token_id", 128000),
             eos_token_id=d.get("eos_token_id", 128001),
+            pad_token_id=d.get("pad_token_id"),
         )
 
     def to_hf(self, torch_dtype: str = "bfloat16") -> dict:
@@ -156,6 +160,7 @@ class LlamaConfig:
             "initializer_range": 0.02,
             "bos_token_id": self.bos_token_id,
             "eos_token_id": self.eos_token_id,
+            "pad_token_id": self.pad_token_id,
             "torch_dtype": torch_dtype,
         }
 

@@ -6,7 +6,8 @@ betas, batch for 1M/2M) are fields with neutral defaults, set explicitly in exam
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass, field, fields
 from typing import Literal, Optional
 
 from megatron_ultralong.config_io import apply_overrides, from_dict, load_yaml
@@ -33,6 +34,10 @@ class ModelSection:
     """Start from this Megatron checkpoint (weights only; use train.load to resume a run): a converted
     model directory (`mu-convert hf-to-mcore`), a training iter_* directory, or a training save
     directory (its `latest`)."""
+
+    allow_unverified: bool = False
+    """Load model.megatron_checkpoint even when its files differ from its manifest.json (CRC-32 per
+    file, checked by default before any weight is read)."""
 
     yarn_target_length: Optional[int] = None
     """Context extension: replace the RoPE scaling by YaRN with factor = target / yarn_original_length
@@ -113,12 +118,22 @@ class OptimSection:
     """Clip the global gradient norm to this (0 disables)."""
 
     def __post_init__(self) -> None:
+        for f in fields(self):  # NaN compares false with everything: test finiteness first
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"optim.{f.name}={value}: expected a finite number")
         if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
             raise ValueError(f"optim.lr={self.lr}, optim.min_lr={self.min_lr}: need 0 <= min_lr <= lr, lr > 0")
         if self.warmup_steps < 0:
             raise ValueError(f"optim.warmup_steps={self.warmup_steps}: expected >= 0")
         if self.clip_grad < 0:
             raise ValueError(f"optim.clip_grad={self.clip_grad}: expected >= 0")
+        if self.weight_decay < 0 or self.adam_eps <= 0:
+            raise ValueError(f"optim.weight_decay={self.weight_decay}, optim.adam_eps={self.adam_eps}: "
+                             "need weight_decay >= 0 and adam_eps > 0")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"optim.{name}={getattr(self, name)}: expected 0 <= beta < 1")
 
 
 @dataclass(frozen=True)
@@ -163,6 +178,11 @@ class TrainSection:
     exit_duration_minutes: Optional[float] = None
     """Save and exit (code 75) after this many minutes of wall time since start; set it to the
     allocation minus one step, one save and start-up. None = no limit."""
+
+    override_schedule: bool = False
+    """On resume, apply this run's optim.lr, min_lr, warmup_steps, decay_style, weight_decay, betas,
+    eps and train.steps (the decay length) from the checkpoint's step on. False: the checkpoint's
+    schedule and optimizer settings continue, and every difference is reported by name."""
 
     keep_last: Optional[int] = None
     """Keep only the newest N checkpoints (older ones deleted after a new one is complete); None = all."""
@@ -244,6 +264,9 @@ class TrainConfig:
     """Loop, checkpoints, logging."""
 
     def __post_init__(self) -> None:
+        if self.train.override_schedule and self.train.load_dir is None:
+            raise ValueError("train.override_schedule=true needs train.load (or train.save) to resume from: "
+                             "there is no checkpoint schedule to override")
         if self.optim.warmup_steps and self.optim.warmup_steps >= self.train.steps:
             raise ValueError(
                 f"optim.warmup_steps={self.optim.warmup_steps} must be < train.steps={self.train.steps} "

@@ -51,9 +51,12 @@ def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     for p in model.parameters():
         if p.requires_grad:
             (no_decay if p.dim() == 1 else decay).append(p)
+    # wd_mult: megatron's scheduler rewrites every group's weight_decay each step as its current
+    # value x the group's `wd_mult` (default 1), as megatron's own param groups expect; without 0
+    # here the norms would decay from the first step on.
     return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
+        {"params": decay, "weight_decay": weight_decay, "wd_mult": 1.0},
+        {"params": no_decay, "weight_decay": 0.0, "wd_mult": 0.0},
     ]
 
 
@@ -225,10 +228,10 @@ class MegatronOptimizer:
         dist_checkpointing.save({"optimizer": state}, directory)
 
     def load(self, directory: str, model_sharded_state_dict: dict) -> None:
-        from megatron.core import dist_checkpointing
+        from megatron_ultralong.checkpoint.vetted_load import vetted_load
 
         template = {"optimizer": self.inner.sharded_state_dict(model_sharded_state_dict, is_loading=True)}
-        state = dist_checkpointing.load(template, directory)
+        state = vetted_load(template, directory)  # the vetted read path (no pickle beyond weights)
         self.inner.load_state_dict(state["optimizer"])
 
 
@@ -241,8 +244,11 @@ def build_optimizer(ddp_model: nn.Module, cfg: TrainConfig, runtime) -> TrainOpt
 
 
 def build_scheduler(optimizer: TrainOptimizer, cfg: TrainConfig) -> OptimizerParamScheduler:
-    """megatron-core's scheduler: linear warmup to lr, then `decay_style` to min_lr at train.steps."""
+    """megatron-core's scheduler: linear warmup to lr, then `decay_style` to min_lr at train.steps.
+    On resume its `load_state_dict` keeps the checkpoint's values, or with train.override_schedule
+    these (megatron's override_opt_param_scheduler; training/resume_checks.py reports either way)."""
     o = cfg.optim
+    override = cfg.train.override_schedule
     decay_steps = max(1, cfg.train.steps)
     return OptimizerParamScheduler(
         optimizer,
@@ -256,4 +262,6 @@ def build_scheduler(optimizer: TrainOptimizer, cfg: TrainConfig) -> OptimizerPar
         end_wd=o.weight_decay,
         wd_incr_steps=decay_steps,
         wd_incr_style="constant",
+        use_checkpoint_opt_param_scheduler=not override,
+        override_opt_param_scheduler=override,
     )

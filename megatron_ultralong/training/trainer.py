@@ -37,6 +37,7 @@ from megatron_ultralong.training.memory import estimate_memory_per_device, forma
 from megatron_ultralong.training.metrics import training_flops_per_token
 from megatron_ultralong.training.optimizer import build_data_parallel, build_optimizer, build_scheduler, finalize_grads
 from megatron_ultralong.training.model_source import initial_megatron_checkpoint, resolve_model_config  # noqa: F401
+from megatron_ultralong.training.resume_checks import apply_optimizer_override, check_same_model, report_schedule
 from megatron_ultralong.training.progress import StepProgress, format_banner, format_step_line
 from megatron_ultralong.training.sinks import MetricSinks, check_sinks
 
@@ -150,7 +151,7 @@ class Trainer:
             from megatron_ultralong.checkpoint.torch_dist import SIDE_DIR, load_megatron_checkpoint
 
             model_dir = initial_megatron_checkpoint(self.cfg)  # save dir, iter_* or model/ (checkpoint/paths.py)
-            load_megatron_checkpoint(model, model_dir)
+            load_megatron_checkpoint(model, model_dir, allow_unverified=m.allow_unverified)
             side = os.path.join(model_dir, SIDE_DIR)
             if os.path.isdir(side):
                 self.side_files = sorted(os.path.join(side, f) for f in os.listdir(side))
@@ -173,12 +174,20 @@ class Trainer:
         self.step, self.consumed, resumed_from = 0, 0, None
         note = "no train.load or train.save: starting from step 0"
         if t.load_dir:
-            found = resume(t.load_dir, self.model, self.optimizer, self.scheduler, to_dict(self.cfg.parallel))
+            fresh = self.scheduler.state_dict()  # this run's schedule, before a load replaces it
+
+            def check(path, state):  # before the candidate is verified or loaded (train_state.resume)
+                check_same_model(path, self.model_cfg, self.cfg)
+                report_schedule(path, state, fresh, self.cfg)
+
+            found = resume(t.load_dir, self.model, self.optimizer, self.scheduler, to_dict(self.cfg.parallel), check)
             if found is None:
                 note = f"no checkpoint found in {t.load_dir}, starting from scratch"
                 logger.warning(note)
             else:
                 resumed_from, self.step, self.consumed = found
+                if t.override_schedule:
+                    apply_optimizer_override(self.optimizer, self.cfg)
                 note = f"resumed from {resumed_from} at step {self.step} ({self.consumed} samples consumed)"
                 logger.info(note)
                 if self.is_logger:
