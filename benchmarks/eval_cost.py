@@ -1,11 +1,12 @@
 """What a full evaluation table costs: per benchmark and length, the prompts, the tokens, and the
 wall time predicted on N GPUs from the project's FLOP model (training/metrics.py).
 
-    python benchmarks/eval_cost.py                       # the paper's NIAH + RULER grid, Llama-3.1-8B, 8 GPUs
+    python benchmarks/eval_cost.py             # NIAH + RULER 4K..4M, LV-Eval, InfiniteBench; Llama-3.1-8B, 8 GPUs
     python benchmarks/eval_cost.py --suite-config suite.yaml --model llama3.1-8b --gpus 8 --markdown
 
 The cells come from the suite's benchmarks (suite/registry.py), so every registered benchmark in
-the config is costed the same way. FLOPs: a training token costs forward + backward = 3 forwards,
+the config is costed the same way; LV-Eval and InfiniteBench at their published sizes
+(`nominal_cells`: sample counts and average input lengths from their READMEs), without the data. FLOPs: a training token costs forward + backward = 3 forwards,
 so a prefill of s tokens is s * training_flops_per_token(cfg, s) / 3 (causal attention over s);
 each generated token attends to the whole prompt, twice the causal average, which is
 training_flops_per_token(cfg, 2 s) / 3. Time = FLOPs / (GPUs x peak x MFU): prompts up to the
@@ -32,6 +33,8 @@ POWERS = [4096 << k for k in range(11)]  # 4K .. 4M
 DEFAULT = SuiteConfig(benchmarks={
     "niah": {"lengths": POWERS, "depths": [i / 10 for i in range(11)]},
     "ruler": {"lengths": POWERS},  # all 13 tasks, RULER's 500 samples
+    "lveval": {"data_root": "data/lveval"},  # 11 datasets x 5 levels, no truncation (not read: nominal sizes)
+    "infinitebench": {"data_root": "data/infinitebench"},  # 12 tasks, upstream's 128K truncation
 })
 
 
@@ -55,6 +58,11 @@ def cost_rows(config: SuiteConfig, cfg) -> list[dict]:
     return [{"benchmark": b, "length": n, **v} for (b, n), v in rows.items()]
 
 
+def _length(n: int) -> str:
+    """A power of two (the grids' lengths) -> "8K"; any other (a benchmark's average) -> "171,500"."""
+    return format_length(n) if n & (n - 1) == 0 else f"{n:,}"
+
+
 def _hours(s: float) -> str:
     return f"{s / 3600:.1f} h" if s >= 360 else f"{s / 60:.1f} min"
 
@@ -64,7 +72,7 @@ def markdown(rows: list[dict], gpus: int, peak: float, mfu: float, limits=(13107
     out = ["| benchmark | length | prompts | prompt tokens | generated tokens | PFLOP | time on "
            f"{gpus} GPUs |", "|---|---|---|---|---|---|---|"]
     for r in rows:
-        out.append(f"| {r['benchmark']} | {format_length(r['length'])} | {r['prompts']:,} | {r['prompt_tokens']:,} | "
+        out.append(f"| {r['benchmark']} | {_length(r['length'])} | {r['prompts']:,} | {r['prompt_tokens']:,} | "
                    f"{r['new_tokens']:,} | {r['flops'] / 1e15:,.0f} | {_hours(r['flops'] / rate)} |")
     out.append("")
     for limit in limits:

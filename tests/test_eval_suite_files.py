@@ -189,3 +189,14 @@ def test_aggregates_only_from_complete_files():
     assert b.aggregate(res) == {"InfiniteBench": round((50 + 1100) / 12, 2)}
     del res["task=code_run/samples=0-2"]
     assert b.aggregate(res) == {}  # 11 of 12 tasks: no paper column
+
+
+def test_example_suite_config_builds_every_benchmark():
+    """examples/eval/suite_1m.yaml, the docs' example, is a valid suite config for all four benchmarks."""
+    from megatron_ultralong.eval.suite.runner import load_suite_config
+
+    cfg = load_suite_config(os.path.join(ROOT, "examples", "eval", "suite_1m.yaml"))
+    benches = {n: make(n, o) for n, o in cfg.benchmarks.items()}
+    assert list(benches) == ["niah", "ruler", "lveval", "infinitebench"]
+    assert len(benches["lveval"].nominal_cells()) == 55 and len(benches["infinitebench"].nominal_cells()) == 12
+    assert sum(c.num_prompts for c in benches["lveval"].nominal_cells()) == 8645  # LV-Eval's 1729 per level
