@@ -6,13 +6,15 @@ wall time predicted on N GPUs from the project's FLOP model (training/metrics.py
 
 The cells come from the suite's benchmarks (suite/registry.py), so every registered benchmark in
 the config is costed the same way; LV-Eval and InfiniteBench at their published sizes
-(`nominal_cells`: sample counts and average input lengths from their READMEs), without the data. FLOPs: a training token costs forward + backward = 3 forwards,
+(`nominal_cells`: sample counts and average input lengths from their READMEs), without the data.
+FLOPs: a training token costs forward + backward = 3 forwards,
 so a prefill of s tokens is s * training_flops_per_token(cfg, s) / 3 (causal attention over s);
 each generated token attends to the whole prompt, twice the causal average, which is
 training_flops_per_token(cfg, 2 s) / 3. Time = FLOPs / (GPUs x peak x MFU): prompts up to the
 HF limit run one per GPU, longer ones split over all GPUs by CP; both reach the same rate in this
 model. Decoding is memory-bound in practice, so its share is a lower bound; it is < 1% of every
-row here. Docs: docs/evaluation.md ("What a full table costs") holds this script's --markdown output.
+row here but InfiniteBench's math_calc (30000 new tokens per prompt). Docs: docs/evaluation.md
+("What a full table costs") holds this script's --markdown output.
 """
 from __future__ import annotations
 

@@ -207,7 +207,8 @@ class LvevalBenchmark:
     def finish(self, results: dict[str, dict], out_dir: str) -> dict:
         """LV-Eval-layout prediction files for the complete files, and lveval_results.json."""
         for file_key, parts in self._files_done(results).items():
-            write_jsonl(fb.out_path(out_dir, "lveval", f"{file_key}.jsonl"), [r for p in parts for r in p["predictions"]])
+            write_jsonl(fb.out_path(out_dir, "lveval", f"{file_key}.jsonl"),
+                        [r for p in parts for r in p["predictions"]])
         summary = {"scores": self.scores(results), "aggregate": self.aggregate(results),
                    "config": asdict(self.config)}
         write_json(fb.out_path(out_dir, "lveval_results.json"), summary)
