@@ -69,6 +69,10 @@ class LvevalSuiteConfig:
     limit: Optional[int] = None
     """First n samples of each file (smoke tests; a partial file is not LV-Eval's score)."""
 
+    max_new_tokens: Optional[int] = None
+    """Caps every dataset's generation budget (64; factrecall 16); null: LV-Eval's budgets. A cap
+    changes the scores: smoke tests only."""
+
     chunk: int = 8
     """Samples per cell: what a killed run can lose at most."""
 
@@ -81,8 +85,11 @@ class LvevalSuiteConfig:
             raise ValueError(f"benchmarks.lveval.datasets {list(self.datasets)}: expected names from {list(DATASETS)}")
         if not self.levels or any(lv not in LENGTHS for lv in self.levels):
             raise ValueError(f"benchmarks.lveval.levels {list(self.levels)}: expected levels from {list(LENGTHS)}")
-        if self.chunk < 1 or (self.limit is not None and self.limit < 1):
-            raise ValueError("benchmarks.lveval: chunk and limit must be >= 1")
+        if self.chunk < 1 or any(v is not None and v < 1 for v in (self.limit, self.max_new_tokens)):
+            raise ValueError("benchmarks.lveval: chunk, limit and max_new_tokens must be >= 1")
+
+    def budget(self, name: str) -> int:
+        return min(MAX_NEW_TOKENS[name], self.max_new_tokens or MAX_NEW_TOKENS[name])
         if self.max_length is not None and self.max_length < 2:
             raise ValueError(f"benchmarks.lveval.max_length={self.max_length}: expected >= 2 or null")
 
@@ -140,7 +147,7 @@ class LvevalBenchmark:
                 longest = max(self.index.longest[key][a:b])
                 if c.max_length is not None:
                     longest = min(longest, c.max_length)
-                gen = MAX_NEW_TOKENS[name]
+                gen = c.budget(name)
                 out.append(BenchCell(f"dataset={name}/level={level}/samples={a}-{b}", longest + gen, b - a,
                                      f"LV-Eval {key} samples {a}-{b - 1}", gen))
         return out
@@ -155,7 +162,7 @@ class LvevalBenchmark:
                 tokens = min(tokens, c.max_length)
             n = SAMPLES_PER_LEVEL[name] if c.limit is None else min(c.limit, SAMPLES_PER_LEVEL[name])
             # prompt_tokens: the input alone here, so the cost table does not prefill the generation
-            out.append(BenchCell(f"dataset={name}/level={level}", tokens, n, "", MAX_NEW_TOKENS[name]))
+            out.append(BenchCell(f"dataset={name}/level={level}", tokens, n, "", c.budget(name)))
         return out
 
     def run_cell(self, cell: BenchCell, backend: Any, tokenizer: EvalTokenizer) -> dict:
@@ -163,8 +170,10 @@ class LvevalBenchmark:
         a, b = fb.samples_range(cell.key)
         name, level = p["dataset"], p["level"]
         samples = self.index.samples(f"{name}_{level}", self.config.limit)[a:b]
-        rows = list(predict(text_generate(backend, tokenizer), tokenizer, samples, name, self.config.max_length,
-                            self.config.model_name))
+        generate = text_generate(backend, tokenizer)
+        budget = self.config.budget(name)
+        rows = list(predict(lambda prompt, n: generate(prompt, min(n, budget)), tokenizer, samples, name,
+                            self.config.max_length, self.config.model_name))
         values = sample_scores(name, [r["pred"] for r in rows], [r["answers"] for r in rows],
                                [r["gold_ans"] for r in rows])
         return {"score": round(fb.pct(values), 2), "values": values, "predictions": rows}
