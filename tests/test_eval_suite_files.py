@@ -163,6 +163,9 @@ def test_missing_data_is_a_one_line_error_with_the_download_command(tmp_path):
     ib = make("infinitebench", {"data_root": str(tmp_path), "tasks": ["code_run"]})
     with pytest.raises(ValueError, match=r"code_run.jsonl not found .*InfiniteBench/resolve/main/code_run.jsonl"):
         ib.check_inputs()
+    _write(str(tmp_path / "code_run.jsonl"), [dict(_ib_sample("code_run", 0), input="no call here")])
+    with pytest.raises(ValueError, match=r"code_run.jsonl: sample 0: code_run input names no call"):
+        make("infinitebench", {"data_root": str(tmp_path), "tasks": ["code_run"]}).check_inputs()
     with pytest.raises(ValueError, match="benchmarks.lveval.levels"):
         make("lveval", {"data_root": str(tmp_path), "levels": ["512k"]})
     with pytest.raises(ValueError, match=r"benchmarks.infinitebench: unknown key"):

@@ -56,7 +56,7 @@ class FileIndex:
     once; and the samples of the file last asked for (a 256K-word file is read once per file, not
     once per chunk)."""
 
-    def __init__(self, load: Callable[[str], tuple[str, list[dict]]], prompt_of: Callable[[str, dict], str],
+    def __init__(self, load: Callable[[str], tuple[str, list[dict]]], prompt_of: Callable[[str, int, dict], str],
                  ascii_chars_per_token: float):
         self._load, self._prompt_of, self._cpt = load, prompt_of, ascii_chars_per_token
         self.paths: dict[str, str] = {}
@@ -70,7 +70,8 @@ class FileIndex:
         path, samples = self._load(file_key)
         samples = samples[:limit]
         self.paths[file_key], self.counts[file_key] = path, len(samples)
-        self.longest[file_key] = [estimate_tokens(self._prompt_of(file_key, s), self._cpt) for s in samples]
+        self.longest[file_key] = [estimate_tokens(self._prompt_of(file_key, i, s), self._cpt)
+                                  for i, s in enumerate(samples)]
         self._last = (file_key, samples)
 
     def samples(self, file_key: str, limit: Optional[int]) -> list[dict]:

@@ -107,8 +107,8 @@ class InfiniteBenchBenchmark:
     def _load(self, task: str) -> tuple[str, list[dict]]:
         return self._path(task), load_samples(self.config.data_root, task)
 
-    def _prompt(self, task: str, sample: dict) -> str:
-        return create_prompt(sample, task, self.config.prompt_set)
+    def _prompt(self, task: str, i: int, sample: dict) -> str:
+        return create_prompt(sample, task, self.config.prompt_set, f"{self._path(task)}: sample {i}")
 
     def check_inputs(self) -> None:
         """Read every configured task file now; a missing one is a one-line error with its download."""

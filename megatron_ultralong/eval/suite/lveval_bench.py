@@ -119,7 +119,7 @@ class LvevalBenchmark:
         return locate(self.config.data_root, name, level), load_samples(self.config.data_root, name, level)
 
     @staticmethod
-    def _prompt(file_key: str, sample: dict) -> str:
+    def _prompt(file_key: str, i: int, sample: dict) -> str:
         return build_prompt(file_key.rsplit("_", 1)[0], sample)
 
     def check_inputs(self) -> None:
