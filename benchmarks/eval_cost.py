@@ -1,17 +1,20 @@
 """What a full evaluation table costs: per benchmark and length, the prompts, the tokens, and the
 wall time predicted on N GPUs from the project's FLOP model (training/metrics.py).
 
-    python benchmarks/eval_cost.py                       # the paper's NIAH + RULER grid, Llama-3.1-8B, 8 GPUs
+    python benchmarks/eval_cost.py             # NIAH + RULER 4K..4M, LV-Eval, InfiniteBench; Llama-3.1-8B, 8 GPUs
     python benchmarks/eval_cost.py --suite-config suite.yaml --model llama3.1-8b --gpus 8 --markdown
 
 The cells come from the suite's benchmarks (suite/registry.py), so every registered benchmark in
-the config is costed the same way. FLOPs: a training token costs forward + backward = 3 forwards,
+the config is costed the same way; LV-Eval and InfiniteBench at their published sizes
+(`nominal_cells`: sample counts and average input lengths from their READMEs), without the data.
+FLOPs: a training token costs forward + backward = 3 forwards,
 so a prefill of s tokens is s * training_flops_per_token(cfg, s) / 3 (causal attention over s);
 each generated token attends to the whole prompt, twice the causal average, which is
 training_flops_per_token(cfg, 2 s) / 3. Time = FLOPs / (GPUs x peak x MFU): prompts up to the
 HF limit run one per GPU, longer ones split over all GPUs by CP; both reach the same rate in this
 model. Decoding is memory-bound in practice, so its share is a lower bound; it is < 1% of every
-row here. Docs: docs/evaluation.md ("What a full table costs") holds this script's --markdown output.
+row here but InfiniteBench's math_calc (30000 new tokens per prompt). Docs: docs/evaluation.md
+("What a full table costs") holds this script's --markdown output.
 """
 from __future__ import annotations
 
@@ -32,6 +35,8 @@ POWERS = [4096 << k for k in range(11)]  # 4K .. 4M
 DEFAULT = SuiteConfig(benchmarks={
     "niah": {"lengths": POWERS, "depths": [i / 10 for i in range(11)]},
     "ruler": {"lengths": POWERS},  # all 13 tasks, RULER's 500 samples
+    "lveval": {"data_root": "data/lveval"},  # 11 datasets x 5 levels, no truncation (not read: nominal sizes)
+    "infinitebench": {"data_root": "data/infinitebench"},  # 12 tasks, upstream's 128K truncation
 })
 
 
@@ -44,13 +49,20 @@ def prompt_flops(cfg, prompt_tokens: int, new_tokens: int) -> float:
 def cost_rows(config: SuiteConfig, cfg) -> list[dict]:
     rows: dict = defaultdict(lambda: {"prompts": 0, "prompt_tokens": 0, "new_tokens": 0, "flops": 0.0})
     for name, options in config.benchmarks.items():
-        for cell in make(name, options).cells():
+        bench = make(name, options)
+        # file benchmarks (LV-Eval, InfiniteBench) cost at their published sizes, without the data
+        for cell in getattr(bench, "nominal_cells", bench.cells)():
             r = rows[(name, cell.prompt_tokens)]
             r["prompts"] += cell.num_prompts
             r["prompt_tokens"] += cell.num_prompts * cell.prompt_tokens
             r["new_tokens"] += cell.num_prompts * cell.new_tokens
             r["flops"] += cell.num_prompts * prompt_flops(cfg, cell.prompt_tokens, cell.new_tokens)
     return [{"benchmark": b, "length": n, **v} for (b, n), v in rows.items()]
+
+
+def _length(n: int) -> str:
+    """A power of two (the grids' lengths) -> "8K"; any other (a benchmark's average) -> "171,500"."""
+    return format_length(n) if n & (n - 1) == 0 else f"{n:,}"
 
 
 def _hours(s: float) -> str:
@@ -62,7 +74,7 @@ def markdown(rows: list[dict], gpus: int, peak: float, mfu: float, limits=(13107
     out = ["| benchmark | length | prompts | prompt tokens | generated tokens | PFLOP | time on "
            f"{gpus} GPUs |", "|---|---|---|---|---|---|---|"]
     for r in rows:
-        out.append(f"| {r['benchmark']} | {format_length(r['length'])} | {r['prompts']:,} | {r['prompt_tokens']:,} | "
+        out.append(f"| {r['benchmark']} | {_length(r['length'])} | {r['prompts']:,} | {r['prompt_tokens']:,} | "
                    f"{r['new_tokens']:,} | {r['flops'] / 1e15:,.0f} | {_hours(r['flops'] / rate)} |")
     out.append("")
     for limit in limits:

@@ -55,7 +55,6 @@ def test_infinitebench_file_with_either_key_pair_and_the_model_name(tmp_path, ca
 
 
 def test_ruler_file_as_evaluate_py_scores_it(tmp_path, capsys):
-    pytest.importorskip("megatron_ultralong.eval.ruler.metrics")
     path = _write(tmp_path / "niah_multikey_1.jsonl", [
         {"index": 0, "pred": "The number is 1234567.", "outputs": ["1234567"], "others": {}, "truncation": -1},
         {"index": 1, "pred": "nothing", "outputs": ["7654321"]},

@@ -79,5 +79,6 @@ def _load_builtin() -> None:
         importlib.import_module(module)
 
 
-BUILTIN_MODULES: list[str] = ["megatron_ultralong.eval.suite.builtin"]
-"""Modules whose import registers benchmarks (NIAH and RULER here; LV-Eval and InfiniteBench add theirs)."""
+BUILTIN_MODULES: list[str] = ["megatron_ultralong.eval.suite.builtin", "megatron_ultralong.eval.suite.lveval_bench",
+                              "megatron_ultralong.eval.suite.infinitebench_bench"]
+"""Modules whose import registers benchmarks: NIAH and RULER, LV-Eval, InfiniteBench."""
