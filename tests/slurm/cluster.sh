@@ -37,7 +37,7 @@ slurm_up() {
     --pid-file="$dir/munge/munged.pid" --log-file="$dir/log/munged.log" --seed-file="$dir/munge/seed" \
     || return 1
   host=$(hostname -s)
-  cpus=$(nproc)
+  cpus=$(nproc --all)  # not nproc: it honours OMP_NUM_THREADS
   cat > "$dir/slurm.conf" <<CONF
 ClusterName=mutest
 SlurmctldHost=$host(127.0.0.1)
