@@ -37,7 +37,10 @@ slurm_up() {
     --pid-file="$dir/munge/munged.pid" --log-file="$dir/log/munged.log" --seed-file="$dir/munge/seed" \
     || return 1
   host=$(hostname -s)
+  # Declared CPUs, at least 8 whatever the host has (config_overrides below lets slurmd accept it):
+  # the requeue test's job runs beside the chain's jobs, which share the real cores.
   cpus=$(nproc --all)  # not nproc: it honours OMP_NUM_THREADS
+  [ "$cpus" -ge 8 ] || cpus=8
   cat > "$dir/slurm.conf" <<CONF
 ClusterName=mutest
 SlurmctldHost=$host(127.0.0.1)
@@ -62,6 +65,7 @@ SchedulerType=sched/builtin
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 ReturnToService=2
+SlurmdParameters=config_overrides
 JobRequeue=1
 MinJobAge=300
 KillWait=5
