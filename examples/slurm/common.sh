@@ -7,8 +7,8 @@
 # directory, so inside a job the original path comes from the job record (`Command=`).
 #
 # Container or not (IMAGE):
-#   unset      $WORK/megatron-ultralong.sqsh if that file exists (pyxis/enroot, as built in README
-#              "Requirements"), else no container
+#   unset      $WORK/megatron-ultralong.sqsh if that file exists (pyxis/enroot; train.sbatch's header
+#              shows how to build it from the repo's Dockerfile), else no container
 #   a path     that image; a path that does not exist is an error, not a silent fallback
 #   a name     a registry reference pyxis pulls (nvcr.io#..., docker://...)
 #   none, ""   no container: the code runs from the environment sbatch was called from
@@ -20,7 +20,7 @@
 
 mu_setup() {
   local here=$1
-  WORK=${WORK:-$SLURM_SUBMIT_DIR}
+  WORK=${WORK:-${SLURM_SUBMIT_DIR:-$PWD}}
   if [ -z "${IMAGE+set}" ]; then
     IMAGE=$WORK/megatron-ultralong.sqsh
     [ -f "$IMAGE" ] || IMAGE=none
