@@ -2,6 +2,8 @@
 #   make demo   the UltraLong recipe in miniature, on CPU
 #   make test   the test suite (what CI runs)
 #   make test-hf4   the HF-facing tests once more against transformers 4.57.x (.venv-hf4)
+#   make test-slurm the Slurm templates end to end on a one-node Slurm it starts and stops (root on
+#                   Debian/Ubuntu: installs slurm-wlm and munge when missing; tests/slurm/slurm_chain.py)
 # Both create or refresh a local virtualenv (.venv) from requirements.lock first.
 
 PYTHON ?= python3
@@ -15,7 +17,7 @@ HF4_STAMP := $(HF4_VENV)/.installed
 HF_TESTS := tests/test_sft_chat.py tests/test_sft_dataset.py tests/test_model_config.py tests/test_rope_config.py \
             tests/test_rope_frequencies.py tests/test_model_vs_hf.py tests/test_convert_cli_paths.py tests/test_eval_hf.py
 
-.PHONY: venv demo test test-hf4 bench clean
+.PHONY: venv demo test test-hf4 test-slurm bench clean
 
 venv: $(STAMP)
 
@@ -45,6 +47,10 @@ $(HF4_STAMP): $(STAMP) requirements-hf4.lock
 test-hf4: $(HF4_STAMP)
 	$(HF4_VENV)/bin/python -c "import transformers; assert transformers.__version__.startswith('4.57'), transformers.__version__"
 	$(HF4_VENV)/bin/python -m pytest -q $(HF_TESTS)
+
+# Not part of `make test` (needs root, starts daemons): CI runs it after the suite.
+test-slurm: $(STAMP)
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) tests/slurm/slurm_chain.py
 
 clean:
 	rm -rf $(VENV) $(HF4_VENV) demo_out *.egg-info build dist

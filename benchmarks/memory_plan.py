@@ -2,7 +2,7 @@
 
     python benchmarks/memory_plan.py            # every table quoted in docs/parallelism_plan.md
 
-No formula lives here: the layouts come from the recipe YAMLs and their Slurm scripts (nodes x 8
+No formula lives here: the layouts come from the recipe YAMLs and the Slurm training template (nodes x 8
 GPUs), the bytes from `megatron_ultralong.training.memory`. What this script adds are the
 assumptions of a plan, stated once:
   - an 80 GB H100 (SXM, 989 dense bf16 TFLOP/s);
@@ -31,21 +31,21 @@ FRAMEWORK_GB = 5.0
 USABLE_GB = 74.0
 PEAK_TFLOPS = 989.0
 MFU_RANGE = (0.45, 0.30)  # optimistic .. pessimistic, for the time column
-RECIPES = ("llama31_8b_1m", "llama31_8b_2m", "llama31_8b_4m", "llama31_8b_sft")
+RECIPES = ("llama31_8b_1m", "llama31_8b_2m", "llama31_8b_4m", "llama31_8b_1m_sft", "llama31_8b_2m_sft", "llama31_8b_4m_sft")
 LADDER_NAMES = {("none", ()): "none", ("selective", ("layernorm",)): "selective[layernorm]",
                 ("selective", ("layernorm", "mlp")): "selective[layernorm,mlp]", ("full", ()): "full"}
 
 
-def slurm_world(name: str) -> int:
-    """GPUs of a recipe's Slurm launcher: #SBATCH --nodes x 8."""
-    with open(os.path.join(ROOT, "examples", "slurm", name + ".sbatch"), encoding="utf-8") as f:
+def slurm_world() -> int:
+    """GPUs of the Slurm training template (examples/slurm/train.sbatch, every recipe): #SBATCH --nodes x 8."""
+    with open(os.path.join(ROOT, "examples", "slurm", "train.sbatch"), encoding="utf-8") as f:
         return int(re.search(r"#SBATCH --nodes=(\d+)", f.read()).group(1)) * 8
 
 
 def recipe(name: str):
     """(train config, layout on its Slurm world) of a recipe."""
     cfg = load_train_config(os.path.join(ROOT, "examples", "recipes", name + ".yaml"))
-    return cfg, M.Layout.from_train_config(cfg, slurm_world(name))
+    return cfg, M.Layout.from_train_config(cfg, slurm_world())
 
 
 def total_gb(model: LlamaConfig, lay: M.Layout) -> float:

@@ -88,6 +88,18 @@ def test_wrong_conversion_exits_non_zero(hf5_dir, tmp_path, capsys, monkeypatch)
                  "--no-progress"]) == 0
 
 
+def test_export_verifies_at_the_exported_dtype(hf5_dir, tmp_path, capsys):
+    """An fp32 checkpoint exported with --dtype bf16 is compared in bf16 (both sides), at bf16's
+    tolerance: comparing the bf16 files with the fp32 model would fail on rounding alone."""
+    mc = tmp_path / "mc"
+    assert main(["hf-to-mcore", str(hf5_dir), str(mc), "--no-progress"]) == 0
+    assert main(["mcore-to-hf", str(mc), str(tmp_path / "hf"), "--dtype", "bf16", "--verify", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "bfloat16): max |logit diff|" in out and "-> OK (tolerance 5.0e-01)" in out, out
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    assert all(t.dtype == torch.bfloat16 for t in load_file(tmp_path / "hf" / "model.safetensors").values())
+
+
 def test_mcore_dir_errors_name_the_argument(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert main(["mcore-to-hf", str(tmp_path / "empty"), str(tmp_path / "out")]) == 2

@@ -74,9 +74,9 @@ def test_estimate_from_train_config_and_step_time():
     assert set(est.as_dict()) == {"weights", "grads", "optimizer", "activations", "backward_working_set",
                                   "cp_buffers", "logits", "total"}
     assert est.weights == pytest.approx(M.parameter_count(PRESETS["llama3.1-8b"]) / 8 * 2)
-    assert est.optimizer == pytest.approx(est.weights * 6 / 32)  # 12 B/param over DP2 x CP16
+    assert est.optimizer == pytest.approx(est.weights * 6 / 32)  # 12 B/param over DP8 x CP4
     t = M.estimate_step_time(cfg, world_size=256, mfu=0.5, peak_tflops=1000)
-    flops = 2 * (1 << 20) * (t.model_flops_per_token + t.recompute_flops_per_token)
+    flops = cfg.train.global_batch_size * (1 << 20) * (t.model_flops_per_token + t.recompute_flops_per_token)
     assert t.seconds == pytest.approx(flops / 256 / 500e12)
     with pytest.raises(ValueError, match="peak_tflops"):
         M.estimate_step_time(cfg.__class__(**{**cfg.__dict__, "train": cfg.train.__class__(

@@ -59,9 +59,10 @@ def work(tmp_path, monkeypatch):
     open("data/sft/general_math_code.jsonl", "w").close()
     for size, target in (("1m", 1 << 20), ("2m", 1 << 21), ("4m", 1 << 22)):
         _fake_checkpoint(f"checkpoints/llama31_8b_yarn{size}", _yarn_8b(target))
-    _fake_checkpoint("checkpoints/ultralong_1m/iter_0000480/model", _yarn_8b(1 << 20))
-    with open("checkpoints/ultralong_1m/latest", "w") as f:
-        f.write("iter_0000480\n")
+    for size, target in (("1m", 1 << 20), ("2m", 1 << 21), ("4m", 1 << 22)):  # each size's CPT save directory
+        _fake_checkpoint(f"checkpoints/ultralong_{size}/iter_0000125/model", _yarn_8b(target))
+        with open(f"checkpoints/ultralong_{size}/latest", "w") as f:
+            f.write("iter_0000125\n")
     return tmp_path
 
 
@@ -88,7 +89,8 @@ def test_dry_run_every_recipe_at_its_world_size(work, capsys, recipe):
     if cfg.train.peak_tflops:
         assert re.search(r"step time \(predicted.*\): [\d.]+\.\.[\d.]+ s/step", out)
     if cfg.model.megatron_checkpoint:  # the RoPE of the run is the converted checkpoint's YaRN
-        assert "rope: yarn" in out and "max positions 1,048,576" in out if "sft" in recipe else \
+        sft_target = {"1m": 1 << 20, "2m": 1 << 21, "4m": 1 << 22}.get(os.path.basename(recipe)[11:13])
+        assert "rope: yarn" in out and f"max positions {sft_target:,}" in out if "sft" in recipe else \
             f"max positions {cfg.data.seq_length:,}" in out
 
 
@@ -128,8 +130,8 @@ def _importable(name: str) -> bool:
 def test_megatron_checkpoint_alone_gives_the_architecture(work):
     from megatron_ultralong.training.model_source import resolve_model_config
 
-    for path in ("checkpoints/ultralong_1m", "checkpoints/ultralong_1m/iter_0000480",
-                 "checkpoints/ultralong_1m/iter_0000480/model"):
+    for path in ("checkpoints/ultralong_1m", "checkpoints/ultralong_1m/iter_0000125",
+                 "checkpoints/ultralong_1m/iter_0000125/model"):
         cfg = load_train_config(None, ("data.paths=[x]", f"model.megatron_checkpoint={path}"))
         assert resolve_model_config(cfg) == _yarn_8b(1 << 20), path  # not the "tiny" default
     with pytest.raises(ValueError, match="model.megatron_checkpoint='checkpoints/none': no such file"):

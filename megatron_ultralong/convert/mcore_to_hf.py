@@ -155,7 +155,8 @@ def convert_mcore_to_hf(
 
     dtype: exported dtype (default: the checkpoint's). context: extends the context
     written to config.json (`extend_context`; default: the checkpoint's own RoPE). verify: after the export, run the loaded model and
-    transformers on the exported directory (its own config.json) and report on rank 0.
+    transformers on the exported directory (its own config.json), both in the exported dtype, and
+    report on rank 0.
     Returns (output path, report or None).
     """
     mcore_dir, out_dir = require_megatron_checkpoint(mcore_dir, "MCORE_DIR"), Path(out_dir)
@@ -193,8 +194,12 @@ def convert_mcore_to_hf(
                 shutil.copy2(f, tmp / f.name)
     finish_atomic_dir(tmp, out_dir)
     report = None
-    if verify:  # the export freed the weights: load the whole stage again
-        model = build_stage(cfg, runtime, info.torch_dtype, info.vocab_divisible_by)
+    if verify:
+        # The export freed the weights: load the whole stage again, in the exported dtype (the
+        # loader converts), so that both sides compute in the precision the HF directory holds and
+        # the default tolerance is that dtype's: an fp32 checkpoint exported to bf16 differs from
+        # its own fp32 logits by bf16 rounding, which is the export doing its job, not an error.
+        model = build_stage(cfg, runtime, out_dtype, info.vocab_divisible_by)
         load_megatron_checkpoint(model, mcore_dir, manifest_checked=True)
         report = verify_against_hf(model, runtime, out_dir)
     return out_dir, report

@@ -141,7 +141,7 @@ class TrainSection:
     """The loop: batch, steps, checkpoints, logs."""
 
     steps: int = 10
-    """Optimizer steps to train (UltraLong: 480 / 140 / 150 for 1M / 2M / 4M)."""
+    """Optimizer steps to train (the UltraLong recipes: CPT 125 / 125 / 150, SFT 480 / 140 / 150 for 1M / 2M / 4M)."""
 
     micro_batch_size: int = 1
     """Sequences per forward per data-parallel rank."""

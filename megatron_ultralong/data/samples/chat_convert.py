@@ -9,6 +9,11 @@ Accepted here, per record (JSONL, .jsonl.gz, or Parquet with pyarrow):
   - `messages` (OpenAI / Hugging Face chat layout), content a string or a list of parts
     [{"type": "text", "text": ...}] (text parts are joined; any other part type is refused);
   - `conversations` with {"from": human|gpt|system, "value": ...} (ShareGPT layout);
+  - `messages` + `answer` (AceMath-Instruct-Training-Data, whose `general_sft_stage2` split is the
+    UltraLong SFT source: https://huggingface.co/datasets/nvidia/AceMath-Instruct-Training-Data,
+    files data/<split>.parquet, features `messages` [{role, content}] and `answer` string): the
+    messages are the prompt (ending with a user turn) and `answer` is the assistant's reply, which
+    becomes the conversation's last message;
   - role spellings human/user, gpt/assistant/bot/model, system; other message keys (name,
     weight, ...) are dropped. Tool calls and tool turns have no place in Llama-3.1's plain chat
     format and are refused, not silently flattened.
@@ -67,6 +72,13 @@ def normalize_record(record: Any, where: str, field: Optional[str] = None) -> di
             raise ValueError(f"{at}: role {role!r} is not one of {sorted(ROLE_ALIASES)}")
         content = turn.get("content", turn.get("value"))
         messages.append({"role": ROLE_ALIASES[role], "content": _content(content, at)})
+    if "answer" in record and key == "messages":  # AceMath-Instruct layout: the reply is a column of its own
+        answer = record["answer"]
+        if not isinstance(answer, str):
+            raise ValueError(f"{where}: answer is {type(answer).__name__}, expected a string")
+        if not messages or messages[-1]["role"] != "user":
+            raise ValueError(f"{where}: has an `answer` but {key} does not end with a user turn to answer")
+        messages.append({"role": "assistant", "content": answer})
     return {"messages": validate_messages({"messages": messages}, where)}
 
 
@@ -122,8 +134,8 @@ def convert(inputs: Sequence[str], output: str, field: Optional[str] = None, ski
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(
         prog="mu-prepare-sft", formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Convert chat datasets (`messages` role/content, or ShareGPT `conversations`) into the "
-                    "SFT JSONL of data.kind=sft.", epilog=__doc__.split("\n\n", 1)[1])
+        description="Convert chat datasets (`messages` role/content, `messages` + `answer` as in AceMath-Instruct, "
+                    "or ShareGPT `conversations`) into the SFT JSONL of data.kind=sft.", epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="JSONL, JSONL.gz or Parquet files")
     p.add_argument("output", metavar="OUTPUT", help="the SFT JSONL to write (atomically)")
     p.add_argument("--field", help="the record key holding the conversation (default: messages, else conversations)")
