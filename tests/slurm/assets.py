@@ -21,10 +21,11 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent.parent
 MODEL_DIR = "models/Llama-3.1-8B-Instruct"
 ACEMATH_FILE = "downloads/AceMath-Instruct-Training-Data/data/general_sft_stage2.parquet"
-CPT_STEPS = 800
-"""Enough steps (0.04-0.1 s each on 2 cores, slower beside the chain's other jobs) that the time-limit
-signal, which Slurm sends at its next periodic time-limit check (every 30 s), arrives before the
-requeue test's first run could finish."""
+CPT_STEPS = 1600
+"""Enough steps (0.02-0.1 s each on 2 cores, slower beside the chain's other jobs) that the time-limit
+signal, which Slurm sends at its next periodic time-limit check (every 30 s) after the limit is
+lowered, arrives before the requeue test's first run could finish even on an idle machine
+(30 s / 0.02 s = 1,500 steps)."""
 SFT_STEPS = 4
 REFERENCE_LOG = "logs/cpt_1m.jsonl"
 REQUEUE_SAVE = "checkpoints/requeue_1m"
