@@ -169,6 +169,7 @@ def build_model(
     vocab_divisible_by: int = DEFAULT_VOCAB_DIVISIBLE_BY,
     attention_backend: AttentionBackend = "auto",
     loss_chunk_tokens: int = 16384,
+    mlp_tiles: int = 1,
     **config_overrides,
 ) -> UltraLongGPTModel:
     """Build this rank's model stage (its PP layers, its TP shard) on `runtime.device`.
@@ -178,13 +179,14 @@ def build_model(
     vocab_divisible_by x TP. Logits stay vocab-parallel ([b, s, V_pad / TP], what the vocab-parallel
     cross entropy wants); `gather_tp_logits` assembles them for inference.
     attention_backend: every layer's core-attention kernel (kernels.py). loss_chunk_tokens: tokens
-    per output-layer + cross-entropy chunk when forward gets labels.
+    per output-layer + cross-entropy chunk when forward gets labels. mlp_tiles: > 1 runs every
+    layer's MLP in that many sequence tiles, each recomputed in backward (model/tiled_mlp.py).
     """
     config = to_transformer_config(model_config, runtime, params_dtype, **config_overrides)
     pp = runtime.pg_collection.pp
     model = UltraLongGPTModel(
         config=config,
-        transformer_layer_spec=get_ultralong_layer_spec(use_transformer_engine, attention_backend),
+        transformer_layer_spec=get_ultralong_layer_spec(use_transformer_engine, attention_backend, mlp_tiles),
         model_config=model_config,
         vocab_size=padded_vocab_size(
             model_config.vocab_size, runtime.parallel.tensor_parallel, vocab_divisible_by
