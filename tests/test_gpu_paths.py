@@ -59,7 +59,7 @@ def _check_recompute_settings_reach_megatron(rt) -> None:
     for mode, modules in RECOMPUTE_LADDER:
         overrides = [f"model.recompute={mode}"] + ([f"model.recompute_modules=[{','.join(modules)}]"] if modules else [])
         cfg = load_train_config(None, ("data.paths=[x]", *overrides))
-        model = build_model(PRESETS["tiny"], rt, **_recompute_overrides(cfg, on_gpu=True))
+        model = build_model(PRESETS["tiny"], rt, **_recompute_overrides(cfg))
         layer = model.decoder.layers[0]
         assert model.config.recompute_granularity == (None if mode == "none" else mode)
         assert layer.recompute_input_layernorm == ("layernorm" in modules)

@@ -140,7 +140,6 @@ def _world_checks(rank, world_size, dataset):
         (("parallel.tensor_parallel=2", "train.global_batch_size=1"), None),
         (("data.paths=[/nope/x]",), r"data.paths: /nope/x.bin does not exist"),
         (("data.seq_length=16384",), r"exceeds the model's max_position_embeddings=8192"),
-        (("model.recompute=full",), r"model.recompute='full' is GPU-only"),
     ]
     for extra, match in cases:
         base = ("data.paths=[%s]" % dataset, "data.seq_length=64", "train.steps=1", "train.global_batch_size=2")

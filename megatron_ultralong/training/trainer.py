@@ -26,6 +26,7 @@ from megatron_ultralong.config_io import to_dict
 from megatron_ultralong.parallel.cp_layout import shard_batch
 from megatron_ultralong.dtypes import parse_dtype
 from megatron_ultralong.model import build_model
+from megatron_ultralong.model.activation_offload import ActivationOffload, host_pool_for
 from megatron_ultralong.parallel.runtime import init_runtime
 from megatron_ultralong.checkpoint.train_state import resume, save_dir_conflict, save_train_checkpoint
 from megatron_ultralong.training.config import TrainConfig
@@ -43,15 +44,10 @@ from megatron_ultralong.training.sinks import MetricSinks, check_sinks
 logger = logging.getLogger(__name__)
 
 
-def _recompute_overrides(cfg: TrainConfig, on_gpu: bool) -> dict:
+def _recompute_overrides(cfg: TrainConfig) -> dict:
     mode = cfg.model.recompute
     if mode == "none":
         return {}
-    if not on_gpu:
-        raise ValueError(
-            f"model.recompute={mode!r} is GPU-only: megatron-core's activation checkpoint saves CUDA "
-            "RNG states (runtime.py, accommodation 5)"
-        )
     if mode == "selective":
         return dict(recompute_granularity="selective", recompute_modules=list(cfg.model.recompute_modules))
     return dict(recompute_granularity="full", recompute_method="uniform",
@@ -100,9 +96,13 @@ class Trainer:
             self.model_cfg, self.rt, params_dtype=dtype,
             use_transformer_engine=cfg.model.use_transformer_engine,
             loss_chunk_tokens=cfg.train.loss_chunk_tokens,
+            mlp_tiles=cfg.model.mlp_tiles,
             calculate_per_token_loss=True,
-            **_recompute_overrides(cfg, self.rt.is_cuda),
+            **_recompute_overrides(cfg),
         )
+        # Saved activations of the first layers wait in host memory (model/activation_offload.py).
+        self.offload = (ActivationOffload(model.decoder, cfg.model.activation_offload, host_pool_for(self.rt.device))
+                        if cfg.model.activation_offload else None)
         self._load_initial_weights(model)
         self.model = model
         self.ddp = build_data_parallel(model, self.rt)
