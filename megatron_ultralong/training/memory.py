@@ -281,7 +281,8 @@ def backward_working_bytes_per_token(cfg: LlamaConfig, lay: Layout) -> float:
     gathered = h * e if lay.sequence_parallel and t > 1 else 0.0
     swiglu = 3 * f * e / t
     fc1 = 2 * f * e / t + h * e + gathered
-    rerun = (3 * f + (0 if lay.fused_kernels else 2 * f)) * e / t if (_mlp_rerun(lay) or lay.recompute == "full") else 0.0
+    # The MLP re-run's own activations (with full recompute they are in the re-run set below).
+    rerun = (3 * f + (0 if lay.fused_kernels else 2 * f)) * e / t if _mlp_rerun(lay) else 0.0
     mlp = (max(swiglu, fc1) + rerun) / resolved_mlp_tiles(lay)
     attention = qkv * e / t + h * e + gathered
     transient = max(mlp, attention)
@@ -372,7 +373,10 @@ def estimate_layout(cfg: LlamaConfig, lay: Layout) -> MemoryEstimate:
     tokens, e = lay.local_tokens, lay.act_bytes
     layers = -(-cfg.num_layers // lay.pp)
     norm_div = lay.tp if lay.sequence_parallel else 1
-    final_norm = 2 * cfg.hidden_size * e / norm_div  # its input and output (the loss chunks' input)
+    # The final norm's input and output (the loss chunks' input); a composite norm also x * rstd.
+    final_norm = (2 + (not lay.fused_kernels)) * cfg.hidden_size * e / norm_div
+    # Full recompute's checkpoints also save the rotary angles [s, 1, 1, d] fp32, once for all layers.
+    angles = 4 * cfg.head_dim if lay.recompute == "full" else 0.0
     gathered_hidden = cfg.hidden_size * e if lay.sequence_parallel and lay.tp > 1 else 0.0
     chunk = min(lay.loss_chunk_tokens, tokens)
     lay = replace(lay, mlp_tiles=resolved_mlp_tiles(lay))
@@ -384,7 +388,7 @@ def estimate_layout(cfg: LlamaConfig, lay: Layout) -> MemoryEstimate:
         weights=local_params * e,
         grads=local_params * 4,
         optimizer=shard * 12 * (1 - lay.optimizer_offload),
-        activations=tokens * (on_device + final_norm),
+        activations=tokens * (on_device + final_norm + angles),
         backward_working_set=tokens * backward_working_bytes_per_token(cfg, lay),
         cp_buffers=cp_buffer_bytes(cfg, lay),
         logits=chunk * cfg.vocab_size / lay.tp * 4 * 3 + tokens * gathered_hidden,
