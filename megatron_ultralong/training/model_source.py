@@ -46,3 +46,20 @@ def resolve_model_config(cfg: TrainConfig) -> LlamaConfig:
         model_cfg = extend_context(model_cfg, m.yarn_target_length, m.yarn_original_length, m.yarn_beta_fast,
                                    m.yarn_beta_slow)
     return model_cfg
+
+
+def recompute_overrides(cfg: TrainConfig, on_gpu: bool) -> dict:
+    """megatron-core TransformerConfig fields for `model.recompute`; ValueError for recompute off a GPU
+    (the trainer builds the model with them, the dry run checks a CPU launch with them)."""
+    mode = cfg.model.recompute
+    if mode == "none":
+        return {}
+    if not on_gpu:
+        raise ValueError(
+            f"model.recompute={mode!r} is GPU-only: megatron-core's activation checkpoint saves CUDA "
+            "RNG states (runtime.py, accommodation 5)"
+        )
+    if mode == "selective":
+        return dict(recompute_granularity="selective", recompute_modules=list(cfg.model.recompute_modules))
+    return dict(recompute_granularity="full", recompute_method="uniform",
+                recompute_num_layers=cfg.model.recompute_num_layers)

@@ -36,26 +36,15 @@ from megatron_ultralong.training.loss import reduce_loss_over_dp_cp
 from megatron_ultralong.training.memory import estimate_memory_per_device, format_estimate
 from megatron_ultralong.training.metrics import training_flops_per_token
 from megatron_ultralong.training.optimizer import build_data_parallel, build_optimizer, build_scheduler, finalize_grads
-from megatron_ultralong.training.model_source import initial_megatron_checkpoint, resolve_model_config  # noqa: F401
+from megatron_ultralong.training.model_source import (  # noqa: F401
+    initial_megatron_checkpoint,
+    recompute_overrides,
+    resolve_model_config,
+)
 from megatron_ultralong.training.progress import StepProgress, format_banner, format_step_line
 from megatron_ultralong.training.sinks import MetricSinks, check_sinks
 
 logger = logging.getLogger(__name__)
-
-
-def _recompute_overrides(cfg: TrainConfig, on_gpu: bool) -> dict:
-    mode = cfg.model.recompute
-    if mode == "none":
-        return {}
-    if not on_gpu:
-        raise ValueError(
-            f"model.recompute={mode!r} is GPU-only: megatron-core's activation checkpoint saves CUDA "
-            "RNG states (runtime.py, accommodation 5)"
-        )
-    if mode == "selective":
-        return dict(recompute_granularity="selective", recompute_modules=list(cfg.model.recompute_modules))
-    return dict(recompute_granularity="full", recompute_method="uniform",
-                recompute_num_layers=cfg.model.recompute_num_layers)
 
 
 class Trainer:
@@ -101,7 +90,7 @@ class Trainer:
             use_transformer_engine=cfg.model.use_transformer_engine,
             loss_chunk_tokens=cfg.train.loss_chunk_tokens,
             calculate_per_token_loss=True,
-            **_recompute_overrides(cfg, self.rt.is_cuda),
+            **recompute_overrides(cfg, self.rt.is_cuda),
         )
         self._load_initial_weights(model)
         self.model = model
