@@ -29,7 +29,12 @@ from megatron_ultralong.model import build_model
 from megatron_ultralong.parallel.runtime import init_runtime
 from megatron_ultralong.checkpoint.train_state import resume, save_dir_conflict, save_train_checkpoint
 from megatron_ultralong.training.config import TrainConfig
-from megatron_ultralong.data.samples.pretrain import BatchSchedule, build_sample_dataset, cu_seqlens_from_document_ids
+from megatron_ultralong.data.samples.pretrain import (
+    BatchSchedule,
+    build_sample_dataset,
+    cu_seqlens_from_document_ids,
+    document_boundary,
+)
 from megatron_ultralong.training import startup_checks
 from megatron_ultralong.training.guards import NonFiniteGuard, StopConditions, metrics_line, trim_metrics_log
 from megatron_ultralong.training.loss import reduce_loss_over_dp_cp
@@ -153,6 +158,13 @@ class Trainer:
         cache = startup_checks.index_cache_dir(data)
         startup_checks.on_rank0(lambda: startup_checks.stale_cache_problem(data.paths, cache))
         startup_checks.on_rank0(lambda: startup_checks.token_id_problem(data.paths, self.model_cfg.vocab_size, cache))
+        # The dataset's own record of its tokenizer (PREFIX.dataset.json) against the run's tokenizers.
+        tokenizers = [("data.tokenizer", data.tokenizer)] if data.tokenizer else []
+        tokenizers += [("the starting checkpoint's tokenizer", str(f)) for f in self.side_files
+                       if os.path.basename(str(f)) == "tokenizer.json"]
+        startup_checks.on_rank0(lambda: startup_checks.dataset_tokenizer_problem(
+            data.paths, self.model_cfg.vocab_size, tokenizers))
+        startup_checks.on_rank0(lambda: document_boundary(data) and None)
 
     def _resume(self) -> str:
         """Load the newest checkpoint that verifies (checkpoint/train_state.py), or say loudly that
