@@ -182,7 +182,7 @@ def check_train_step(device: torch.device, dry: bool) -> None:
     from megatron_ultralong.training import memory as M
     from megatron_ultralong.training.metrics import training_flops_per_token
     from megatron_ultralong.training.optimizer import build_data_parallel, build_optimizer, finalize_grads
-    from megatron_ultralong.training.trainer import _recompute_overrides
+    from megatron_ultralong.training.model_source import recompute_overrides
 
     runs = [(256, "none", ())] if dry else [
         (32768, "none", ()), (32768, "selective", ("layernorm",)), (32768, "selective", ("layernorm", "mlp")),
@@ -199,7 +199,7 @@ def check_train_step(device: torch.device, dry: bool) -> None:
             model_cfg = load_model_config(cfg.model.config)
             dtype = torch.bfloat16 if cfg.model.params_dtype == "bfloat16" else torch.float32
             model = build_model(model_cfg, rt, params_dtype=dtype, calculate_per_token_loss=True,
-                                **_recompute_overrides(cfg, rt.is_cuda))
+                                **recompute_overrides(cfg))
             model.loss_chunk_tokens = cfg.train.loss_chunk_tokens
             ddp = build_data_parallel(model, rt)
             opt = build_optimizer(ddp, cfg, rt)

@@ -24,13 +24,13 @@ sys.path.insert(0, ROOT)
 from megatron_ultralong.model.config import PRESETS, LlamaConfig  # noqa: E402
 from megatron_ultralong.training import memory as M  # noqa: E402
 from megatron_ultralong.training.config import load_train_config  # noqa: E402
+from megatron_ultralong.training.step_time import MFU_RANGE  # noqa: E402  (the dry run's too)
 
 GB = 1e9
 DEVICE_GB = 80.0
 FRAMEWORK_GB = 5.0
 USABLE_GB = 74.0
 PEAK_TFLOPS = 989.0
-MFU_RANGE = (0.45, 0.30)  # optimistic .. pessimistic, for the time column
 RECIPES = ("llama31_8b_1m", "llama31_8b_2m", "llama31_8b_4m", "llama31_8b_sft")
 LADDER_NAMES = {("none", ()): "none", ("selective", ("layernorm",)): "selective[layernorm]",
                 ("selective", ("layernorm", "mlp")): "selective[layernorm,mlp]", ("full", ()): "full"}
@@ -89,7 +89,7 @@ def print_recipe(name: str, model: LlamaConfig) -> None:
     print(f"  {'framework (assumed)':<26} {FRAMEWORK_GB:8.2f} GB")
     total = est.total / GB + FRAMEWORK_GB
     print(f"  {'total':<26} {total:8.2f} GB  ({'fits' if total <= USABLE_GB else 'DOES NOT FIT'} in {USABLE_GB:.0f} of {DEVICE_GB:.0f})")
-    print("  recompute options (total GB, s/step at MFU 0.45 .. 0.30):")
+    print(f"  recompute options (total GB, s/step at MFU {MFU_RANGE[0]:.2f} .. {MFU_RANGE[1]:.2f}):")
     for r, m in M.RECOMPUTE_LADDER:
         alt = replace(lay, recompute=r, recompute_modules=m)
         fast, slow = step_seconds(model, alt)
