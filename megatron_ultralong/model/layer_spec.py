@@ -20,6 +20,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 
 from megatron_ultralong.attention.core_attention import UltraLongCoreAttention
 from megatron_ultralong.attention.kernels import AttentionBackend
+from megatron_ultralong.model.sequence_tiles import sequence_tiled
 from megatron_ultralong.model.tiled_mlp import TiledMLP
 
 
@@ -50,7 +51,8 @@ def get_ultralong_layer_spec(
     distributed checkpoints do not depend on which spec wrote them.
 
     mlp_tiles: > 1 swaps the layer's `mlp` for `TiledMLP` (model/tiled_mlp.py) with the same
-    submodules: the MLP runs in that many sequence tiles, each recomputed in backward.
+    submodules: the MLP runs in that many sequence tiles, each recomputed in backward; and the
+    attention's linear_qkv / linear_proj run over the same tiles (model/sequence_tiles.py).
     """
     if use_transformer_engine is None:
         use_transformer_engine = transformer_engine_available()
@@ -71,6 +73,11 @@ def get_ultralong_layer_spec(
         mlp = spec.submodules.mlp
         spec.submodules.mlp = ModuleSpec(module=TiledMLP, params={**(mlp.params or {}), "num_tiles": mlp_tiles},
                                          submodules=mlp.submodules)
+        # The attention's projections over the same tiles (model/sequence_tiles.py): their
+        # sequence-parallel gather buffers are the next largest working set.
+        sub = attention.submodules
+        sub.linear_qkv = ModuleSpec(module=sequence_tiled(sub.linear_qkv, "column"), params={"num_tiles": mlp_tiles})
+        sub.linear_proj = ModuleSpec(module=sequence_tiled(sub.linear_proj, "row"), params={"num_tiles": mlp_tiles})
     return spec
 
 

@@ -191,8 +191,26 @@ def _check_device(cfg: TrainConfig, model_cfg: LlamaConfig, rep: DryRunReport) -
         rep.errors.append(f"train.device=cpu: {e}")
 
 
-def dry_run(cfg: TrainConfig, world_size: int, device_memory_gib: float = 80.0) -> DryRunReport:
-    """Check `cfg` for a launch on `world_size` GPUs of `device_memory_gib` each (see module doc)."""
+def _cheapest_fit(cfg: TrainConfig, world_size: int, model_cfg: LlamaConfig, device_bytes: float) -> str:
+    """The first rung of training/memory.py's MEMORY_LADDER that fits 90% of the device, as overrides."""
+    from megatron_ultralong.training.memory import Layout, choose_recompute
+
+    fit = choose_recompute(model_cfg, Layout.from_train_config(cfg, world_size), 0.9 * device_bytes)
+    if fit is None:
+        return "no recompute, tiling or offload setting fits this layout: raise TP/CP"
+    settings = [f"model.recompute={fit.recompute}"]
+    if fit.recompute == "selective":
+        settings.append(f"model.recompute_modules=[{','.join(fit.recompute_modules)}]")
+    settings += [f"model.mlp_tiles={fit.mlp_tiles}"] * (fit.mlp_tiles > 1)
+    settings += [f"model.activation_offload={fit.activation_offload:g}"] * (fit.activation_offload > 0)
+    settings += [f"optim.cpu_offload_fraction={fit.optimizer_offload:g}"] * (fit.optimizer_offload > 0)
+    return "the cheapest setting that fits 90% of it is " + " ".join(settings)
+
+
+def dry_run(cfg: TrainConfig, world_size: int, device_memory_gib: float = 80.0, gpus_per_node: int = 8,
+            host_memory_gib: Optional[float] = None) -> DryRunReport:
+    """Check `cfg` for a launch on `world_size` GPUs of `device_memory_gib` each, `gpus_per_node` per
+    node with `host_memory_gib` of host memory for the offloaded state when given (see module doc)."""
     from megatron_ultralong.training.memory import estimate_memory
     from megatron_ultralong.training.step_time import MFU_RANGE, step_time_range
 
@@ -217,12 +235,21 @@ def dry_run(cfg: TrainConfig, world_size: int, device_memory_gib: float = 80.0) 
     rep.memory_total_bytes = total
     device = device_memory_gib * GIB
     rep.lines.append(
-        f"memory per GPU (training/memory.py): {total / GIB:.2f} GiB = {100 * total / device:.0f}% of "
-        f"{device_memory_gib:g} GiB (" + ", ".join(f"{k} {v / GIB:.2f}" for k, v in est.as_dict().items()
-                                                   if k != "total") + ")")
+        f"memory per GPU (training/memory.py, estimate): {total / GIB:.2f} GiB = {100 * total / device:.0f}% of "
+        f"{device_memory_gib:g} GiB (" + ", ".join(f"{k} {getattr(est, k) / GIB:.2f}" for k in est.DEVICE_FIELDS) + ")")
+    per_node = min(world_size, gpus_per_node)
+    rep.lines.append(
+        f"host memory per node (training/memory.py, estimate): {est.host_total * per_node / GIB:.1f} GiB for "
+        f"{per_node} GPUs ({est.host_total / GIB:.2f} GiB per GPU: offloaded activations "
+        f"{est.host_activations / GIB:.2f}, optimizer {est.host_optimizer / GIB:.2f}); pinned, beside the "
+        "framework's own host memory")
+    if host_memory_gib is not None and est.host_total * per_node > host_memory_gib * GIB:
+        rep.errors.append(f"the offloaded state {est.host_total * per_node / GIB:.0f} GiB per node exceeds "
+                          f"--host-memory-gib {host_memory_gib:g}: lower model.activation_offload or "
+                          "optim.cpu_offload_fraction")
     if total > device:
         rep.errors.append(f"the memory estimate {total / GIB:.1f} GiB exceeds the device's {device_memory_gib:g} GiB: "
-                          "raise TP/CP or use model.recompute=full")
+                          + _cheapest_fit(cfg, world_size, model_cfg, device))
     elif total > 0.9 * device:
         rep.warnings.append("the memory estimate leaves under 10% of the device free (allocator slack and NCCL "
                             "buffers are not modelled)")

@@ -60,12 +60,17 @@ Backward working set of one layer, per local token, widths per TP rank (the larg
                                       gradient before TP's reduce(-scatter), and with sequence
                                       parallelism the all-gathered input its wgrad GEMM needs
     QKV backward         (hq+2hkv)*e/t + h*e (+ h*e with SP)   the same for linear_qkv
+    attention kernel     ((hq+2hkv)*e + 4hq + 4nq)/t   dQ/dK/dV, fp32 dQ accumulator, row sums (CP 1;
+                                      with CP the ring's buffers, `cp_buffer_bytes`)
     MLP re-run           3F*e/t       selective "mlp", tiles, full: the re-run fc1/SwiGLU outputs
                                       live during that MLP's backward
     full recompute       + the re-run chunk's whole saved set
-The MLP's phases and re-run divide by `mlp_tiles`.
-Loss: under SP the chunks read the final hidden state gathered over TP, T*h*e, kept from forward to
-backward (model/lm_loss.py), next to one chunk's fp32 logits, softmax and gradient.
+The MLP's phases and re-run divide by `mlp_tiles`, and so does the QKV phase: the tiles also split
+the attention's projections (model/sequence_tiles.py; under SP the output projection then saves
+its per-tile input rows, a copy: +hq*e/TP).
+Loss: one chunk's fp32 logits, softmax and gradient, and its input rows; under SP each chunk gathers
+its rows over TP inside its checkpoint (model/lm_loss.py), so the whole gathered final hidden state
+(T*h*e, 8 GiB at 1M tokens per TP group) never exists.
 
 Offload. `activation_offload` = f: the first round(f*L) layers' saved sets go to host memory
 (model/activation_offload.py); the device holds at most two of those layers' sets at once (the
@@ -176,8 +181,12 @@ class Layout:
     transformer_engine: bool = False
     """Megatron-core's TE layer spec (norms folded into the QKV / fc1 linears) instead of the local
     spec (module docstring)."""
+    rope_fusion: bool = False
+    """Megatron's TE-fused RoPE (GPU with TE at micro-batch 1, parallel/runtime.py): its backward
+    needs only the shared angles, so no per-layer cos/sin are kept."""
     mlp_tiles: int = 1
-    """`model.mlp_tiles`: the MLP runs in this many sequence tiles, each recomputed (1 = off)."""
+    """`model.mlp_tiles`: the MLP (and the attention's projections) run in this many sequence tiles
+    (1 = off)."""
     activation_offload: float = 0.0
     """`model.activation_offload`: fraction of layers whose saved sets wait in host memory."""
     optimizer_offload: float = 0.0
@@ -207,6 +216,7 @@ class Layout:
             fused_kernels=t.device != "cpu",
             # Unset: TE where the run is on GPUs (the NGC container has it), the costlier spec here.
             transformer_engine=m.use_transformer_engine if m.use_transformer_engine is not None else t.device != "cpu",
+            rope_fusion=(m.use_transformer_engine is not False and t.device != "cpu" and t.micro_batch_size == 1),
             mlp_tiles=m.mlp_tiles, activation_offload=m.activation_offload,
             optimizer_offload=cfg.optim.cpu_offload_fraction if t.device != "cpu" else 0.0,
         )
@@ -246,12 +256,15 @@ def layer_saved_bytes(cfg: LlamaConfig, lay: Layout, offload_copy: bool = False)
         "q, k, v": (hq + 2 * hkv) * e / t,
         "attention out": hq * e / t,
         "lse": 0.0 if "core_attn" in drop else 4 * cfg.num_attention_heads / t,
-        "rope cos/sin": 4 * cfg.head_dim * e,
+        "rope cos/sin": 0.0 if lay.rope_fusion else 4 * cfg.head_dim * e,
         "fc1 out": 0.0 if mlp_rerun else 2 * f * e / t,
         "swiglu out": 0.0 if mlp_rerun else f * e / t,
     }
     if "core_attn" in drop:
         parts["qkv pinned by core_attn"] = (hq + hkv) * e / t
+    if lay.mlp_tiles > 1 and lay.sequence_parallel and t > 1:
+        # The tiled output projection saves its input rows picked per tile (a copy; sequence_tiles.py).
+        parts["tiled linear_proj input"] = hq * e / t
     if not lay.fused_kernels:  # composite norms kept x*rstd unless re-run; unfused SwiGLU (CPU)
         norm_modules_kept = sum(1 for n in ("attention", "mlp") if n not in folded and not ln_drop)
         parts["unfused norm/swiglu"] = norm_modules_kept * h * e / norm_div + (0.0 if mlp_rerun else 2 * f * e / t)
@@ -284,8 +297,12 @@ def backward_working_bytes_per_token(cfg: LlamaConfig, lay: Layout) -> float:
     # The MLP re-run's own activations (with full recompute they are in the re-run set below).
     rerun = (3 * f + (0 if lay.fused_kernels else 2 * f)) * e / t if _mlp_rerun(lay) else 0.0
     mlp = (max(swiglu, fc1) + rerun) / resolved_mlp_tiles(lay)
-    attention = qkv * e / t + h * e + gathered
-    transient = max(mlp, attention)
+    # Tiles also split the attention's projections (model/sequence_tiles.py).
+    attention = (qkv * e / t + h * e + gathered) / resolved_mlp_tiles(lay)
+    # The attention kernel's backward at CP 1 (CP > 1: cp_buffer_bytes): dQ, dK, dV and flash
+    # attention's fp32 dQ accumulator and softmax row sums; not tiled.
+    kernel = (qkv * e + 4 * cfg.num_attention_heads * (cfg.head_dim + 1)) / t if lay.cp == 1 else 0.0
+    transient = max(mlp, attention, kernel)
     if lay.recompute == "full":
         rerun_set = replace(lay, recompute="none", recompute_modules=())
         transient += lay.recompute_num_layers * activation_bytes_per_token_per_layer(cfg, rerun_set)
@@ -335,8 +352,7 @@ class MemoryEstimate:
     """Transient gradients of one layer (+ one re-run chunk with full recompute)."""
     cp_buffers: float
     logits: float
-    """fp32 logits, softmax and gradient of one loss chunk, + the TP-gathered final hidden state
-    the chunks read under sequence parallelism."""
+    """fp32 logits, softmax and gradient of one loss chunk, and the chunk's (gathered) input rows."""
     host_activations: float = 0.0
     """Host bytes of this GPU's offloaded saved activations (not in `total`)."""
     host_optimizer: float = 0.0
@@ -377,7 +393,6 @@ def estimate_layout(cfg: LlamaConfig, lay: Layout) -> MemoryEstimate:
     final_norm = (2 + (not lay.fused_kernels)) * cfg.hidden_size * e / norm_div
     # Full recompute's checkpoints also save the rotary angles [s, 1, 1, d] fp32, once for all layers.
     angles = 4 * cfg.head_dim if lay.recompute == "full" else 0.0
-    gathered_hidden = cfg.hidden_size * e if lay.sequence_parallel and lay.tp > 1 else 0.0
     chunk = min(lay.loss_chunk_tokens, tokens)
     lay = replace(lay, mlp_tiles=resolved_mlp_tiles(lay))
     kept = activation_bytes_per_token_per_layer(cfg, lay)
@@ -391,7 +406,8 @@ def estimate_layout(cfg: LlamaConfig, lay: Layout) -> MemoryEstimate:
         activations=tokens * (on_device + final_norm + angles),
         backward_working_set=tokens * backward_working_bytes_per_token(cfg, lay),
         cp_buffers=cp_buffer_bytes(cfg, lay),
-        logits=chunk * cfg.vocab_size / lay.tp * 4 * 3 + tokens * gathered_hidden,
+        # + one gathered chunk of the final hidden state (the chunks gather over TP one at a time).
+        logits=chunk * cfg.vocab_size / lay.tp * 4 * 3 + chunk * cfg.hidden_size * e,
         host_activations=tokens * off * copied,
         host_optimizer=shard * 18 * lay.optimizer_offload,
     )
