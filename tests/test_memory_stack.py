@@ -18,6 +18,8 @@ from dist_utils import run_distributed
 from megatron_ultralong.model.config import PRESETS
 from megatron_ultralong.training import memory as M
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 SEQ = 64
 FULL = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
 SETTINGS = {
@@ -261,3 +263,31 @@ def test_tiles_reach_the_attention_projections():
     for slot, kind in (("linear_qkv", "column"), ("linear_proj", "row")):
         spec = getattr(attn, slot)
         assert spec.module.tiled_kind == kind and spec.params == {"num_tiles": 4}
+
+
+@pytest.mark.parametrize("name,device_gb", [("llama31_8b_1m_8gpu", 80.0), ("llama31_8b_4m_8gpu", 141.0)])
+def test_one_node_recipes_are_the_cheapest_rung_that_fits(name, device_gb):
+    """The one-node recipes: the cheapest rung of MEMORY_LADDER within 90% of the device (with the
+    plan's framework allowance), and the figures their headers quote are the model's."""
+    import re
+    import sys
+
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import memory_plan
+
+    cfg, lay = memory_plan.one_node_recipe(name)
+    assert lay.world_size == 8 and cfg.check_world(8) == 1
+    model = PRESETS["llama3.1-8b"]
+    chosen = M.choose_recompute(model, lay, memory_plan.one_node_budget(device_gb))
+    assert chosen is not None
+    assert (chosen.recompute, chosen.mlp_tiles, chosen.activation_offload, chosen.optimizer_offload) == \
+        (lay.recompute, lay.mlp_tiles, lay.activation_offload, lay.optimizer_offload)
+    est = M.estimate_layout(model, lay)
+    assert est.total + memory_plan.FRAMEWORK_GB * 1e9 <= 0.9 * device_gb * 1e9
+    header = open(os.path.join(ROOT, "examples", "recipes", name + ".yaml")).read()
+    per_gpu = re.search(r"([\d.]+) GiB per GPU of (\d+)", header)
+    assert float(per_gpu.group(1)) == round(est.total / 2**30, 1) and float(per_gpu.group(2)) == device_gb
+    host = re.search(r"(\d+) GiB of pinned memory per GPU", header)
+    assert int(host.group(1)) == round(est.host_total / 2**30)
+    launcher = open(os.path.join(ROOT, "examples", "recipes", f"run_{name}.sh")).read()
+    assert f"examples/recipes/{name}.yaml" in launcher and "--nproc-per-node 8" in launcher
