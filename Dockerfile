@@ -12,7 +12,9 @@ ENV PIP_NO_CACHE_DIR=1 \
     PYTHONUNBUFFERED=1 \
     TOKENIZERS_PARALLELISM=false \
     # Megatron-Core overlaps communication with compute only if kernels queue in order.
-    CUDA_DEVICE_MAX_CONNECTIONS=1
+    CUDA_DEVICE_MAX_CONNECTIONS=1 \
+    # The CP attention allocates blocks of many sizes; expandable segments keep them from fragmenting.
+    PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 
 WORKDIR /opt/megatron-ultralong
 

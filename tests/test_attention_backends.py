@@ -12,17 +12,12 @@
 from __future__ import annotations
 
 import inspect
-import types
-from typing import Optional
 
 import pytest
 import torch
-import torch.nn.functional as F
 
+from flash_standins import standin_fa26, standin_fa27
 from megatron_ultralong.attention import flash_backends, kernels
-
-_cpu_fwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-_cpu_bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 
 
 class _Recorder:
@@ -69,62 +64,15 @@ def test_cuda_cudnn_path_passes_lse_and_undefined_varlen_args(monkeypatch):
     assert dk.shape == kv.shape
 
 
-# --- flash-attn stand-ins ---------------------------------------------------------------------------
-
-def _bhsd(*ts):
-    return [t.transpose(1, 2) for t in ts]
-
-
-def _public_flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
-                            softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False):
-    """flash_attn_func of 2.x: [b, s, h, d]; with return_attn_probs -> (out, lse [b, h, s], S_dmask)."""
-    qh, kh, vh = (t.contiguous() for t in _bhsd(q, k, v))
-    out, lse = _cpu_fwd(qh, kh, vh, 0.0, causal, scale=softmax_scale)
-    out = out.transpose(1, 2)
-    return (out, lse, torch.empty(0)) if return_attn_probs else out
-
-
-def _backward_math(dout, q, k, v, out, lse, dq, dk, dv, scale, causal):
-    g = _cpu_bwd(*[t.contiguous() for t in _bhsd(dout, q, k, v, out)], lse, 0.0, causal, scale=scale)
-    for dst, src in zip((dq, dk, dv), g):
-        dst.copy_(src.transpose(1, 2))
-
-
-def _standin_fa27() -> types.ModuleType:
-    name = f"standin_fa27_{id(object())}"
-
-    @torch.library.custom_op(f"{name}::_flash_attn_backward", mutates_args=("dq", "dk", "dv"), device_types="cpu")
-    def _flash_attn_backward(
-        dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-        softmax_lse: torch.Tensor, dq: Optional[torch.Tensor], dk: Optional[torch.Tensor],
-        dv: Optional[torch.Tensor], dropout_p: float, softmax_scale: float, causal: bool,
-        window_size_left: int, window_size_right: int, softcap: float, alibi_slopes: Optional[torch.Tensor],
-        deterministic: bool, rng_state: Optional[torch.Tensor] = None,
-    ) -> torch.Tensor:
-        assert (window_size_left, window_size_right, dropout_p) == (-1, -1, 0.0)
-        _backward_math(dout, q, k, v, out, softmax_lse, dq, dk, dv, softmax_scale, causal)
-        return torch.empty(0)
-
-    return types.SimpleNamespace(flash_attn_func=_public_flash_attn_func, _flash_attn_backward=_flash_attn_backward)
-
-
-def _standin_fa26() -> types.ModuleType:
-    def _flash_attn_backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, dropout_p, softmax_scale, causal,
-                             window_size, softcap, alibi_slopes, deterministic, rng_state=None):
-        assert window_size == (-1, -1) and softcap == 0.0 and alibi_slopes is None
-        _backward_math(dout, q, k, v, out, softmax_lse, dq, dk, dv, softmax_scale, causal)
-        return dq, dk, dv, torch.empty(0)
-
-    return types.SimpleNamespace(flash_attn_func=_public_flash_attn_func, _flash_attn_backward=_flash_attn_backward)
-
+# --- flash-attn stand-ins (tests/flash_standins.py) ---------------------------------------------
 
 def test_standin_custom_op_hides_its_parameters_like_flash_attn_27():
     # Why keyword binding by inspect.signature cannot work with flash-attn >= 2.7.
-    params = inspect.signature(_standin_fa27()._flash_attn_backward).parameters
+    params = inspect.signature(standin_fa27()._flash_attn_backward).parameters
     assert "softmax_lse" not in params
 
 
-@pytest.mark.parametrize("standin,version", [(_standin_fa27, (2, 7, 4)), (_standin_fa26, (2, 6, 3))])
+@pytest.mark.parametrize("standin,version", [(standin_fa27, (2, 7, 4)), (standin_fa26, (2, 6, 3))])
 def test_flash_attn_binding_matches_sdpa(standin, version):
     binding = flash_backends.bind_flash_attn2(standin(), version)
     ok, reason = kernels.self_check(binding.forward, binding.backward, torch.device("cpu"), torch.float32, tol=1e-4)
@@ -133,14 +81,14 @@ def test_flash_attn_binding_matches_sdpa(standin, version):
 
 def test_wrong_binding_fails_the_self_check_and_auto_skips_it():
     # The 2.6 layout bound as if it were 2.7 (the window tuple split) must not pass.
-    wrong = flash_backends.bind_flash_attn2(_standin_fa26(), (2, 7, 0))
+    wrong = flash_backends.bind_flash_attn2(standin_fa26(), (2, 7, 0))
     ok, reason = kernels.self_check(wrong.forward, wrong.backward, torch.device("cpu"), torch.float32)
     assert not ok and ("AssertionError" in reason or "TypeError" in reason), reason
 
 
 def test_too_old_flash_attn_is_refused_by_name():
     with pytest.raises(ValueError, match=r"flash-attn 2\.5\.9 is too old"):
-        flash_backends.bind_flash_attn2(_standin_fa27(), (2, 5, 9))
+        flash_backends.bind_flash_attn2(standin_fa27(), (2, 5, 9))
     assert flash_backends.parse_version("2.7.4.post1") == (2, 7, 4)
     assert flash_backends.parse_version("3.0.0b1+cu124") == (3, 0, 0)
 
@@ -148,7 +96,7 @@ def test_too_old_flash_attn_is_refused_by_name():
 def test_auto_uses_only_a_backend_that_passed(monkeypatch):
     # Two CUDA candidates on a CPU "device": one broken, one correct; auto takes the correct one,
     # and an explicit unavailable backend is refused by name.
-    good = flash_backends.bind_flash_attn2(_standin_fa27(), (2, 7, 4))
+    good = flash_backends.bind_flash_attn2(standin_fa27(), (2, 7, 4))
     monkeypatch.setitem(kernels._FORWARD, "fa3", lambda q, k, v, s, c: (torch.zeros_like(q), torch.zeros(q.shape[:-1])))
     monkeypatch.setitem(kernels._BACKWARD, "fa3", good.backward)
     monkeypatch.setitem(kernels._FORWARD, "flash_attn", good.forward)
@@ -168,3 +116,21 @@ def test_sdpa_self_check_passes_on_cpu():
     ok, reason = kernels.self_check(kernels._sdpa_forward, kernels._sdpa_backward, torch.device("cpu"), torch.float32,
                                     tol=1e-4)
     assert ok, reason
+
+
+def test_cuda_fp32_efficient_backward_gets_the_lse_padded_to_32_rows(monkeypatch):
+    # The forward returns lse [b, h, ceil(s/32)*32] (kAlignLSE) and the backward reads it in blocks of
+    # 32 rows; the merged lse the ring passes back has s rows and must be padded again.
+    rec = _Recorder()
+    monkeypatch.setattr(kernels, "_aten", rec)
+    q = torch.randn(1, 4, 40, 8, device="meta", dtype=torch.float32)
+    kv = torch.randn(1, 2, 40, 8, device="meta", dtype=torch.float32)
+    out, lse = kernels._sdpa_forward(q, kv, kv, 0.3, True)
+    assert lse.shape == (1, 4, 40)
+    kernels._sdpa_backward(out, q, kv, kv, out, lse, 0.3, True)
+    assert rec.calls["_scaled_dot_product_efficient_attention_backward"][6].shape == (1, 4, 64)
+    real = torch.randn(1, 2, 40)
+    padded = kernels._pad_lse(real)
+    assert padded.shape == (1, 2, 64) and torch.equal(padded[..., :40], real) and bool(padded[..., 40:].isinf().all())
+    aligned = torch.randn(1, 2, 64)
+    assert kernels._pad_lse(aligned) is aligned

@@ -104,3 +104,16 @@ def _pins(rank, world_size):
 
 def test_megatron_internals_the_model_relies_on():
     run_distributed(_pins, world_size=1)
+
+
+def test_cuda_allocator_gets_expandable_segments_unless_the_user_chose():
+    from megatron_ultralong.parallel import runtime
+
+    env: dict = {}
+    assert runtime.configure_cuda_allocator(env) and env == {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
+    for name in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"):  # the user's setting (either spelling) wins
+        env = {name: "max_split_size_mb:512"}
+        assert not runtime.configure_cuda_allocator(env) and env == {name: "max_split_size_mb:512"}
+    # init_runtime sets it before its first CUDA call (set_device), while the allocator is still unread.
+    source = inspect.getsource(runtime.init_runtime)
+    assert 0 < source.index("configure_cuda_allocator()") < source.index("torch.cuda.set_device")

@@ -13,7 +13,10 @@ Document masking (optional; the UltraLong recipe trains without it): pass
 `PackedSeqParams(qkv_format="sbhd", cu_seqlens_q=cu)` where `cu` [n_docs + 1] holds cumulative
 document lengths over the b GLOBAL (unsharded) sequences of length S = s_local * cp concatenated,
 from 0 to b*S, with a boundary at every sample start (segments.parse_cu_seqlens). It is replicated
-on all CP ranks. qkv_format "sbhd" keeps Megatron's Attention off its THD path.
+on all CP ranks. qkv_format "sbhd" keeps Megatron's Attention off its THD path. At CP = 1 a
+document-masked batch goes through ONE varlen kernel call per layer when the resolved backend has
+one (flash-attn / FA3 `flash_attn_varlen_func`, kernels.varlen_kernel); otherwise ("sdpa", "cudnn")
+through the ring code with one rank, one kernel call per document.
 
 RoPE (including the YaRN attention factor, folded into `softmax_scale` by the model builder) is
 applied by `SelfAttention` before this module is called, from global position ids sharded with
@@ -37,9 +40,9 @@ from torch import Tensor
 from megatron_ultralong.attention.all_gather import all_gather_attention
 from megatron_ultralong.attention.all_to_all import check_a2a_heads, ulysses_attention
 from megatron_ultralong.attention.comm import CommStats
-from megatron_ultralong.attention.kernels import BACKENDS, AttentionBackend
+from megatron_ultralong.attention.kernels import BACKENDS, AttentionBackend, varlen_kernel
 from megatron_ultralong.attention.ring import ring_attention
-from megatron_ultralong.attention.segments import document_boundaries
+from megatron_ultralong.attention.segments import DocBoundaries, document_boundaries
 from megatron_ultralong.parallel.config import CpCommType
 
 _ALGORITHMS = {"p2p": ring_attention, "all_gather": all_gather_attention, "a2a": ulysses_attention}
@@ -153,13 +156,32 @@ class UltraLongCoreAttention(MegatronModule):
         value = value.contiguous()
         # [s, b, h, d] -> [b, h, s, d] views.
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
+        varlen = varlen_kernel(self.backend, q) if cp == 1 and docs is not None else None
         if cp == 1 and docs is None:
             # SDPA repeats the KV heads internally (enable_gqa); autograd gives the backward.
             out = F.scaled_dot_product_attention(
                 q, k, v, is_causal=causal, scale=self.softmax_scale, enable_gqa=k.shape[1] != q.shape[1]
             )
+        elif varlen is not None:
+            # Packed documents at CP = 1: ONE varlen kernel call for the whole batch (and its own
+            # backward), instead of a kernel call and merges per document.
+            return self._packed_attention(varlen, query, key, value, cu, docs, causal)
         else:
             # cp == 1 with documents runs the ring code with one rank: no communication, same masking.
             attend = CP_ATTENTION[self.cp_comm_type] if cp > 1 else CP_ATTENTION["p2p"]
             out = attend(q, k, v, self.cp_group, self.softmax_scale, causal, docs, self.backend, self.comm_stats)
         return out.permute(2, 0, 1, 3).reshape(sq, b, self.num_heads * self.head_dim)
+
+    def _packed_attention(self, varlen: Callable[..., Tensor], query: Tensor, key: Tensor, value: Tensor,
+                          cu: Tensor, docs: DocBoundaries, causal: bool) -> Tensor:
+        """query [s, b, h, d], key/value [s, b, g, d] -> [s, b, h * d] through a varlen kernel.
+
+        The kernels take the b samples concatenated ("thd": [b * s, heads, d]), which is exactly
+        what `cu` (cumulative document lengths over the b samples) indexes.
+        """
+        s, b = query.shape[:2]
+        q, k, v = (t.transpose(0, 1).reshape(b * s, t.size(2), t.size(3)) for t in (query, key, value))
+        max_len = max(hi - lo for sample in docs for lo, hi in zip(sample, sample[1:]))
+        cu32 = cu.to(device=q.device, dtype=torch.int32)
+        out = varlen(q, k, v, cu32, max_len, self.softmax_scale, causal)
+        return out.view(b, s, self.num_heads * self.head_dim).transpose(0, 1).contiguous()

@@ -11,8 +11,9 @@ Backends (`select_backend`; kernels.BACKENDS):
     CPU:            aten._scaled_dot_product_flash_attention_for_cpu (+ _backward); GQA native.
     CUDA fp16/bf16: aten._scaled_dot_product_flash_attention (+ _backward); K/V heads expanded
                     locally (only within this rank; nothing repeated travels).
-    CUDA fp32:      aten._scaled_dot_product_efficient_attention (+ _backward); its lse may be
-                    padded to a multiple of 32 rows and is sliced.
+    CUDA fp32:      aten._scaled_dot_product_efficient_attention (+ _backward); its lse is
+                    padded to a multiple of 32 rows: sliced after the forward, padded again for
+                    the backward (which reads it in blocks of 32 rows).
 - "cudnn": aten._scaled_dot_product_cudnn_attention (+ _backward), CUDA fp16/bf16; it returns the
   lse when asked (compute_log_sumexp=True). K/V heads expanded locally.
 - "flash_attn" (FlashAttention-2) and "fa3" (FlashAttention-3, Hopper): flash_backends.py, bound
@@ -30,7 +31,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from typing import Callable, Literal, Sequence, get_args
+from typing import Callable, Literal, Optional, Sequence, get_args
 
 import torch
 import torch.nn.functional as F
@@ -86,6 +87,22 @@ def _sdpa_forward(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool) -
     return res[0], res[1][..., : q.size(2)]
 
 
+EFFICIENT_LSE_ALIGN = 32
+"""PyTorch's memory-efficient attention pads its lse to a multiple of 32 query rows (`kAlignLSE`,
+aten/src/ATen/native/transformers/cuda/mem_eff_attention/kernel_forward.h), and its backward loads
+it in blocks of that size."""
+
+
+def _pad_lse(lse: Tensor, align: int = EFFICIENT_LSE_ALIGN) -> Tensor:
+    """lse [b, h, s] -> [b, h, ceil(s / align) * align], the layout the efficient backward reads.
+
+    The forward's padding is never written; here it is +inf, so the padded rows' probabilities
+    exp(score - lse) are exactly 0 in whatever the kernel computes for them.
+    """
+    pad = -lse.size(-1) % align
+    return lse if pad == 0 else F.pad(lse, (0, pad), value=float("inf"))
+
+
 def _sdpa_backward(
     dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, scale: float, causal: bool
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -106,7 +123,7 @@ def _sdpa_backward(
     else:
         empty = torch.empty(0, device=q.device)
         dq, dk, dv, _ = _aten._scaled_dot_product_efficient_attention_backward(
-            dout, q, ke, ve, None, out, lse, empty, empty, 0.0, [True, True, True, False], causal, scale=scale
+            dout, q, ke, ve, None, out, _pad_lse(lse), empty, empty, 0.0, [True, True, True, False], causal, scale=scale
         )
     return dq, _fold_kv_grad(dk, g), _fold_kv_grad(dv, g)
 
@@ -174,10 +191,16 @@ def self_check(forward: Callable, backward: Callable, device: torch.device, dtyp
         for causal in (True, False):
             out, lse = forward(q, k, v, scale, causal)
             dq, dk, dv = backward(dout, q, k, v, out, lse, scale, causal)
-            ref_q, ref_k, ref_v = (t.detach().float().clone().requires_grad_() for t in (q, k, v))
-            ref = F.scaled_dot_product_attention(ref_q, ref_k, ref_v, is_causal=causal, scale=scale, enable_gqa=True)
-            ref.backward(dout.float())
-            scores = (ref_q @ _expand_kv(ref_k, h).transpose(-1, -2)) * scale
+            # "auto" is first resolved where grad is off: inside an autograd Function's forward (the CP
+            # attention) or under torch.no_grad() (evaluation). The reference's autograd must not
+            # depend on that, or every backend would fail here and "sdpa" be pinned for the process.
+            with torch.enable_grad():
+                ref_q, ref_k, ref_v = (t.detach().float().clone().requires_grad_() for t in (q, k, v))
+                ref = F.scaled_dot_product_attention(ref_q, ref_k, ref_v, is_causal=causal, scale=scale,
+                                                     enable_gqa=True)
+                ref.backward(dout.float())
+            with torch.no_grad():
+                scores = (ref_q @ _expand_kv(ref_k, h).transpose(-1, -2)) * scale
             if causal:
                 scores = scores.masked_fill(torch.ones(s, s, dtype=torch.bool, device=device).triu(1), float("-inf"))
             pairs = (("out", out, ref), ("lse", lse, scores.logsumexp(-1)), ("dq", dq, ref_q.grad),
@@ -193,18 +216,30 @@ def self_check(forward: Callable, backward: Callable, device: torch.device, dtyp
     return True, "ok"
 
 
+def _auto_eligible(q: Tensor) -> bool:
+    """Whether "auto" looks past "sdpa" for q: the accelerated kernels are CUDA half precision only."""
+    return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+
+
+AUTO_CHOSEN: dict[tuple[str, str], str] = {}
+"""(device, dtype) -> what "auto" resolved to there, as strings (reports: benchmarks/gpu_check.py)."""
+
+
 @functools.lru_cache(maxsize=None)
 def _auto_choice(device: torch.device, dtype: torch.dtype) -> str:
     probe = torch.empty(0, device=device, dtype=dtype)
+    choice = "sdpa"
     for name in AUTO_ORDER:
         if not _available(name, probe):
             continue
         ok, reason = self_check(_FORWARD[name], _BACKWARD[name], device, dtype)
         if ok:
             logger.info("attention backend auto -> %s (%s, %s)", name, device, dtype)
-            return name
+            choice = name
+            break
         logger.warning("attention backend %s failed its self-check, not used: %s", name, reason)
-    return "sdpa"
+    AUTO_CHOSEN[(str(device), str(dtype))] = choice
+    return choice
 
 
 def select_backend(backend: str, q: Tensor) -> str:
@@ -212,15 +247,28 @@ def select_backend(backend: str, q: Tensor) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"attention backend={backend!r}: expected one of {BACKENDS}")
     if backend == "auto":
-        if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
-            return _auto_choice(q.device, q.dtype)
-        return "sdpa"
+        return _auto_choice(q.device, q.dtype) if _auto_eligible(q) else "sdpa"
     if not _available(backend, q):
         raise ValueError(
             f"attention backend={backend!r} needs CUDA fp16/bf16 tensors and its package "
             f"(got {q.device.type} {q.dtype}); 'sdpa' runs everywhere"
         )
     return backend
+
+
+def varlen_kernel(backend: str, q: Tensor) -> Optional[Callable[..., Tensor]]:
+    """The packed-documents kernel of the backend `backend` resolves to for q, or None.
+
+    flash-attn and FA3 have one (`flash_attn_varlen_func`, flash_backends.FlashBinding.varlen):
+    (q [t, h, d], k/v [t, g, d], cu_seqlens int32 [n + 1], max_seqlen, scale, causal) -> out
+    [t, h, d], differentiable. PyTorch's SDPA ops and cuDNN through them have none here, so their
+    callers attend per document.
+    """
+    name = select_backend(backend, q)
+    if name not in ("flash_attn", "fa3"):
+        return None
+    binding = load_binding(name)
+    return binding.varlen if binding is not None else None
 
 
 # --- the interface --------------------------------------------------------------------------------

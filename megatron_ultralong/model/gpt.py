@@ -46,11 +46,14 @@ def to_transformer_config(
     model: LlamaConfig,
     runtime: Runtime,
     params_dtype: torch.dtype = torch.float32,
+    micro_batch_size: Optional[int] = None,
     **overrides,
 ) -> TransformerConfig:
     """Megatron-Core `TransformerConfig` for `model` under `runtime`'s parallelism.
 
-    `overrides` are TransformerConfig fields (e.g. recompute settings from the trainer).
+    micro_batch_size: the training micro-batch (1 turns on TE's fused RoPE where it exists,
+    runtime.rope_fusion_choice); None when unknown (evaluation). `overrides` are TransformerConfig
+    fields (e.g. recompute settings from the trainer).
     """
     p = runtime.parallel
     tp = p.tensor_parallel
@@ -87,7 +90,7 @@ def to_transformer_config(
         context_parallel_size=p.context_parallel,
         cp_comm_type=p.cp_comm_type,
         sequence_parallel=p.sequence_parallel,
-        **megatron_config_overrides(runtime.device),
+        **megatron_config_overrides(runtime.device, micro_batch_size),
     )
     kwargs.update(overrides)
     return TransformerConfig(**kwargs)
@@ -169,6 +172,7 @@ def build_model(
     vocab_divisible_by: int = DEFAULT_VOCAB_DIVISIBLE_BY,
     attention_backend: AttentionBackend = "auto",
     loss_chunk_tokens: int = 16384,
+    micro_batch_size: Optional[int] = None,
     mlp_tiles: int = 1,
     **config_overrides,
 ) -> UltraLongGPTModel:
@@ -179,10 +183,12 @@ def build_model(
     vocab_divisible_by x TP. Logits stay vocab-parallel ([b, s, V_pad / TP], what the vocab-parallel
     cross entropy wants); `gather_tp_logits` assembles them for inference.
     attention_backend: every layer's core-attention kernel (kernels.py). loss_chunk_tokens: tokens
-    per output-layer + cross-entropy chunk when forward gets labels. mlp_tiles: > 1 runs every
-    layer's MLP in that many sequence tiles, each recomputed in backward (model/tiled_mlp.py).
+    per output-layer + cross-entropy chunk when forward gets labels. micro_batch_size: see
+    `to_transformer_config`. mlp_tiles: > 1 runs every layer's MLP in that many sequence tiles,
+    each recomputed in backward (model/tiled_mlp.py), and its attention projections over the same
+    tiles (model/sequence_tiles.py).
     """
-    config = to_transformer_config(model_config, runtime, params_dtype, **config_overrides)
+    config = to_transformer_config(model_config, runtime, params_dtype, micro_batch_size, **config_overrides)
     pp = runtime.pg_collection.pp
     model = UltraLongGPTModel(
         config=config,

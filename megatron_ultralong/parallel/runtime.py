@@ -13,8 +13,12 @@ tests/test_runtime.py fails if megatron-core changes under one of them:
    turns them off on CPU. Gradient accumulation fusion stays on for GPU runs whenever megatron-core
    found apex's `fused_weight_gradient_mlp_cuda` (its private flag
    `tensor_parallel.layers._grad_accum_fusion_available`; megatron's linear layers raise without
-   it, and TE's layers fuse the same accumulation themselves). RoPE fusion is off everywhere: our angles are [s, b, 1, d] from position
-   ids, and fused RoPE cannot apply a YaRN attention factor anyway.
+   it, and TE's layers fuse the same accumulation themselves). RoPE fusion (`rope_fusion_choice`)
+   is on where megatron-core found Transformer Engine's fused RoPE (sbhd), on the GPU, at micro-batch
+   1: TE's kernel takes one row of angles ([s, 1, 1, d]; ours come from position ids, one row
+   when b = 1) and no mscale, and the plugin passes none (the YaRN attention factor is folded into
+   the softmax scale, model/gpt.py). Elsewhere megatron's unfused RoPE runs, which keeps cos/sin of
+   the angles for q and k per layer.
 3. Rotary embedding. megatron-core's `RotaryEmbedding` allocates on `torch.cuda.current_device()`;
    the plugin never builds it (GPTModel gets position_embedding_type="none" and our
    `RotaryAngles` supplies `rotary_pos_emb`), so nothing to patch.
@@ -132,6 +136,7 @@ def init_runtime(
         raise ValueError("device='cuda' requested but torch.cuda.is_available() is False")
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if use_cuda:
+        configure_cuda_allocator()
         torch.cuda.set_device(local_rank)
     dev = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
 
@@ -176,6 +181,23 @@ def init_runtime(
         data_parallel_size=dp,
         pg_collection=ProcessGroupCollection.use_mpu_process_groups(),
     )
+
+
+CUDA_ALLOC_CONF = "expandable_segments:True"
+"""The CUDA caching allocator's setting for training: the CP attention allocates K/V blocks, merge
+buffers and gradients of many sizes per layer, which fragment fixed-size segments."""
+
+
+def configure_cuda_allocator(environ: Optional[dict] = None) -> bool:
+    """Set PYTORCH_CUDA_ALLOC_CONF=CUDA_ALLOC_CONF unless the user set it (or torch 2.9's
+    PYTORCH_ALLOC_CONF). The allocator reads it when it first allocates, so this runs before any CUDA
+    tensor exists; if CUDA is already initialised the setting cannot take effect and is left alone.
+    Returns whether it was set."""
+    env = os.environ if environ is None else environ
+    if "PYTORCH_CUDA_ALLOC_CONF" in env or "PYTORCH_ALLOC_CONF" in env or torch.cuda.is_initialized():
+        return False
+    env["PYTORCH_CUDA_ALLOC_CONF"] = CUDA_ALLOC_CONF
+    return True
 
 
 def free_port() -> int:
@@ -246,8 +268,23 @@ def fill_missing_te_recompute_names() -> None:
             setattr(mrandom, name, value)
 
 
-def megatron_config_overrides(device: torch.device) -> dict:
-    """TransformerConfig fields that depend on the device (accommodations 1 and 2)."""
+def te_fused_rope_available() -> bool:
+    """Whether megatron-core imported Transformer Engine's fused RoPE for the sbhd layout (what its
+    `apply_rotary_pos_emb` calls when `apply_rope_fusion` is set)."""
+    from megatron.core.models.common.embeddings import rope_utils
+
+    return rope_utils.fused_apply_rotary_pos_emb is not None
+
+
+def rope_fusion_choice(device: torch.device, micro_batch_size: Optional[int]) -> bool:
+    """Use megatron's TE-fused RoPE (accommodation 2): GPU, TE's kernel importable, and micro-batch 1
+    (TE's sbhd kernel takes angles [s, 1, 1, d]; None = unknown batch, e.g. evaluation: unfused)."""
+    return device.type == "cuda" and micro_batch_size == 1 and te_fused_rope_available()
+
+
+def megatron_config_overrides(device: torch.device, micro_batch_size: Optional[int] = None) -> dict:
+    """TransformerConfig fields that depend on the device (accommodations 1 and 2); micro_batch_size
+    decides the RoPE fusion (`rope_fusion_choice`)."""
     on_gpu = device.type == "cuda"
     return dict(
         use_cpu_initialization=not on_gpu,
@@ -256,7 +293,7 @@ def megatron_config_overrides(device: torch.device) -> dict:
         bias_dropout_fusion=on_gpu,
         persist_layer_norm=False,
         gradient_accumulation_fusion=on_gpu and grad_accum_fusion_available(),
-        apply_rope_fusion=False,  # see accommodation 2
+        apply_rope_fusion=rope_fusion_choice(device, micro_batch_size),  # see accommodation 2
     )
 
 

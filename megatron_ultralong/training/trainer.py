@@ -95,6 +95,7 @@ class Trainer:
             self.model_cfg, self.rt, params_dtype=dtype,
             use_transformer_engine=cfg.model.use_transformer_engine,
             loss_chunk_tokens=cfg.train.loss_chunk_tokens,
+            micro_batch_size=cfg.train.micro_batch_size,  # 1: TE's fused RoPE where it exists
             mlp_tiles=cfg.model.mlp_tiles,
             calculate_per_token_loss=True,
             **recompute_overrides(cfg),
