@@ -21,7 +21,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron_ultralong.attention.core_attention import UltraLongCoreAttention
 from megatron_ultralong.attention.kernels import AttentionBackend
 from megatron_ultralong.model.sequence_tiles import sequence_tiled
-from megatron_ultralong.model.tiled_mlp import TiledMLP
+from megatron_ultralong.model.tiled_mlp import TiledMLP, quiet_unknown_mlp_warning
 
 
 def transformer_engine_available() -> bool:
@@ -70,6 +70,7 @@ def get_ultralong_layer_spec(
         )
     attention.submodules.core_attention = functools.partial(UltraLongCoreAttention, backend=attention_backend)
     if mlp_tiles != 1:
+        quiet_unknown_mlp_warning()
         mlp = spec.submodules.mlp
         spec.submodules.mlp = ModuleSpec(module=TiledMLP, params={**(mlp.params or {}), "num_tiles": mlp_tiles},
                                          submodules=mlp.submodules)

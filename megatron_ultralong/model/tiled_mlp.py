@@ -21,10 +21,30 @@ rank its own rows back, so the result is the untiled MLP's exactly).
 from __future__ import annotations
 
 import functools
+import logging
 
 import torch
 from megatron.core import tensor_parallel
 from megatron.core.transformer.mlp import MLP
+
+
+class _TiledMLPBuildNote(logging.Filter):
+    """megatron-core's TransformerLayer passes its TP group only to an `mlp` spec whose module is
+    exactly `MLP` and warns "Unknown MLP type" for any other, once per layer. `TiledMLP` takes the
+    default TP group (`get_tensor_model_parallel_group_if_none`, the same group under megatron's
+    parallel state), so that warning says nothing here; this filter drops it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Unknown MLP type")
+
+
+def quiet_unknown_mlp_warning() -> None:
+    """Install `_TiledMLPBuildNote` on megatron's transformer-layer logger (idempotent); the layer
+    spec calls it when it puts TiledMLP in."""
+    logging.getLogger("megatron.core.transformer.transformer_layer").addFilter(_NOTE)
+
+
+_NOTE = _TiledMLPBuildNote()
 
 
 class TiledMLP(MLP):
