@@ -32,6 +32,7 @@ that dominates here. Pools:
 """
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import weakref
 from typing import Any, Optional
@@ -66,7 +67,11 @@ class ByteStorePool:
         self.stored_bytes = 0
 
     def store(self, t: Tensor) -> bytes:
-        data = t.detach().contiguous().view(torch.uint8).reshape(-1).numpy().tobytes()
+        src = t.detach().contiguous()
+        # A byte copy straight from the tensor's memory: exporting the tensor itself to numpy would
+        # mark its storage non-resizable, and megatron's "layernorm" recompute resizes that storage
+        # to 0 once the norm output is saved (CheckpointWithoutOutput.discard_output...).
+        data = ctypes.string_at(src.data_ptr(), src.numel() * src.element_size())
         self.stored_bytes += len(data)
         return data
 

@@ -265,8 +265,8 @@ def layer_saved_bytes(cfg: LlamaConfig, lay: Layout, offload_copy: bool = False)
     if lay.mlp_tiles > 1 and lay.sequence_parallel and t > 1:
         # The tiled output projection saves its input rows picked per tile (a copy; sequence_tiles.py).
         parts["tiled linear_proj input"] = hq * e / t
-    if not lay.fused_kernels:  # composite norms kept x*rstd unless re-run; unfused SwiGLU (CPU)
-        norm_modules_kept = sum(1 for n in ("attention", "mlp") if n not in folded and not ln_drop)
+    if not lay.fused_kernels:  # composite norms kept x*rstd unless re-run (no grad); unfused SwiGLU (CPU)
+        norm_modules_kept = sum(1 for n in ("attention", "mlp") if n not in folded and "layernorm" not in drop)
         parts["unfused norm/swiglu"] = norm_modules_kept * h * e / norm_div + (0.0 if mlp_rerun else 2 * f * e / t)
     return parts
 
