@@ -93,6 +93,7 @@ def _equality_body(rank, world_size, out_file):
         shutdown_runtime()
 
 
+@pytest.mark.slow  # ~25 s: nine settings x three steps on two gloo ranks
 def test_every_setting_leaves_loss_and_gradients_unchanged_and_offload_moves_the_modelled_bytes(tmp_path):
     out = tmp_path / "moved.json"
     run_distributed(_equality_body, 2, args=(str(out),))
@@ -295,6 +296,7 @@ def test_one_node_recipes_are_the_cheapest_rung_that_fits(name, device_gb):
     assert f"examples/recipes/{name}.yaml" in launcher and "--nproc-per-node 8" in launcher
 
 
+@pytest.mark.slow  # ~60 s: two 2-rank trainer runs
 def test_trainer_with_the_memory_stack_matches_the_plain_run_under_cp(tmp_path):
     """End to end through the trainer and its config: CP 2 over gloo, selective recompute + tiles +
     every layer's saved set offloaded (the CP attention's q/k/v/out/lse among it): the same losses
@@ -303,7 +305,7 @@ def test_trainer_with_the_memory_stack_matches_the_plain_run_under_cp(tmp_path):
 
     prefix = str(tmp_path / "arith")
     _make_dataset(prefix)
-    cp = {"parallel.context_parallel": 2, "train.steps": 3}
+    cp = {"parallel.context_parallel": 2, "train.steps": 2, "optim.warmup_steps": 0}
     plain = _run(2, _overrides(prefix, **cp), tmp_path / "plain.json")
     stack = _run(2, _overrides(prefix, **cp, **{"model.recompute": "selective", "model.recompute_modules": "[layernorm]",
                                                "model.mlp_tiles": 2, "model.activation_offload": 1.0}),
