@@ -83,7 +83,7 @@ def test_dry_run_every_recipe_at_its_world_size(work, capsys, recipe):
     assert "dry run: OK" in out
     cfg = load_train_config(recipe)
     want = estimate_memory_per_device(resolve_model_config(cfg), cfg, cfg.check_world(world)).total / 2**30
-    got = float(re.search(r"memory per GPU \(training/memory.py\): ([\d.]+) GiB", out).group(1))
+    got = float(re.search(r"memory per GPU \(training/memory.py, estimate\): ([\d.]+) GiB", out).group(1))
     assert got == pytest.approx(want, abs=0.006)
     if cfg.train.peak_tflops:
         assert re.search(r"step time \(predicted.*\): [\d.]+\.\.[\d.]+ s/step", out)
@@ -173,7 +173,7 @@ def test_dry_run_plans_from_step_0(tmp_path, monkeypatch, capsys):
     cfg = load_train_config(recipe)
     planned = extend_context(load_model_config("llama3.1-8b"), cfg.data.seq_length)
     want = estimate_memory(cfg, 256, planned).total / 2**30
-    got = float(re.search(r"memory per GPU \(training/memory.py\): ([\d.]+) GiB", out).group(1))
+    got = float(re.search(r"memory per GPU \(training/memory.py, estimate\): ([\d.]+) GiB", out).group(1))
     assert got == pytest.approx(want, abs=0.006)
     fast, slow = step_time_range(cfg, 256, planned)
     assert f"{fast.seconds:.1f}..{slow.seconds:.1f} s/step" in out
