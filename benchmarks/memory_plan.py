@@ -24,13 +24,13 @@ sys.path.insert(0, ROOT)
 from megatron_ultralong.model.config import PRESETS, LlamaConfig  # noqa: E402
 from megatron_ultralong.training import memory as M  # noqa: E402
 from megatron_ultralong.training.config import load_train_config  # noqa: E402
+from megatron_ultralong.training.step_time import MFU_RANGE  # noqa: E402  (the dry run's too)
 
 GB = 1e9
 DEVICE_GB = 80.0
 FRAMEWORK_GB = 5.0
 USABLE_GB = 74.0
 PEAK_TFLOPS = 989.0
-MFU_RANGE = (0.45, 0.30)  # optimistic .. pessimistic, for the time column
 RECIPES = ("llama31_8b_1m", "llama31_8b_2m", "llama31_8b_4m", "llama31_8b_1m_sft", "llama31_8b_2m_sft", "llama31_8b_4m_sft")
 LADDER_NAMES = {("none", ()): "none", ("selective", ("layernorm",)): "selective[layernorm]",
                 ("selective", ("layernorm", "mlp")): "selective[layernorm,mlp]", ("full", ()): "full"}
@@ -83,13 +83,12 @@ def print_recipe(name: str, model: LlamaConfig) -> None:
     print(f"\n{name}: seq {lay.seq_length:,}  TP{lay.tp} x CP{lay.cp} x PP{lay.pp} x DP{lay.dp} = {lay.world_size} GPUs, "
           f"SP={lay.sequence_parallel}, cp_comm={lay.cp_comm_type}, recompute={mode_name(lay)}, "
           f"{lay.local_tokens:,} tokens/GPU")
-    for key, value in est.as_dict().items():
-        if key != "total":
-            print(f"  {key:<26} {value / GB:8.2f} GB")
+    for key in est.DEVICE_FIELDS:
+        print(f"  {key:<26} {getattr(est, key) / GB:8.2f} GB")
     print(f"  {'framework (assumed)':<26} {FRAMEWORK_GB:8.2f} GB")
     total = est.total / GB + FRAMEWORK_GB
     print(f"  {'total':<26} {total:8.2f} GB  ({'fits' if total <= USABLE_GB else 'DOES NOT FIT'} in {USABLE_GB:.0f} of {DEVICE_GB:.0f})")
-    print("  recompute options (total GB, s/step at MFU 0.45 .. 0.30):")
+    print(f"  recompute options (total GB, s/step at MFU {MFU_RANGE[0]:.2f} .. {MFU_RANGE[1]:.2f}):")
     for r, m in M.RECOMPUTE_LADDER:
         alt = replace(lay, recompute=r, recompute_modules=m)
         fast, slow = step_seconds(model, alt)
@@ -121,6 +120,65 @@ def scan(model: LlamaConfig) -> None:
                   f"{total_gb(model, best):5.1f} GB")
 
 
+ONE_NODE = (("llama31_8b_1m_8gpu", 80.0), ("llama31_8b_4m_8gpu", 141.0))
+"""The one-node recipes and their GPUs' memory (GB): 8 x H100 80GB, 8 x H200 141GB."""
+GPUS_PER_NODE = 8
+
+
+def one_node_budget(device_gb: float) -> float:
+    """Bytes the memory model may plan on one GPU of a one-node recipe: 90% of the device, less the
+    framework allowance (the plan's rule for these recipes)."""
+    return (0.9 * device_gb - FRAMEWORK_GB) * GB
+
+
+def rung_name(lay: M.Layout) -> str:
+    parts = [mode_name(lay)]
+    parts += [f"mlp_tiles {lay.mlp_tiles}"] * (lay.mlp_tiles > 1)
+    parts += [f"activation_offload {lay.activation_offload:g}"] * (lay.activation_offload > 0)
+    parts += [f"optimizer offload {lay.optimizer_offload:g}"] * (lay.optimizer_offload > 0)
+    return " + ".join(parts)
+
+
+def one_node_recipe(name: str):
+    """(train config, layout on one 8-GPU node) of a one-node recipe."""
+    cfg = load_train_config(os.path.join(ROOT, "examples", "recipes", name + ".yaml"))
+    return cfg, M.Layout.from_train_config(cfg, GPUS_PER_NODE)
+
+
+def print_one_node(name: str, device_gb: float, model: LlamaConfig) -> None:
+    cfg, lay = one_node_recipe(name)
+    est = M.estimate_layout(model, lay)
+    print(f"\n{name}: seq {lay.seq_length:,} on one node of 8 x {device_gb:.0f} GB, TP{lay.tp} x CP{lay.cp} x DP{lay.dp}, "
+          f"{lay.seq_length // GPUS_PER_NODE:,} tokens/GPU, {rung_name(lay)}")
+    for key in est.DEVICE_FIELDS:
+        print(f"  {key:<26} {getattr(est, key) / GB:8.2f} GB")
+    total = est.total / GB + FRAMEWORK_GB
+    print(f"  {'total (+ framework)':<26} {total:8.2f} GB  = {100 * total / device_gb:.0f}% of {device_gb:.0f} GB")
+    print(f"  host per GPU {est.host_total / GB:.1f} GB (activations {est.host_activations / GB:.1f}, optimizer "
+          f"{est.host_optimizer / GB:.1f}); per node {GPUS_PER_NODE * est.host_total / GB:.0f} GB")
+    chosen = M.choose_recompute(model, lay, one_node_budget(device_gb))
+    print(f"  cheapest rung that fits 90%: {rung_name(chosen) if chosen else 'none fits'}")
+
+
+def one_node_scan(model: LlamaConfig) -> None:
+    print("\nLongest sequence on one 8-GPU node (TP8 x CP1, TE spec, cheapest rung within 90% incl. framework):")
+    for device_gb in (80.0, 141.0):
+        best = None
+        for seq in range(1 << 19, (8 << 20) + 1, 1 << 18):
+            lay = M.Layout(seq_length=seq, tp=8, sequence_parallel=True, transformer_engine=True, rope_fusion=True,
+                           global_batch_size=2)
+            chosen = M.choose_recompute(model, lay, one_node_budget(device_gb))
+            if chosen is not None:
+                best = (seq, chosen)
+        if best is None:
+            print(f"  {device_gb:.0f} GB: nothing from 512K fits")
+            continue
+        seq, chosen = best
+        est = M.estimate_layout(model, chosen)
+        print(f"  {device_gb:.0f} GB: {seq:,} tokens = {seq // GPUS_PER_NODE:,} per GPU, {rung_name(chosen)}, "
+              f"{est.total / GB + FRAMEWORK_GB:.1f} GB/GPU, host {GPUS_PER_NODE * est.host_total / GB:.0f} GB/node")
+
+
 def main() -> None:
     argparse.ArgumentParser(description=__doc__.split("\n")[0]).parse_args()
     model = PRESETS["llama3.1-8b"]
@@ -130,6 +188,9 @@ def main() -> None:
     for name in RECIPES:
         print_recipe(name, model)
     scan(model)
+    for name, device_gb in ONE_NODE:
+        print_one_node(name, device_gb, model)
+    one_node_scan(model)
 
 
 if __name__ == "__main__":

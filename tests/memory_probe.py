@@ -1,6 +1,6 @@
 """Measure a small Llama's activation memory on CPU (run as a script by tests/test_memory_model.py).
 
-    python tests/memory_probe.py SEQ
+    python tests/memory_probe.py SEQ [--mlp-tiles N] [--recompute full] [--offload F]
 
 Prints one JSON line: "peak", the allocator's peak of live bytes during one forward+backward above
 what was live before it (a fresh process per length; from the profiler's allocation events, the CPU
@@ -11,8 +11,8 @@ the bytes of the distinct storages autograd holds after a forward.
 """
 from __future__ import annotations
 
+import argparse
 import json
-import sys
 
 import torch
 
@@ -43,10 +43,17 @@ def _allocator_peak(prof) -> int:
     return peak
 
 
-def main(seq: int) -> dict:
+def main(seq: int, mlp_tiles: int = 1, recompute: str = "none", offload: float = 0.0) -> dict:
     torch.set_num_threads(1)
     rt = init_runtime(ParallelConfig(), device="cpu")
-    model = build_model(CONFIG, rt, loss_chunk_tokens=LOSS_CHUNK)
+    overrides = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1) \
+        if recompute == "full" else {}
+    model = build_model(CONFIG, rt, loss_chunk_tokens=LOSS_CHUNK, mlp_tiles=mlp_tiles, **overrides)
+    pool = None
+    if offload:
+        from megatron_ultralong.model.activation_offload import ActivationOffload, ByteStorePool
+
+        pool = ActivationOffload(model.decoder, offload, ByteStorePool()).pool
     ids = torch.randint(0, CONFIG.vocab_size, (1, seq))
     pos = torch.arange(seq)[None]
     try:
@@ -55,6 +62,7 @@ def main(seq: int) -> dict:
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
             model(ids, pos, None, labels=ids).sum().backward()
         peak = _allocator_peak(prof)
+        offloaded = pool.stored_bytes if pool is not None else 0
         params = {p.untyped_storage().data_ptr() for p in model.parameters()}
         storages: dict[int, int] = {}
 
@@ -66,10 +74,16 @@ def main(seq: int) -> dict:
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             model(ids, pos, None, labels=ids)
-        return {"seq": seq, "peak": peak, "saved": sum(storages.values())}
+        return {"seq": seq, "peak": peak, "saved": sum(storages.values()), "offloaded": offloaded}
     finally:
         shutdown_runtime()
 
 
 if __name__ == "__main__":
-    print(json.dumps(main(int(sys.argv[1]))))
+    parser = argparse.ArgumentParser()
+    parser.add_argument("seq", type=int)
+    parser.add_argument("--mlp-tiles", type=int, default=1)
+    parser.add_argument("--recompute", choices=("none", "full"), default="none")
+    parser.add_argument("--offload", type=float, default=0.0)
+    a = parser.parse_args()
+    print(json.dumps(main(a.seq, a.mlp_tiles, a.recompute, a.offload)))

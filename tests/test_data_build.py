@@ -169,7 +169,7 @@ def test_failed_build_leaves_no_finished_looking_files(tmp_path, corpus):
         build_dataset(make_recipe([bad], prefix, output={"overwrite": True}), progress=False)
     assert {s: open(prefix + s, "rb").read() for s in (".bin", ".idx")} == old
     assert sorted(os.listdir(tmp_path)) == sorted(
-        ["bad.jsonl"] + ["ds" + s for s in (".bin", ".idx", ".stats.json", ".stats.md", ".lengths.png")])
+        ["bad.jsonl"] + ["ds" + s for s in (".bin", ".idx", ".stats.json", ".stats.md", ".lengths.png", ".dataset.json")])
     # A fresh prefix that fails produces nothing at all.
     with pytest.raises(BadInputError):
         build_dataset(make_recipe([bad], str(tmp_path / "new")), progress=False)

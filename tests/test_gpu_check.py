@@ -41,6 +41,12 @@ def test_gpu_check_dry_run(tmp_path):
     assert plugin["auto_varlen_calls"] == plugin["ring_varlen_calls"] == 0 and plugin["ring_seconds"] > 0
     assert res["prefill"]["tokens"] == 256 and res["prefill"]["local_auto_backend_in_eval"] == "sdpa"
     assert "cp_kernels.max_err_out:" in proc.stdout  # one line per figure
+    # The memory stack: offloaded bytes equal the memory model's host term; each setting's loss and
+    # gradients within their limits of the plain run.
+    stack = res["memory_stack"]
+    assert stack["full_tiles_offload_offloaded_over_model"] == 1.0 and stack["full_tiles_seconds"] > 0
+    exact = res["memory_stack_exact"]
+    assert exact["full_tiles_offload_grad_rel_err"] <= exact["full_tiles_offload_grad_rel_err_limit"]
 
 
 def test_default_out_is_outside_the_repository(monkeypatch):

@@ -54,12 +54,12 @@ def _check_recompute_settings_reach_megatron(rt) -> None:
     from megatron_ultralong.model.config import PRESETS
     from megatron_ultralong.training.config import load_train_config
     from megatron_ultralong.training.memory import RECOMPUTE_LADDER
-    from megatron_ultralong.training.trainer import _recompute_overrides
+    from megatron_ultralong.training.model_source import recompute_overrides
 
     for mode, modules in RECOMPUTE_LADDER:
         overrides = [f"model.recompute={mode}"] + ([f"model.recompute_modules=[{','.join(modules)}]"] if modules else [])
         cfg = load_train_config(None, ("data.paths=[x]", *overrides))
-        model = build_model(PRESETS["tiny"], rt, **_recompute_overrides(cfg, on_gpu=True))
+        model = build_model(PRESETS["tiny"], rt, **recompute_overrides(cfg))
         layer = model.decoder.layers[0]
         assert model.config.recompute_granularity == (None if mode == "none" else mode)
         assert layer.recompute_input_layernorm == ("layernorm" in modules)

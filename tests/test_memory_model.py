@@ -14,9 +14,9 @@ from megatron_ultralong.training import memory as M
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _probe(seq: int) -> dict:
+def _probe(seq: int, *flags: str) -> dict:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "examples")]), OMP_NUM_THREADS="1")
-    out = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "memory_probe.py"), str(seq)],
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "memory_probe.py"), str(seq), *flags],
                          capture_output=True, text=True, timeout=300, env=env, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -36,6 +36,37 @@ def test_activation_estimate_matches_measured_memory_on_cpu(seq):
     assert measured["saved"] == pytest.approx(est.activations, rel=0.15), measured
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("seq", [2048, 4096])
+def test_tiled_mlp_peak_matches_the_model_on_cpu(seq):
+    """The tiled MLP (model.mlp_tiles=4) keeps only its input and re-runs tile by tile: the
+    allocator's peak of forward+backward against the memory model's tiled terms, and below the
+    untiled model's prediction by the MLP's saved set and working set."""
+    import memory_probe
+
+    lay = M.Layout(seq_length=seq, act_bytes=4, loss_chunk_tokens=memory_probe.LOSS_CHUNK,
+                   distributed_optimizer=False, fused_kernels=False, mlp_tiles=4)
+    est = M.estimate_layout(memory_probe.CONFIG, lay)
+    measured = _probe(seq, "--mlp-tiles", "4")
+    assert measured["peak"] == pytest.approx(est.activations + est.backward_working_set, rel=0.1), measured
+    assert measured["saved"] == pytest.approx(est.activations, rel=0.05), measured
+    plain = M.estimate_layout(memory_probe.CONFIG, M.Layout(**{**lay.__dict__, "mlp_tiles": 1}))
+    assert measured["peak"] < 0.6 * (plain.activations + plain.backward_working_set)
+
+
+def test_full_recompute_saved_set_matches_the_model_on_cpu():
+    """Full recompute keeps each layer's input, the final norm's tensors and the rotary angles."""
+    import memory_probe
+
+    seq = 2048
+    lay = M.Layout(seq_length=seq, act_bytes=4, loss_chunk_tokens=memory_probe.LOSS_CHUNK,
+                   distributed_optimizer=False, fused_kernels=False, recompute="full", mlp_tiles=4)
+    est = M.estimate_layout(memory_probe.CONFIG, lay)
+    measured = _probe(seq, "--recompute", "full", "--mlp-tiles", "4")
+    assert measured["saved"] == pytest.approx(est.activations, rel=0.02), measured
+    assert measured["peak"] == pytest.approx(est.activations + est.backward_working_set, rel=0.1), measured
+
+
 def test_llama8b_derivation_figures():
     cfg = PRESETS["llama3.1-8b"]
     tp1 = M.Layout(seq_length=1 << 20, tp=1)
@@ -47,7 +78,9 @@ def test_llama8b_derivation_figures():
     none = M.activation_bytes_per_token_per_layer(cfg, sp8)
     core_attn = M.activation_bytes_per_token_per_layer(cfg, M.Layout(**{**sp8.__dict__, "recompute": "selective",
                                                                          "recompute_modules": ("core_attn",)}))
-    assert none - core_attn == 16  # megatron's "core_attn" drops only the lse (4 B x 32 heads / 8)
+    # megatron's "core_attn" drops only the lse (4 B x 32 heads / 8), and its checkpoint's v (a view)
+    # pins the fused QKV output: q and k widths, (4096 + 1024) x 2 B / 8 = 1,280 B.
+    assert core_attn - none == 1280 - 16
     ln_mlp = M.Layout(**{**sp8.__dict__, "recompute": "selective", "recompute_modules": ("layernorm", "mlp")})
     assert none - M.activation_bytes_per_token_per_layer(cfg, ln_mlp) == (2 * 4096 * 2 + 3 * 14336 * 2) / 8
     full = M.Layout(**{**sp8.__dict__, "recompute": "full"})
@@ -72,7 +105,8 @@ def test_estimate_from_train_config_and_step_time():
     cfg = load_train_config(os.path.join(ROOT, "examples", "recipes", "llama31_8b_1m.yaml"))
     est = M.estimate_memory(cfg, world_size=256)
     assert set(est.as_dict()) == {"weights", "grads", "optimizer", "activations", "backward_working_set",
-                                  "cp_buffers", "logits", "total"}
+                                  "cp_buffers", "logits", "total", "host_activations", "host_optimizer",
+                                  "host_total"}
     assert est.weights == pytest.approx(M.parameter_count(PRESETS["llama3.1-8b"]) / 8 * 2)
     assert est.optimizer == pytest.approx(est.weights * 6 / 32)  # 12 B/param over DP8 x CP4
     t = M.estimate_step_time(cfg, world_size=256, mfu=0.5, peak_tflops=1000)
@@ -88,7 +122,11 @@ def test_choose_recompute_takes_the_cheapest_that_fits():
     lay = M.Layout(seq_length=1 << 21, tp=8, cp=8, dp=4, sequence_parallel=True)
     totals = [M.estimate_layout(cfg, M.Layout(**{**lay.__dict__, "recompute": r, "recompute_modules": m})).total
               for r, m in M.RECOMPUTE_LADDER]
-    assert totals == sorted(totals, reverse=True)  # each rung saves memory
+    assert totals == sorted(totals, reverse=True)  # each recompute rung saves memory
     budget = (totals[1] + totals[2]) / 2
     assert M.choose_recompute(cfg, lay, budget).recompute_modules == ("layernorm", "mlp")
-    assert M.choose_recompute(cfg, lay, totals[-1] - 1) is None
+    assert M.choose_recompute(cfg, lay, totals[-1] - 1, ladder=M.RECOMPUTE_LADDER) is None
+    # The full ladder goes on to tiles and offload, and runs out below its last rung.
+    last = M.estimate_layout(cfg, M.apply_rung(lay, M.MEMORY_LADDER[-1])).total
+    assert M.choose_recompute(cfg, lay, totals[-1] - 1).mlp_tiles > 1
+    assert M.choose_recompute(cfg, lay, last - 1) is None

@@ -84,7 +84,7 @@ def test_dry_run_every_recipe_at_its_world_size(work, capsys, recipe):
     assert "dry run: OK" in out
     cfg = load_train_config(recipe)
     want = estimate_memory_per_device(resolve_model_config(cfg), cfg, cfg.check_world(world)).total / 2**30
-    got = float(re.search(r"memory per GPU \(training/memory.py\): ([\d.]+) GiB", out).group(1))
+    got = float(re.search(r"memory per GPU \(training/memory.py, estimate\): ([\d.]+) GiB", out).group(1))
     assert got == pytest.approx(want, abs=0.006)
     if cfg.train.peak_tflops:
         assert re.search(r"step time \(predicted.*\): [\d.]+\.\.[\d.]+ s/step", out)
@@ -108,7 +108,8 @@ def test_dry_run_names_each_problem(work, capsys):
     code, out = _run(capsys, "--config", recipe, "--dry-run", "--world-size", "250")
     assert code == 1 and "world size 250 is not divisible by TP*PP*CP" in out
     code, out = _run(capsys, "--config", recipe, "--dry-run", "--world-size", "256", "data.paths=[data/nope]")
-    assert code == 1 and "data.paths[0]: data/nope.bin does not exist" in out
+    assert code == 4 and "missing input: data.paths[0]: data/nope.bin and data/nope.idx do not exist; written by " \
+        "mu-build-dataset" in out
     # CP 2 instead of 16 on 16 GPUs without recompute: divisible, but 512K tokens per GPU cannot fit
     code, out = _run(capsys, "--config", recipe, "--dry-run", "--world-size", "16", "parallel.context_parallel=2",
                      "model.recompute=none")
@@ -169,3 +170,73 @@ def test_non_finite_or_negative_learning_rate_is_refused_by_the_dry_run_too(work
         assert code == 2 and why in out, (value, out[-400:])
     code, out = _run(capsys, "--config", recipe, "--dry-run", "--world-size", "256", "optim.min_lr=.nan")
     assert code == 2 and "optim.min_lr=nan: expected a finite number" in out
+
+
+def test_dry_run_plans_from_step_0(tmp_path, monkeypatch, capsys):
+    """In an empty $WORK (README step 0) the plan comes from model.config + the YaRN target, the same
+    figures memory.py gives for that architecture, and each missing input names its producer."""
+    from megatron_ultralong.model.config import extend_context, load_model_config
+    from megatron_ultralong.training.memory import estimate_memory
+    from megatron_ultralong.training.step_time import step_time_range
+
+    monkeypatch.chdir(tmp_path)
+    recipe = os.path.join(ROOT, "examples", "recipes", "llama31_8b_1m.yaml")
+    code, out = _run(capsys, "--config", recipe, "--dry-run", "--world-size", "256")
+    assert code == 4, out
+    cfg = load_train_config(recipe)
+    planned = extend_context(load_model_config("llama3.1-8b"), cfg.data.seq_length)
+    want = estimate_memory(cfg, 256, planned).total / 2**30
+    got = float(re.search(r"memory per GPU \(training/memory.py, estimate\): ([\d.]+) GiB", out).group(1))
+    assert got == pytest.approx(want, abs=0.006)
+    fast, slow = step_time_range(cfg, 256, planned)
+    assert f"{fast.seconds:.1f}..{slow.seconds:.1f} s/step" in out
+    assert "rope: yarn" in out and f"max positions {cfg.data.seq_length:,}" in out
+    assert "planned from model.config='llama3.1-8b'" in out
+    missing = [ln for ln in out.splitlines() if ln.startswith("missing input: ")]
+    assert len(missing) == 3, out
+    assert "data.paths[0]" in missing[0] and "mu-build-dataset" in missing[0]
+    assert "model.megatron_checkpoint: checkpoints/llama31_8b_yarn1m" in missing[2] and "mu-convert hf-to-mcore" in missing[2]
+    assert "--local-dir models/Llama-3.1-8B-Instruct" in missing[1]
+    # without a declared architecture there is nothing to plan with: an error, not a guess
+    code, out = _run(capsys, "--config", recipe, "--dry-run", "--world-size", "256", "model.config=null")
+    assert code == 1 and "declare the architecture" in out
+
+
+def test_dry_run_step_time_is_memory_models(work, capsys):
+    """One step-time formula: the dry run's seconds are training/memory.py's (recompute FLOPs
+    included) at step_time.MFU_RANGE, the range docs/parallelism_plan.md quotes."""
+    from megatron_ultralong.training.config import load_train_config
+    from megatron_ultralong.training.dry_run import dry_run
+    from megatron_ultralong.training.memory import estimate_step_time
+    from megatron_ultralong.training.step_time import MFU_RANGE
+
+    recipe = os.path.join(ROOT, "examples", "recipes", "llama31_8b_1m.yaml")
+    cfg = load_train_config(recipe, ("model.recompute=full",))
+    rep = dry_run(cfg, 256)
+    want = tuple(estimate_step_time(cfg, 256, mfu).seconds for mfu in sorted(MFU_RANGE, reverse=True))
+    assert rep.step_seconds == pytest.approx(want)
+    lo, hi = min(MFU_RANGE), max(MFU_RANGE)
+    plan = open(os.path.join(ROOT, "docs", "parallelism_plan.md"), encoding="utf-8").read()
+    assert f"MFU {hi:.2f}–{lo:.2f}" in plan
+
+
+def test_dry_run_fit_check_is_the_model_builders(work, capsys, tmp_path):
+    """TP must divide the SwiGLU width too (model/config.py check_parallel_fits), not only the heads."""
+    config = tmp_path / "odd_ffn.json"
+    config.write_text(json.dumps({"vocab_size": 1000, "hidden_size": 64, "num_hidden_layers": 2,
+                                  "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 175}))
+    code, out = _run(capsys, "--dry-run", "--world-size", "2", "data.paths=[tiny_cpu_out/data/tiny_text_document]",
+                     f"model.config={config}", "parallel.tensor_parallel=2")
+    assert code == 1 and "parallel.tensor_parallel=2 does not divide ffn_hidden_size=175" in out
+
+
+def test_dry_run_flags_gpu_only_settings_on_cpu(work, capsys):
+    recipe = os.path.join(ROOT, "examples", "recipes", "llama31_8b_1m.yaml")
+    code, out = _run(capsys, "--config", recipe, "--dry-run", "--world-size", "256", "train.device=cpu",
+                     "model.recompute=full")
+    assert code == 1
+    assert "error: train.device=cpu: sequence_parallel=True is GPU-only" in out
+    assert "model.recompute" not in out.split("error:", 1)[1]  # recompute runs on CPU too
+    code, out = _run(capsys, "--config", recipe, "--dry-run", "--world-size", "256", "train.device=cpu",
+                     "parallel.sequence_parallel=false", "model.recompute=none")
+    assert "GPU-only" not in out

@@ -21,7 +21,7 @@ from typing import Any, Callable, Literal
 
 import torch
 
-SECTION_MODULES: tuple[str, ...] = ("env", "cp_kernels", "train_step", "plugin_step", "prefill")
+SECTION_MODULES: tuple[str, ...] = ("env", "cp_kernels", "train_step", "plugin_step", "prefill", "memory_stack")
 """Modules of this package holding sections, in run order."""
 
 LayerSpec = Literal["local", "te"]

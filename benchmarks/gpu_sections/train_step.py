@@ -39,7 +39,7 @@ def build_step(ctx: Context, cfg, packed_seq_params=None):
     from megatron_ultralong.model.config import load_model_config
     from megatron_ultralong.parallel.runtime import init_runtime
     from megatron_ultralong.training.optimizer import build_data_parallel, build_optimizer, finalize_grads
-    from megatron_ultralong.training.trainer import _recompute_overrides
+    from megatron_ultralong.training.model_source import recompute_overrides
 
     rt = init_runtime(cfg.parallel, seed=1, device=cfg.train.device)
     model_cfg = load_model_config(cfg.model.config)
@@ -47,7 +47,7 @@ def build_step(ctx: Context, cfg, packed_seq_params=None):
     model = build_model(model_cfg, rt, params_dtype=dtype, calculate_per_token_loss=True,
                         micro_batch_size=cfg.train.micro_batch_size,  # 1: TE's fused RoPE when TE imports
                         use_transformer_engine=cfg.model.use_transformer_engine,
-                        **_recompute_overrides(cfg, rt.is_cuda))
+                        **recompute_overrides(cfg))
     model.loss_chunk_tokens = cfg.train.loss_chunk_tokens
     ddp = build_data_parallel(model, rt)
     opt = build_optimizer(ddp, cfg, rt)

@@ -173,6 +173,7 @@ def build_model(
     attention_backend: AttentionBackend = "auto",
     loss_chunk_tokens: int = 16384,
     micro_batch_size: Optional[int] = None,
+    mlp_tiles: int = 1,
     **config_overrides,
 ) -> UltraLongGPTModel:
     """Build this rank's model stage (its PP layers, its TP shard) on `runtime.device`.
@@ -183,13 +184,15 @@ def build_model(
     cross entropy wants); `gather_tp_logits` assembles them for inference.
     attention_backend: every layer's core-attention kernel (kernels.py). loss_chunk_tokens: tokens
     per output-layer + cross-entropy chunk when forward gets labels. micro_batch_size: see
-    `to_transformer_config`.
+    `to_transformer_config`. mlp_tiles: > 1 runs every layer's MLP in that many sequence tiles,
+    each recomputed in backward (model/tiled_mlp.py), and its attention projections over the same
+    tiles (model/sequence_tiles.py).
     """
     config = to_transformer_config(model_config, runtime, params_dtype, micro_batch_size, **config_overrides)
     pp = runtime.pg_collection.pp
     model = UltraLongGPTModel(
         config=config,
-        transformer_layer_spec=get_ultralong_layer_spec(use_transformer_engine, attention_backend),
+        transformer_layer_spec=get_ultralong_layer_spec(use_transformer_engine, attention_backend, mlp_tiles),
         model_config=model_config,
         vocab_size=padded_vocab_size(
             model_config.vocab_size, runtime.parallel.tensor_parallel, vocab_divisible_by

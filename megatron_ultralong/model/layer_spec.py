@@ -20,6 +20,8 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 
 from megatron_ultralong.attention.core_attention import UltraLongCoreAttention
 from megatron_ultralong.attention.kernels import AttentionBackend
+from megatron_ultralong.model.sequence_tiles import sequence_tiled
+from megatron_ultralong.model.tiled_mlp import TiledMLP, quiet_unknown_mlp_warning
 
 
 def transformer_engine_available() -> bool:
@@ -35,6 +37,7 @@ def transformer_engine_available() -> bool:
 
 def get_ultralong_layer_spec(
     use_transformer_engine: Optional[bool] = None, attention_backend: AttentionBackend = "auto",
+    mlp_tiles: int = 1,
 ) -> ModuleSpec:
     """Llama layer spec with `UltraLongCoreAttention` as core attention.
 
@@ -46,6 +49,10 @@ def get_ultralong_layer_spec(
     QKV / FC1 linears (`linear_qkv.layer_norm_weight`); without it they are separate modules
     (`input_layernorm.weight`). Megatron's sharded_state_dict uses the TE names for both, so
     distributed checkpoints do not depend on which spec wrote them.
+
+    mlp_tiles: > 1 swaps the layer's `mlp` for `TiledMLP` (model/tiled_mlp.py) with the same
+    submodules: the MLP runs in that many sequence tiles, each recomputed in backward; and the
+    attention's linear_qkv / linear_proj run over the same tiles (model/sequence_tiles.py).
     """
     if use_transformer_engine is None:
         use_transformer_engine = transformer_engine_available()
@@ -62,4 +69,33 @@ def get_ultralong_layer_spec(
             "the plugin's attention cannot be installed"
         )
     attention.submodules.core_attention = functools.partial(UltraLongCoreAttention, backend=attention_backend)
+    if mlp_tiles != 1:
+        quiet_unknown_mlp_warning()
+        mlp = spec.submodules.mlp
+        spec.submodules.mlp = ModuleSpec(module=TiledMLP, params={**(mlp.params or {}), "num_tiles": mlp_tiles},
+                                         submodules=mlp.submodules)
+        # The attention's projections over the same tiles (model/sequence_tiles.py): their
+        # sequence-parallel gather buffers are the next largest working set.
+        sub = attention.submodules
+        sub.linear_qkv = ModuleSpec(module=sequence_tiled(sub.linear_qkv, "column"), params={"num_tiles": mlp_tiles})
+        sub.linear_proj = ModuleSpec(module=sequence_tiled(sub.linear_proj, "row"), params={"num_tiles": mlp_tiles})
     return spec
+
+
+def norms_folded_into_linears(spec: ModuleSpec) -> tuple[str, ...]:
+    """Which of a layer spec's two RMSNorms are fused into the following linear, not modules of their own.
+
+    Megatron-core's TE spec leaves `IdentityOp` in `input_layernorm` / `pre_mlp_layernorm` and uses
+    `TELayerNormColumnParallelLinear` for `linear_qkv` / `linear_fc1`; the local spec has both norms
+    as modules. Selective recompute of "layernorm" only re-runs norms that are modules
+    (`TransformerLayer.__init__`), and a fused norm+linear keeps its norm output for backward, so the
+    memory model (training/memory.py) needs this. Returns a subset of ("attention", "mlp")."""
+    from megatron.core.transformer.identity_op import IdentityOp
+
+    sub = spec.submodules
+    folded = []
+    if sub.input_layernorm in (IdentityOp, None) or getattr(sub.input_layernorm, "module", None) is IdentityOp:
+        folded.append("attention")
+    if sub.pre_mlp_layernorm in (IdentityOp, None) or getattr(sub.pre_mlp_layernorm, "module", None) is IdentityOp:
+        folded.append("mlp")
+    return tuple(folded)

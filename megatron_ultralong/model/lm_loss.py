@@ -44,6 +44,8 @@ def chunked_lm_loss(
     weight: this TP rank's output-layer (or tied embedding) rows [V_pad/TP, H].
     labels: [b, s] next-token ids.
     """
+    if sequence_parallel and tp_group is not None and tp_group.size() > 1:
+        return _sequence_parallel_chunks(hidden, weight, labels, vocab_size, chunk_tokens, tp_rank, tp_group)
     if sequence_parallel:
         hidden = tensor_parallel.gather_from_sequence_parallel_region(hidden, group=tp_group)
     else:
@@ -66,3 +68,45 @@ def chunked_lm_loss(
         else:
             losses.append(_chunk_loss(*args))
     return torch.cat(losses, dim=0).transpose(0, 1).contiguous()  # [b, s]
+
+
+def _pad_mask(weight: Tensor, vocab_size: int, tp_rank: int) -> Optional[Tensor]:
+    local_vocab = weight.shape[0]
+    start = tp_rank * local_vocab
+    if start + local_vocab <= vocab_size:
+        return None
+    return torch.arange(start, start + local_vocab, device=weight.device) >= vocab_size
+
+
+def _gathered_chunk_loss(piece: Tensor, weight: Tensor, labels: Tensor, pad_mask: Optional[Tensor], tp_group) -> Tensor:
+    """piece [c/TP, b, H] of this rank -> loss [c, b] of the rows the gather yields."""
+    hidden = tensor_parallel.gather_from_sequence_parallel_region(piece, group=tp_group)
+    return _chunk_loss(hidden, weight, labels, pad_mask)
+
+
+def _sequence_parallel_chunks(hidden: Tensor, weight: Tensor, labels: Tensor, vocab_size: int, chunk_tokens: int,
+                              tp_rank: int, tp_group) -> Tensor:
+    """Sequence parallelism: gather each chunk over TP inside its checkpoint, never the whole sequence.
+
+    Gathering the whole final hidden state first would keep [s, b, H] (8 KB per token for Llama-3.1-8B
+    in bf16) from forward to backward, 8 GiB at 1M tokens per TP group. Here chunk j is the TP
+    gather of every rank's j-th slice of its local rows (model/sequence_tiles.py's row order), so
+    only this rank's slice is saved and the gathered chunk is re-made in backward; the losses are
+    put back in sequence order at the end."""
+    from megatron_ultralong.model.sequence_tiles import gathered_rows, sequence_order, tile_bounds
+
+    tp, local, batch = tp_group.size(), hidden.shape[0], hidden.shape[1]
+    pad_mask = _pad_mask(weight, vocab_size, tp_rank)
+    labels = labels.transpose(0, 1).contiguous()  # [s, b]
+    rows_per_piece = max(1, chunk_tokens // max(1, batch) // tp)
+    bounds = tile_bounds(local, -(-local // rows_per_piece))
+    losses = []
+    for start, end in bounds:
+        rows = gathered_rows(local, tp, start, end).to(labels.device)
+        args = (hidden[start:end], weight, labels.index_select(0, rows), pad_mask, tp_group)
+        if torch.is_grad_enabled():
+            losses.append(checkpoint(_gathered_chunk_loss, *args, use_reentrant=False))
+        else:
+            losses.append(_gathered_chunk_loss(*args))
+    order = sequence_order(local, tp, bounds).to(labels.device)
+    return torch.cat(losses, dim=0).index_select(0, order).transpose(0, 1).contiguous()  # [b, s]

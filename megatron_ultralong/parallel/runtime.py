@@ -24,9 +24,22 @@ tests/test_runtime.py fails if megatron-core changes under one of them:
    `RotaryAngles` supplies `rotary_pos_emb`), so nothing to patch.
 4. Core attention. megatron-core's `DotProductAttention` fetches its score buffer from a CUDA
    global memory buffer and asserts CP == 1; the plugin's layer spec puts its own module there.
-5. RNG tracker. `model_parallel_cuda_manual_seed` touches CUDA generators; on CPU only the default
-   generator is seeded. Activation recompute (`tensor_parallel.checkpoint`) saves CUDA RNG states
-   and is therefore GPU-only; on CPU the training loop uses torch's own checkpointing.
+5. RNG states of activation recompute. `model_parallel_cuda_manual_seed` touches CUDA generators;
+   on CPU only the default generator is seeded. megatron-core's recompute (`tensor_parallel.checkpoint`
+   = `CheckpointFunction`, and `CheckpointWithoutOutput` for selective "layernorm") records and
+   replays the RNG streams through `tensor_parallel.random._get_all_rng_states` /
+   `_set_all_rng_states`, which read the CUDA generator with `_get_cuda_rng_state` (an assertion on
+   a CPU-only torch). `use_cpu_rng_states()` points that one reader, and its writer
+   `_set_cuda_rng_state`, at torch's CPU generator in a process without CUDA, so full and selective
+   recompute run on CPU through megatron's own code (the tracker's `fork` swaps CPU states the same
+   way). Installed by `init_runtime` on CPU only; a process with CUDA is never touched.
+   Selective "layernorm" recompute also needs `fill_missing_te_recompute_names()`: megatron-core
+   0.16.1's `CheckpointWithoutOutput.__init__` sets `self.fp8 = fp8 is not None`, so its default
+   fp8=False counts as FP8, and its forward then calls Transformer Engine's
+   `FP8GlobalStateManager`, `activation_recompute_forward` and `fp8_autocast`, names its module
+   imports only when TE is installed: without TE (CPU, or a GPU image without TE, the local spec)
+   the norm recompute raises NameError. Where TE did not define them, they get stand-ins that
+   report FP8 off and do nothing; with TE nothing is touched.
 6. TP collectives that allocate. megatron-core's gathers and reduce-scatters along a dim
    (`tensor_parallel/mappings.py`: sequence parallelism, `parallel_output=False` logits) allocate
    their output on `torch.cuda.current_device()`. On CPU, sequence parallelism is refused and
@@ -61,11 +74,15 @@ change without notice), everywhere in the package; revisit these on a megatron-c
 - `datasets.indexed_dataset._IndexWriter._sequence_pointers` and `IndexedDatasetBuilder`'s
   `data_file`, `sequence_lengths`, `sequence_modes`, `document_indices` (data/preprocess/indexed.py).
 - The layout of `get_cuda_rng_tracker().get_states()` (checkpoint/train_state.py saves it).
+- `tensor_parallel.random._get_cuda_rng_state` / `_set_cuda_rng_state`, looked up by
+  `_get_all_rng_states` / `_set_all_rng_states` and the tracker's `fork` at call time
+  (accommodation 5 replaces them in CPU processes).
 - DDP's `zero_grad_buffer` / `finish_grad_sync` method names (training/optimizer.py's CPU
   `TorchDataParallel` mirrors them) and `finalize_model_grads(..., pg_collection=)`.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import socket
@@ -153,6 +170,9 @@ def init_runtime(
         context_parallel_size=parallel.context_parallel,
     )
     seed_everything(seed, use_cuda)
+    fill_missing_te_recompute_names()
+    if not use_cuda:
+        use_cpu_rng_states()
     return Runtime(
         device=dev,
         rank=dist.get_rank(),
@@ -196,6 +216,56 @@ def seed_everything(seed: int, use_cuda: bool) -> None:
         from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
         model_parallel_cuda_manual_seed(seed)
+
+
+def _cpu_generator_state(device=None, clone: bool = False, graph_safe: bool = False) -> torch.Tensor:
+    """Stand-in for megatron's `_get_cuda_rng_state` in a CPU process: the CPU generator's state."""
+    return torch.get_rng_state()
+
+
+def _set_cpu_generator_state(new_state: torch.Tensor, device: int = -1, graph_safe: bool = False) -> None:
+    """Stand-in for megatron's `_set_cuda_rng_state` in a CPU process."""
+    torch.set_rng_state(new_state)
+
+
+def use_cpu_rng_states() -> None:
+    """Accommodation 5: megatron's recompute saves and restores "CUDA" RNG states through two module
+    functions; in a process without CUDA they read and write the CPU generator instead. The CPU
+    state is also what `_get_all_rng_states` saves first, so a replayed recompute draws the same
+    numbers as its forward (tests/test_memory_stack.py checks losses and gradients are unchanged)."""
+    if torch.cuda.is_available():
+        return  # a GPU process keeps megatron's own CUDA RNG handling
+    from megatron.core.tensor_parallel import random as mrandom
+
+    mrandom._get_cuda_rng_state = _cpu_generator_state
+    mrandom._set_cuda_rng_state = _set_cpu_generator_state
+
+
+class _NoFP8State:
+    """Stand-in for TE's `FP8GlobalStateManager` where TE is absent: FP8 is never on."""
+
+    @staticmethod
+    def is_fp8_enabled() -> bool:
+        return False
+
+    @staticmethod
+    def get_fp8_recipe():
+        return None
+
+
+def _null_context(*args, **kwargs):
+    return contextlib.nullcontext()
+
+
+def fill_missing_te_recompute_names() -> None:
+    """Accommodation 5, second part: the TE names `CheckpointWithoutOutput` calls unconditionally,
+    defined as FP8-off no-ops in megatron's `tensor_parallel.random` only where TE did not."""
+    from megatron.core.tensor_parallel import random as mrandom
+
+    for name, value in (("FP8GlobalStateManager", _NoFP8State), ("activation_recompute_forward", _null_context),
+                        ("fp8_autocast", _null_context)):
+        if not hasattr(mrandom, name):
+            setattr(mrandom, name, value)
 
 
 def te_fused_rope_available() -> bool:

@@ -67,10 +67,17 @@ def build_parser() -> argparse.ArgumentParser:
                         help="print the resolved config (YAML, defaults and overrides applied) and exit")
     parser.add_argument("--dry-run", action="store_true",
                         help="check the layout, divisibility and paths, print the per-GPU memory estimate "
-                             "and the predicted step time for --world-size GPUs, and exit (1 on errors)")
+                             "and the predicted step time for --world-size GPUs, and exit: 0 ready to launch, "
+                             "1 errors, 4 the plan fits but inputs are missing (each listed with the step "
+                             "that writes it)")
     parser.add_argument("--world-size", type=int, help="--dry-run: GPUs of the launch (nodes x GPUs per node)")
     parser.add_argument("--device-memory-gib", type=float, default=80.0,
                         help="--dry-run: memory per GPU in GiB (default 80: H100/A100 80GB)")
+    parser.add_argument("--gpus-per-node", type=int, default=8,
+                        help="--dry-run: GPUs per node, for the host memory per node (default 8)")
+    parser.add_argument("--host-memory-gib", type=float, default=None,
+                        help="--dry-run: host memory per node available to offloaded activations and "
+                             "optimizer state; an error when the plan needs more (default: not checked)")
     return parser
 
 
@@ -93,9 +100,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.dry_run:
         from megatron_ultralong.training.dry_run import dry_run
 
-        report = dry_run(cfg, args.world_size, args.device_memory_gib)
+        report = dry_run(cfg, args.world_size, args.device_memory_gib, args.gpus_per_node, args.host_memory_gib)
         print(report.text())
-        sys.exit(1 if report.errors else 0)
+        sys.exit(report.exit_code)
     from megatron_ultralong.training.sinks import check_sinks
 
     problems = check_sinks(cfg.train)  # before torch, megatron-core and the model

@@ -59,9 +59,9 @@ class ModelSection:
     """Layer spec with TE modules; None = when importable."""
 
     recompute: Literal["none", "selective", "full"] = "none"
-    """Activation recompute (megatron-core's `recompute_granularity`; GPU only: its checkpoints save
-    CUDA RNG states): none; selective = the submodules in `recompute_modules`; full = whole layers.
-    Choose the cheapest mode that fits (training/memory.py `choose_recompute`)."""
+    """Activation recompute (megatron-core's `recompute_granularity`; on CPU too, parallel/runtime.py
+    accommodation 5): none; selective = the submodules in `recompute_modules`; full = whole layers.
+    Choose the cheapest setting that fits (training/memory.py `choose_recompute`)."""
 
     recompute_modules: tuple[Literal["core_attn", "layernorm", "mlp"], ...] = ("layernorm", "mlp")
     """With selective recompute: megatron-core's `recompute_modules`. "layernorm" drops both RMSNorm
@@ -71,6 +71,18 @@ class ModelSection:
 
     recompute_num_layers: int = 1
     """With full recompute: layers per recompute chunk (uniform method)."""
+
+    mlp_tiles: int = 1
+    """Run each layer's SwiGLU MLP over the sequence in this many tiles, each recomputed in its own
+    backward (DeepSpeed ALST's TiledMLP, arXiv 2506.13996; model/tiled_mlp.py): the MLP keeps only
+    its input, and its backward working set (re-run activations, gradients, sequence-parallel
+    buffers) shrinks by this factor, for one more MLP forward per step. 1 = off."""
+
+    activation_offload: float = 0.0
+    """Fraction of the layers (the first round(f x layers)) whose saved activations wait in host
+    memory between forward and backward and come back one layer ahead of their backward
+    (model/activation_offload.py; pinned memory and side streams on GPU). With recompute=full that
+    is each layer's input; otherwise the layer's whole saved set. 0 = off."""
 
     def __post_init__(self) -> None:
         if self.hf_checkpoint and self.megatron_checkpoint:
@@ -84,6 +96,13 @@ class ModelSection:
             raise ValueError("model.recompute=selective needs model.recompute_modules (e.g. [layernorm, mlp])")
         if self.recompute_num_layers < 1:
             raise ValueError(f"model.recompute_num_layers={self.recompute_num_layers}: expected >= 1")
+        if self.mlp_tiles < 1:
+            raise ValueError(f"model.mlp_tiles={self.mlp_tiles}: expected >= 1 (1 = off)")
+        if self.mlp_tiles > 1 and self.recompute == "selective" and "mlp" in self.recompute_modules:
+            raise ValueError("model.mlp_tiles > 1 already recomputes the MLP tile by tile: remove 'mlp' from "
+                             "model.recompute_modules")
+        if not 0.0 <= self.activation_offload <= 1.0:
+            raise ValueError(f"model.activation_offload={self.activation_offload}: expected a fraction in [0, 1]")
 
 
 @dataclass(frozen=True)
@@ -117,6 +136,13 @@ class OptimSection:
     clip_grad: float = 1.0
     """Clip the global gradient norm to this (0 disables)."""
 
+    cpu_offload_fraction: float = 0.0
+    """Fraction of the optimizer's parameters whose fp32 master weights and Adam moments live, and
+    are stepped, in host memory (megatron-core's `optimizer_cpu_offload` /
+    `optimizer_offload_fraction`: HybridDeviceOptimizer under the precision-aware distributed
+    optimizer). Pays where DP x CP is small (one node), since the distributed optimizer shards these
+    12 B/param over DP x CP. GPU runs; a CPU run's optimizer is in host memory already. 0 = off."""
+
     def __post_init__(self) -> None:
         for f in fields(self):  # NaN compares false with everything: test finiteness first
             value = getattr(self, f.name)
@@ -134,6 +160,8 @@ class OptimSection:
         for name in ("adam_beta1", "adam_beta2"):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"optim.{name}={getattr(self, name)}: expected 0 <= beta < 1")
+        if not 0.0 <= self.cpu_offload_fraction <= 1.0:
+            raise ValueError(f"optim.cpu_offload_fraction={self.cpu_offload_fraction}: expected a fraction in [0, 1]")
 
 
 @dataclass(frozen=True)

@@ -33,19 +33,52 @@ re-gathers it in backward). So at TP 8 with SP: 139,400 / 8 = 17,425 B per token
 18,449 with the RoPE tensors above.
 
 Recompute, as megatron-core 0.16.1 implements it (`recompute_granularity`, `recompute_modules`):
-    selective "core_attn"  drops only the lse: q, k, v stay (the checkpoint's inputs) and the
-                           attention output stays (linear_proj's input); the attention forward reruns.
+    selective "core_attn"  drops only the lse: q, k, v stay (the checkpoint's inputs; v, a view,
+                           pins the fused QKV output, see below) and the attention output stays
+                           (linear_proj's input); the attention forward reruns.
     selective "layernorm"  drops both norm outputs (CheckpointWithoutOutput).
     selective "mlp"        drops fc1 out and SwiGLU out (the MLP is re-run from its input).
     full                   keeps each chunk's input, 2h*e per layer chunk, and re-runs whole layers.
-Hence the two figures issue 11 found for selective at TP8+SP: 17,424 B/token/layer is megatron's
-selective with ["core_attn"] over the minimal set (the lse is 16 B of it: "none" minus 16 B), the
-right figure for what the trainer ran; 2,064 B (= (2h + hq)*e/8 + lse) described a mode
-megatron-core does not offer (keep only the layer input and the attention output). With the RoPE
-tensors this implementation keeps: core_attn 18,433, ["layernorm", "mlp"] 5,649 B at TP8+SP.
+So megatron's selective ["core_attn"] saves 16 B (the lse) and costs 1,280 B (the pinned QKV
+output) per token per layer at TP8+SP: 19,713 B with the RoPE tensors, more than "none" (18,449).
+["layernorm", "mlp"] keeps 5,649 B with the local spec, 6,673 B with TE's.
 
-Beyond the saved set, the backward of a layer holds its transient gradients (the MLP's are the
-largest: 3F*e per token) and, with full recompute, one re-run chunk's whole saved set.
+Layer spec (`Layout.transformer_engine`). Megatron-core's TE spec folds both RMSNorms into
+`TELayerNormColumnParallelLinear` (linear_qkv, linear_fc1) and leaves `IdentityOp` in the norm slots
+(model/layer_spec.py `norms_folded_into_linears`). Selective "layernorm" re-runs only norms that
+are modules (TransformerLayer.__init__), and TE's fused norm+linear keeps its norm output for its
+wgrad GEMM, so under TE "layernorm" drops nothing; "mlp" re-runs the whole MLP including its folded
+norm, so under TE ["layernorm", "mlp"] keeps the attention norm's output only (+h*e/TP per token
+per layer over the local spec: 1,024 B at TP 8 with SP).
+Selective "core_attn": megatron's checkpoint saves its inputs q, k, v, and v is a view of the fused
+QKV output, which it therefore pins: +(hq + hkv)*e/TP per token per layer (1,280 B at TP 8).
+Tiled MLP (`mlp_tiles` > 1, model/tiled_mlp.py): the MLP keeps only its input, as with "mlp".
+
+Backward working set of one layer, per local token, widths per TP rank (the largest phase counts):
+    SwiGLU backward      3F*e/t       its incoming gradient and the gradient of fc1's output
+    fc1 backward         2F*e/t + h*e (+ h*e with SP)   fc1's output gradient, the full-size input
+                                      gradient before TP's reduce(-scatter), and with sequence
+                                      parallelism the all-gathered input its wgrad GEMM needs
+    QKV backward         (hq+2hkv)*e/t + h*e (+ h*e with SP)   the same for linear_qkv
+    attention kernel     ((hq+2hkv)*e + 4hq + 4nq)/t   dQ/dK/dV, fp32 dQ accumulator, row sums (CP 1;
+                                      with CP the ring's buffers, `cp_buffer_bytes`)
+    MLP re-run           3F*e/t       selective "mlp", tiles, full: the re-run fc1/SwiGLU outputs
+                                      live during that MLP's backward
+    full recompute       + the re-run chunk's whole saved set
+The MLP's phases and re-run divide by `mlp_tiles`, and so does the QKV phase: the tiles also split
+the attention's projections (model/sequence_tiles.py; under SP the output projection then saves
+its per-tile input rows, a copy: +hq*e/TP).
+Loss: one chunk's fp32 logits, softmax and gradient, and its input rows; under SP each chunk gathers
+its rows over TP inside its checkpoint (model/lm_loss.py), so the whole gathered final hidden state
+(T*h*e, 8 GiB at 1M tokens per TP group) never exists.
+
+Offload. `activation_offload` = f: the first round(f*L) layers' saved sets go to host memory
+(model/activation_offload.py); the device holds at most two of those layers' sets at once (the
+copy in flight in forward, the layer in use and the one prefetched in backward). What is copied is
+taken before megatron discards a "layernorm" output, so under selective recompute the host copy of
+a layer includes its norm outputs. `optimizer_offload` = f: megatron-core's HybridDeviceOptimizer
+keeps f of the distributed optimizer's shard on the host: fp32 master weights, Adam m and v
+(12 B/param) plus its pinned copies of the fp32 gradient and the bf16 parameter (6 B/param).
 
 Everything else: bf16 weights, fp32 main gradients (megatron DDP with grad_reduce_in_fp32), fp32
 master weights + Adam m, v = 12 B/param sharded over DP x CP by the distributed optimizer (CPU:
@@ -69,7 +102,42 @@ RECOMPUTE_LADDER: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("selective", ("layernorm", "mlp")),
     ("full", ()),
 )
-"""Recompute settings from cheapest to most memory-saving (`choose_recompute` walks it)."""
+"""megatron-core's recompute settings from cheapest to most memory-saving (the first rungs of
+`MEMORY_LADDER`)."""
+
+MLP_TILE_TOKENS = 65536
+"""Tokens per MLP tile when a rung asks for tiles (`mlp_tiles=0`): tiles = ceil(local tokens / this).
+At TP 8 one tile's MLP working set is then ~2 GiB for Llama-3.1-8B."""
+
+
+@dataclass(frozen=True)
+class Rung:
+    """One memory-saving setting (`choose_recompute` walks `MEMORY_LADDER`, cheapest first)."""
+
+    recompute: str
+    """"none", "selective" or "full"."""
+    recompute_modules: tuple[str, ...] = ()
+    """With selective."""
+    mlp_tiles: int = 1
+    """1 = off; 0 = ceil(local tokens / MLP_TILE_TOKENS)."""
+    activation_offload: float = 0.0
+    """Fraction of layers whose saved sets go to host memory."""
+    optimizer_offload: float = 0.0
+    """Fraction of the optimizer state on the host."""
+
+
+MEMORY_LADDER: tuple[Rung, ...] = (
+    *(Rung(mode, modules) for mode, modules in RECOMPUTE_LADDER[:3]),
+    Rung("selective", ("layernorm",), mlp_tiles=0),
+    Rung("full"),
+    Rung("full", mlp_tiles=0),
+    Rung("full", mlp_tiles=0, activation_offload=0.5),
+    Rung("full", mlp_tiles=0, activation_offload=1.0),
+    Rung("full", mlp_tiles=0, activation_offload=1.0, optimizer_offload=1.0),
+)
+"""Recompute, tiling and offload from cheapest to most memory-saving: recompute costs forward
+FLOPs (an MLP forward per tiled or "mlp" layer, a whole layer with full), offload costs host memory
+and PCIe time that overlaps compute, the optimizer offload a host-side Adam step."""
 
 
 @dataclass(frozen=True)
@@ -110,6 +178,19 @@ class Layout:
     """GPU: RMSNorm and SwiGLU are fused kernels that keep only their inputs (+ rstd). False (CPU):
     PyTorch's composite RMSNorm also keeps x * rstd, and the unfused SwiGLU keeps silu(gate) and
     its product, h*e per norm and 2F*e per MLP more."""
+    transformer_engine: bool = False
+    """Megatron-core's TE layer spec (norms folded into the QKV / fc1 linears) instead of the local
+    spec (module docstring)."""
+    rope_fusion: bool = False
+    """Megatron's TE-fused RoPE (GPU with TE at micro-batch 1, parallel/runtime.py): its backward
+    needs only the shared angles, so no per-layer cos/sin are kept."""
+    mlp_tiles: int = 1
+    """`model.mlp_tiles`: the MLP (and the attention's projections) run in this many sequence tiles
+    (1 = off)."""
+    activation_offload: float = 0.0
+    """`model.activation_offload`: fraction of layers whose saved sets wait in host memory."""
+    optimizer_offload: float = 0.0
+    """`optim.cpu_offload_fraction`: fraction of the optimizer state kept and stepped on the host."""
 
     @property
     def world_size(self) -> int:
@@ -133,29 +214,60 @@ class Layout:
             recompute_num_layers=m.recompute_num_layers, loss_chunk_tokens=t.loss_chunk_tokens,
             act_bytes=2 if m.params_dtype == "bfloat16" else 4, distributed_optimizer=t.device != "cpu",
             fused_kernels=t.device != "cpu",
+            # Unset: TE where the run is on GPUs (the NGC container has it), the costlier spec here.
+            transformer_engine=m.use_transformer_engine if m.use_transformer_engine is not None else t.device != "cpu",
+            rope_fusion=(m.use_transformer_engine is not False and t.device != "cpu" and t.micro_batch_size == 1),
+            mlp_tiles=m.mlp_tiles, activation_offload=m.activation_offload,
+            optimizer_offload=cfg.optim.cpu_offload_fraction if t.device != "cpu" else 0.0,
         )
 
 
-def layer_saved_bytes(cfg: LlamaConfig, lay: Layout) -> dict[str, float]:
-    """Bytes one layer keeps for backward per local token on one TP rank, by tensor (module docstring)."""
+FOLDED_NORMS_TE: tuple[str, ...] = ("attention", "mlp")
+"""The norms megatron-core's TE spec folds into the next linear (model/layer_spec.py
+`norms_folded_into_linears` reads them off the spec; tests/test_memory_stack.py checks the two agree)."""
+
+
+def _mlp_rerun(lay: Layout) -> bool:
+    """The MLP keeps only its input and re-runs in backward (selective "mlp", or tiles)."""
+    return lay.mlp_tiles > 1 or (lay.recompute == "selective" and "mlp" in lay.recompute_modules)
+
+
+def layer_saved_bytes(cfg: LlamaConfig, lay: Layout, offload_copy: bool = False) -> dict[str, float]:
+    """Bytes one layer keeps for backward per local token on one TP rank, by tensor (module docstring).
+
+    offload_copy: what activation offload copies out of the layer instead (norm outputs that
+    "layernorm" recompute discards later are copied before the discard)."""
     e, t = lay.act_bytes, lay.tp
     h, hq, hkv, f = cfg.hidden_size, cfg.num_attention_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.ffn_hidden_size
     norm_div = t if lay.sequence_parallel else 1
     if lay.recompute == "full":
         return {"layer input": h * e / norm_div / lay.recompute_num_layers}
     drop = set(lay.recompute_modules) if lay.recompute == "selective" else set()
+    folded = FOLDED_NORMS_TE if lay.transformer_engine else ()
+    mlp_rerun = _mlp_rerun(lay)
+    # A norm output is dropped by "layernorm" only when the norm is its own module, and the MLP's
+    # by the MLP re-run only when the norm is folded into fc1 (then it is inside the re-run).
+    ln_drop = "layernorm" in drop and not offload_copy
+    attn_norm_kept = not (ln_drop and "attention" not in folded)
+    mlp_norm_kept = not ((ln_drop and "mlp" not in folded) or (mlp_rerun and "mlp" in folded))
     parts = {
         "norm inputs": (2 * h * e + 2 * 4) / norm_div,
-        "norm outputs": 0.0 if "layernorm" in drop else 2 * h * e / norm_div,
+        "norm outputs": (attn_norm_kept + mlp_norm_kept) * h * e / norm_div,
         "q, k, v": (hq + 2 * hkv) * e / t,
         "attention out": hq * e / t,
         "lse": 0.0 if "core_attn" in drop else 4 * cfg.num_attention_heads / t,
-        "rope cos/sin": 4 * cfg.head_dim * e,
-        "fc1 out": 0.0 if "mlp" in drop else 2 * f * e / t,
-        "swiglu out": 0.0 if "mlp" in drop else f * e / t,
+        "rope cos/sin": 0.0 if lay.rope_fusion else 4 * cfg.head_dim * e,
+        "fc1 out": 0.0 if mlp_rerun else 2 * f * e / t,
+        "swiglu out": 0.0 if mlp_rerun else f * e / t,
     }
-    if not lay.fused_kernels:
-        parts["unfused norm/swiglu"] = 2 * h * e / norm_div + (0.0 if "mlp" in drop else 2 * f * e / t)
+    if "core_attn" in drop:
+        parts["qkv pinned by core_attn"] = (hq + hkv) * e / t
+    if lay.mlp_tiles > 1 and lay.sequence_parallel and t > 1:
+        # The tiled output projection saves its input rows picked per tile (a copy; sequence_tiles.py).
+        parts["tiled linear_proj input"] = hq * e / t
+    if not lay.fused_kernels:  # composite norms kept x*rstd unless re-run (no grad); unfused SwiGLU (CPU)
+        norm_modules_kept = sum(1 for n in ("attention", "mlp") if n not in folded and "layernorm" not in drop)
+        parts["unfused norm/swiglu"] = norm_modules_kept * h * e / norm_div + (0.0 if mlp_rerun else 2 * f * e / t)
     return parts
 
 
@@ -163,18 +275,37 @@ def activation_bytes_per_token_per_layer(cfg: LlamaConfig, lay: Layout) -> float
     return sum(layer_saved_bytes(cfg, lay).values())
 
 
+def resolved_mlp_tiles(lay: Layout) -> int:
+    """`mlp_tiles`, with 0 (a ladder rung's "as needed") resolved from the local tokens."""
+    return lay.mlp_tiles if lay.mlp_tiles >= 1 else max(1, -(-lay.local_tokens // MLP_TILE_TOKENS))
+
+
 def backward_working_bytes_per_token(cfg: LlamaConfig, lay: Layout) -> float:
-    """Transient bytes per local token during one layer's backward: the MLP's gradients (3F*e / t),
-    plus, with full recompute, the re-run chunk's whole saved set."""
-    # The peak of a backward is in the last layer's SwiGLU backward. Fused: d(fc2 input) F*e ->
-    # d(fc1 out) 2F*e. Unfused (CPU), measured with the allocator's own events: MulBackward of
-    # silu(gate) * up holds the incoming F*e and both input gradients (2F*e), 3F*e again; its
-    # later steps free the incoming gradient first. By then the final norm's and fc2's saved
-    # inputs are already freed, so activations + this is an upper bound (~7% over on CPU).
-    transient = 3 * cfg.ffn_hidden_size * lay.act_bytes / lay.tp
+    """Transient bytes per local token during one layer's backward (module docstring): the largest
+    phase of the MLP's (over the tiles) or the QKV projection's backward, the re-run MLP's
+    activations, and with full recompute the re-run chunk's whole saved set."""
+    # The peak of a backward is in the last layer's. Unfused SwiGLU (CPU), measured with the
+    # allocator's own events: MulBackward of silu(gate) * up holds the incoming F*e and both input
+    # gradients (2F*e), 3F*e again; its later steps free the incoming gradient first. By then the
+    # final norm's and fc2's saved inputs are already freed, so activations + this is an upper
+    # bound (~7% over on CPU).
+    e, t, h, f = lay.act_bytes, lay.tp, cfg.hidden_size, cfg.ffn_hidden_size
+    qkv = (cfg.num_attention_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
+    gathered = h * e if lay.sequence_parallel and t > 1 else 0.0
+    swiglu = 3 * f * e / t
+    fc1 = 2 * f * e / t + h * e + gathered
+    # The MLP re-run's own activations (with full recompute they are in the re-run set below).
+    rerun = (3 * f + (0 if lay.fused_kernels else 2 * f)) * e / t if _mlp_rerun(lay) else 0.0
+    mlp = (max(swiglu, fc1) + rerun) / resolved_mlp_tiles(lay)
+    # Tiles also split the attention's projections (model/sequence_tiles.py).
+    attention = (qkv * e / t + h * e + gathered) / resolved_mlp_tiles(lay)
+    # The attention kernel's backward at CP 1 (CP > 1: cp_buffer_bytes): dQ, dK, dV and flash
+    # attention's fp32 dQ accumulator and softmax row sums; not tiled.
+    kernel = (qkv * e + 4 * cfg.num_attention_heads * (cfg.head_dim + 1)) / t if lay.cp == 1 else 0.0
+    transient = max(mlp, attention, kernel)
     if lay.recompute == "full":
-        rerun = replace(lay, recompute="none", recompute_modules=())
-        transient += lay.recompute_num_layers * activation_bytes_per_token_per_layer(cfg, rerun)
+        rerun_set = replace(lay, recompute="none", recompute_modules=())
+        transient += lay.recompute_num_layers * activation_bytes_per_token_per_layer(cfg, rerun_set)
     return transient
 
 
@@ -221,14 +352,26 @@ class MemoryEstimate:
     """Transient gradients of one layer (+ one re-run chunk with full recompute)."""
     cp_buffers: float
     logits: float
-    """fp32 logits, softmax and gradient of one loss chunk."""
+    """fp32 logits, softmax and gradient of one loss chunk, and the chunk's (gathered) input rows."""
+    host_activations: float = 0.0
+    """Host bytes of this GPU's offloaded saved activations (not in `total`)."""
+    host_optimizer: float = 0.0
+    """Host bytes of this GPU's offloaded optimizer state (not in `total`)."""
+
+    DEVICE_FIELDS = ("weights", "grads", "optimizer", "activations", "backward_working_set", "cp_buffers", "logits")
 
     @property
     def total(self) -> float:
-        return sum(asdict(self).values())
+        """Device bytes per GPU."""
+        return sum(getattr(self, k) for k in self.DEVICE_FIELDS)
+
+    @property
+    def host_total(self) -> float:
+        """Host bytes per GPU (x GPUs per node for a node's host memory)."""
+        return self.host_activations + self.host_optimizer
 
     def as_dict(self) -> dict[str, float]:
-        return {**asdict(self), "total": self.total}
+        return {**asdict(self), "total": self.total, "host_total": self.host_total}
 
 
 def parameter_count(cfg: LlamaConfig) -> int:
@@ -239,21 +382,34 @@ def parameter_count(cfg: LlamaConfig) -> int:
 
 def estimate_layout(cfg: LlamaConfig, lay: Layout) -> MemoryEstimate:
     """The per-GPU estimate for an architecture and a layout."""
+    from megatron_ultralong.model.activation_offload import offloaded_layer_count
+
     local_params = parameter_count(cfg) / (lay.tp * lay.pp)
-    optimizer = local_params * 12 / (lay.dp * lay.cp) if lay.distributed_optimizer else local_params * 12
+    shard = local_params / (lay.dp * lay.cp) if lay.distributed_optimizer else local_params
     tokens, e = lay.local_tokens, lay.act_bytes
     layers = -(-cfg.num_layers // lay.pp)
     norm_div = lay.tp if lay.sequence_parallel else 1
-    final_norm = 2 * cfg.hidden_size * e / norm_div  # its input and output (the loss chunks' input)
+    # The final norm's input and output (the loss chunks' input); a composite norm also x * rstd.
+    final_norm = (2 + (not lay.fused_kernels)) * cfg.hidden_size * e / norm_div
+    # Full recompute's checkpoints also save the rotary angles [s, 1, 1, d] fp32, once for all layers.
+    angles = 4 * cfg.head_dim if lay.recompute == "full" else 0.0
     chunk = min(lay.loss_chunk_tokens, tokens)
+    lay = replace(lay, mlp_tiles=resolved_mlp_tiles(lay))
+    kept = activation_bytes_per_token_per_layer(cfg, lay)
+    copied = sum(layer_saved_bytes(cfg, lay, offload_copy=True).values())
+    off = offloaded_layer_count(lay.activation_offload, layers)
+    on_device = (layers - off) * kept + min(off, 2) * copied  # two offloaded layers in flight
     return MemoryEstimate(
         weights=local_params * e,
         grads=local_params * 4,
-        optimizer=optimizer,
-        activations=tokens * (layers * activation_bytes_per_token_per_layer(cfg, lay) + final_norm),
+        optimizer=shard * 12 * (1 - lay.optimizer_offload),
+        activations=tokens * (on_device + final_norm + angles),
         backward_working_set=tokens * backward_working_bytes_per_token(cfg, lay),
         cp_buffers=cp_buffer_bytes(cfg, lay),
-        logits=chunk * cfg.vocab_size / lay.tp * 4 * 3,
+        # + one gathered chunk of the final hidden state (the chunks gather over TP one at a time).
+        logits=chunk * cfg.vocab_size / lay.tp * 4 * 3 + chunk * cfg.hidden_size * e,
+        host_activations=tokens * off * copied,
+        host_optimizer=shard * 18 * lay.optimizer_offload,
     )
 
 
@@ -286,12 +442,13 @@ def recompute_flops_per_token(cfg: LlamaConfig, lay: Layout) -> float:
     mlp = 2 * 3 * cfg.hidden_size * cfg.ffn_hidden_size
     core_attn = 2 * hq * lay.seq_length  # causal QK^T and PV forward: 2 * (s/2) * hq * 2
     attn_proj = 2 * cfg.hidden_size * (2 * hq + 2 * cfg.num_kv_heads * cfg.head_dim)
+    tiled = resolved_mlp_tiles(lay) > 1  # each tile re-runs in its own backward, also under full
     if lay.recompute == "full":
-        per_layer = mlp + core_attn + attn_proj
+        per_layer = mlp + core_attn + attn_proj + tiled * mlp
     elif lay.recompute == "selective":
-        per_layer = ("mlp" in lay.recompute_modules) * mlp + ("core_attn" in lay.recompute_modules) * core_attn
+        per_layer = (("mlp" in lay.recompute_modules) or tiled) * mlp + ("core_attn" in lay.recompute_modules) * core_attn
     else:
-        per_layer = 0
+        per_layer = tiled * mlp
     return cfg.num_layers * per_layer
 
 
@@ -317,12 +474,24 @@ def estimate_step_time(cfg, world_size: int, mfu: float = 0.4, peak_tflops: Opti
     return estimate_layout_step_time(_model_config(cfg, model_cfg), Layout.from_train_config(cfg, world_size), peak, mfu)
 
 
-def choose_recompute(cfg: LlamaConfig, lay: Layout, budget_bytes: float,
-                     ladder: Sequence[tuple[str, tuple[str, ...]]] = RECOMPUTE_LADDER) -> Optional[Layout]:
-    """The cheapest recompute setting whose total fits `budget_bytes`, or None if none fits."""
-    for mode, modules in ladder:
-        candidate = replace(lay, recompute=mode, recompute_modules=modules)
-        if estimate_layout(cfg, candidate).total <= budget_bytes:
+def apply_rung(lay: Layout, rung) -> Layout:
+    """`lay` with a ladder rung's settings (a `Rung`, or a (recompute, modules) pair)."""
+    if not isinstance(rung, Rung):
+        rung = Rung(*rung)
+    tiled = replace(lay, mlp_tiles=rung.mlp_tiles)
+    return replace(lay, recompute=rung.recompute, recompute_modules=tuple(rung.recompute_modules),
+                   mlp_tiles=resolved_mlp_tiles(tiled), activation_offload=rung.activation_offload,
+                   optimizer_offload=rung.optimizer_offload)
+
+
+def choose_recompute(cfg: LlamaConfig, lay: Layout, budget_bytes: float, ladder: Sequence = MEMORY_LADDER,
+                     host_budget_bytes: Optional[float] = None) -> Optional[Layout]:
+    """The first (cheapest) rung of `ladder` whose device total fits `budget_bytes` and, when given,
+    whose host bytes per GPU fit `host_budget_bytes`; None if none does."""
+    for rung in ladder:
+        candidate = apply_rung(lay, rung)
+        est = estimate_layout(cfg, candidate)
+        if est.total <= budget_bytes and (host_budget_bytes is None or est.host_total <= host_budget_bytes):
             return candidate
     return None
 
@@ -346,8 +515,9 @@ def estimate_memory_per_device(model_cfg: LlamaConfig, train_cfg, dp: int) -> Me
 
 def format_estimate(e: MemoryEstimate, device: torch.device) -> str:
     unit, scale = ("GiB", 2**30) if e.total >= 2**30 else ("MiB", 2**20)
-    parts = ", ".join(f"{name} {value / scale:.2f}" for name, value in e.as_dict().items() if name != "total")
+    parts = ", ".join(f"{name} {getattr(e, name) / scale:.2f}" for name in e.DEVICE_FIELDS)
+    host = f"; host memory per device {e.host_total / 2**30:.2f} GiB (offload)" if e.host_total else ""
     return (
         f"[train] memory estimate per device: {e.total / scale:.2f} {unit} ({parts}) of "
-        f"{device_memory_bytes(device) / 2**30:.1f} GiB on {device}"
+        f"{device_memory_bytes(device) / 2**30:.1f} GiB on {device}{host}"
     )

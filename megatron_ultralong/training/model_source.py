@@ -46,3 +46,15 @@ def resolve_model_config(cfg: TrainConfig) -> LlamaConfig:
         model_cfg = extend_context(model_cfg, m.yarn_target_length, m.yarn_original_length, m.yarn_beta_fast,
                                    m.yarn_beta_slow)
     return model_cfg
+
+
+def recompute_overrides(cfg: TrainConfig) -> dict:
+    """megatron-core TransformerConfig fields for `model.recompute` (the trainer builds the model with
+    them; they run on CPU too, parallel/runtime.py accommodation 5)."""
+    mode = cfg.model.recompute
+    if mode == "none":
+        return {}
+    if mode == "selective":
+        return dict(recompute_granularity="selective", recompute_modules=list(cfg.model.recompute_modules))
+    return dict(recompute_granularity="full", recompute_method="uniform",
+                recompute_num_layers=cfg.model.recompute_num_layers)

@@ -183,6 +183,19 @@ class CPUAdamW:
         self.torch_optimizer.load_state_dict(torch.load(path, weights_only=True))
 
 
+def optimizer_offload_fields(cfg: OptimSection) -> dict:
+    """megatron-core `OptimizerConfig` fields for `optim.cpu_offload_fraction` (empty when 0).
+
+    megatron-core builds a `HybridDeviceOptimizer` (optimizer/cpu_offloading/hybrid_optimizer.py)
+    that keeps `optimizer_offload_fraction` of the distributed optimizer's shard on the host and
+    steps it there; Megatron-LM requires its precision-aware optimizer path with it (the hybrid
+    optimizer keeps the fp32 master copies itself, `param_update_in_fp32`)."""
+    if not cfg.cpu_offload_fraction:
+        return {}
+    return dict(optimizer_cpu_offload=True, optimizer_offload_fraction=cfg.cpu_offload_fraction,
+                use_precision_aware_optimizer=True, overlap_cpu_optimizer_d2h_h2d=True)
+
+
 class MegatronOptimizer:
     """megatron-core's (distributed) optimizer behind the same interface (GPU runs)."""
 
@@ -201,6 +214,7 @@ class MegatronOptimizer:
             bf16=bf16,
             params_dtype=torch.bfloat16 if bf16 else torch.float32,
             use_distributed_optimizer=True,
+            **optimizer_offload_fields(cfg),
         )
         # With explicit process groups megatron-core 0.16.1 refuses its default gloo groups
         # ("Gloo process groups are not supported when pg_collection is provided",

@@ -109,6 +109,30 @@ def token_id_problem(paths, vocab_size: int, cache_dir: Optional[str] = None) ->
     return None
 
 
+def dataset_tokenizer_problem(paths, vocab_size: int, tokenizers: list[tuple[str, str]]) -> Optional[str]:
+    """An error line if a dataset's PREFIX.dataset.json (data/dataset_info.py) says it was made with
+    another tokenizer than the run's: a vocabulary larger than the model's, or a different token -> id
+    map than each of `tokenizers` ((field, path): data.tokenizer, the starting checkpoint's own).
+    Datasets without the file are checked by their ids alone (`token_id_problem`)."""
+    from megatron_ultralong.data.dataset_info import info_path, read_dataset_info, same_tokenizer, tokenizer_identity
+
+    identities = [(name, tokenizer_identity(path)) for name, path in tokenizers]
+    for prefix in paths:
+        info = read_dataset_info(prefix)
+        if info is None:
+            continue
+        made = info.tokenizer
+        if made.vocab_size > vocab_size:
+            return (f"{info_path(prefix)}: tokenizer.vocab_size={made.vocab_size} ({made.path}) exceeds the model's "
+                    f"vocabulary of {vocab_size}: the dataset was tokenized for another model")
+        for name, ident in identities:
+            if not same_tokenizer(made, ident):
+                return (f"{info_path(prefix)}: tokenized with {made.path} (vocab {made.vocab_size}), which is not "
+                        f"{name}={ident.path} (vocab {ident.vocab_size}): the ids would mean other tokens; rebuild "
+                        "the dataset with the model's tokenizer")
+    return None
+
+
 def _write_record(record: Path, body: dict) -> None:
     record.parent.mkdir(parents=True, exist_ok=True)
     tmp = record.with_name(record.name + ".tmp")

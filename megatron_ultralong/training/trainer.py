@@ -26,37 +26,32 @@ from megatron_ultralong.config_io import to_dict
 from megatron_ultralong.parallel.cp_layout import shard_batch
 from megatron_ultralong.dtypes import parse_dtype
 from megatron_ultralong.model import build_model
+from megatron_ultralong.model.activation_offload import ActivationOffload, host_pool_for
 from megatron_ultralong.parallel.runtime import init_runtime
 from megatron_ultralong.checkpoint.train_state import resume, save_dir_conflict, save_train_checkpoint
 from megatron_ultralong.training.config import TrainConfig
-from megatron_ultralong.data.samples.pretrain import BatchSchedule, build_sample_dataset, cu_seqlens_from_document_ids
+from megatron_ultralong.data.samples.pretrain import (
+    BatchSchedule,
+    build_sample_dataset,
+    cu_seqlens_from_document_ids,
+    document_boundary,
+)
 from megatron_ultralong.training import startup_checks
 from megatron_ultralong.training.guards import NonFiniteGuard, StopConditions, metrics_line, trim_metrics_log
 from megatron_ultralong.training.loss import reduce_loss_over_dp_cp
 from megatron_ultralong.training.memory import estimate_memory_per_device, format_estimate
 from megatron_ultralong.training.metrics import training_flops_per_token
 from megatron_ultralong.training.optimizer import build_data_parallel, build_optimizer, build_scheduler, finalize_grads
-from megatron_ultralong.training.model_source import initial_megatron_checkpoint, resolve_model_config  # noqa: F401
+from megatron_ultralong.training.model_source import (  # noqa: F401
+    initial_megatron_checkpoint,
+    recompute_overrides,
+    resolve_model_config,
+)
 from megatron_ultralong.training.resume_checks import apply_optimizer_override, check_same_model, report_schedule
 from megatron_ultralong.training.progress import StepProgress, format_banner, format_step_line
 from megatron_ultralong.training.sinks import MetricSinks, check_sinks
 
 logger = logging.getLogger(__name__)
-
-
-def _recompute_overrides(cfg: TrainConfig, on_gpu: bool) -> dict:
-    mode = cfg.model.recompute
-    if mode == "none":
-        return {}
-    if not on_gpu:
-        raise ValueError(
-            f"model.recompute={mode!r} is GPU-only: megatron-core's activation checkpoint saves CUDA "
-            "RNG states (runtime.py, accommodation 5)"
-        )
-    if mode == "selective":
-        return dict(recompute_granularity="selective", recompute_modules=list(cfg.model.recompute_modules))
-    return dict(recompute_granularity="full", recompute_method="uniform",
-                recompute_num_layers=cfg.model.recompute_num_layers)
 
 
 class Trainer:
@@ -102,9 +97,13 @@ class Trainer:
             use_transformer_engine=cfg.model.use_transformer_engine,
             loss_chunk_tokens=cfg.train.loss_chunk_tokens,
             micro_batch_size=cfg.train.micro_batch_size,  # 1: TE's fused RoPE where it exists
+            mlp_tiles=cfg.model.mlp_tiles,
             calculate_per_token_loss=True,
-            **_recompute_overrides(cfg, self.rt.is_cuda),
+            **recompute_overrides(cfg),
         )
+        # Saved activations of the first layers wait in host memory (model/activation_offload.py).
+        self.offload = (ActivationOffload(model.decoder, cfg.model.activation_offload, host_pool_for(self.rt.device))
+                        if cfg.model.activation_offload else None)
         self._load_initial_weights(model)
         self.model = model
         self.ddp = build_data_parallel(model, self.rt)
@@ -166,6 +165,13 @@ class Trainer:
         cache = startup_checks.index_cache_dir(data)
         startup_checks.on_rank0(lambda: startup_checks.stale_cache_problem(data.paths, cache))
         startup_checks.on_rank0(lambda: startup_checks.token_id_problem(data.paths, self.model_cfg.vocab_size, cache))
+        # The dataset's own record of its tokenizer (PREFIX.dataset.json) against the run's tokenizers.
+        tokenizers = [("data.tokenizer", data.tokenizer)] if data.tokenizer else []
+        tokenizers += [("the starting checkpoint's tokenizer", str(f)) for f in self.side_files
+                       if os.path.basename(str(f)) == "tokenizer.json"]
+        startup_checks.on_rank0(lambda: startup_checks.dataset_tokenizer_problem(
+            data.paths, self.model_cfg.vocab_size, tokenizers))
+        startup_checks.on_rank0(lambda: document_boundary(data) and None)
 
     def _resume(self) -> str:
         """Load the newest checkpoint that verifies (checkpoint/train_state.py), or say loudly that

@@ -3,7 +3,7 @@
     inputs --(stage 1: tokenize once, N workers)--> token pool (.bin/.idx + domain/key side files)
            --(stage 2: per-domain class totals -> sampling plan)-->
            --(stage 3: copies per document, separators, Megatron IndexedDatasetBuilder)--> PREFIX.bin/.idx
-           --> PREFIX.stats.json / .stats.md / .lengths.png
+           --> PREFIX.stats.json / .stats.md / .lengths.png, PREFIX.dataset.json (data/dataset_info.py)
 
 Why a pool instead of one streaming pass: the budget scale m_d of each domain needs the domain's
 token totals per length class, known only after the whole input is read. Estimating lengths from
@@ -26,6 +26,8 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
+from megatron_ultralong.data.dataset_info import SUFFIX as DATASET_INFO_SUFFIX
+from megatron_ultralong.data.dataset_info import DatasetInfo, tokenizer_identity, write_dataset_info
 from megatron_ultralong.data.preprocess import upsample
 from megatron_ultralong.data.preprocess.indexed import (
     AtomicOutputs,
@@ -49,7 +51,7 @@ from megatron_ultralong.data.preprocess.tokenizer_backends import (
 
 logger = logging.getLogger(__name__)
 
-OUTPUT_SUFFIXES = (".bin", ".stats.json", ".stats.md", ".lengths.png", ".idx")
+OUTPUT_SUFFIXES = (".bin", ".stats.json", ".stats.md", ".lengths.png", DATASET_INFO_SUFFIX, ".idx")
 POOL_SUFFIXES = (".bin", ".idx", ".dom", ".key")
 CHUNK_DOCS = 1 << 16  # documents per vectorised step when planning and writing
 
@@ -264,6 +266,11 @@ def _build(recipe, files, outputs, pool, progress, t_start) -> Dict[str, Any]:
         "recipe": recipe_to_dict(recipe),
     }
     write_report(report, outputs.path(".stats.json"), outputs.path(".stats.md"))
+    # What the trainer needs to read these ids (separator, tokenizer), beside the .bin/.idx.
+    write_dataset_info(outputs.path(DATASET_INFO_SUFFIX), DatasetInfo(
+        separator_text=recipe.separator.text or None, separator_ids=tuple(sep_info["separator_ids"]),
+        separator_position=recipe.separator.position, bos_ids=tuple(sep_info["bos_ids"]),
+        eos_ids=tuple(sep_info["eos_ids"]), tokenizer=tokenizer_identity(recipe.tokenizer.path)))
     plot_length_histogram(before, after, outputs.path(".lengths.png"),
                           os.path.basename(recipe.output.prefix),
                           (cfg.short_threshold, cfg.long_threshold))

@@ -29,7 +29,9 @@ class DataSection:
     """HF tokenizer directory or tokenizer.json (sft: renders the chat template)."""
 
     eod_token_id: Optional[int] = None
-    """Document separator id in the indexed data (needed for the document mask / position reset)."""
+    """Only for datasets without a PREFIX.dataset.json (older builds, megatron's preprocess_data.py):
+    the id that ends each document, for the document mask / position reset. mu-build-dataset records
+    its separator (any number of ids) and tokenizer in that file, and the trainer reads them."""
 
     pad_token_id: int = 0
     """Padding id for samples shorter than seq_length (masked out of the loss)."""
@@ -60,7 +62,3 @@ class DataSection:
             raise ValueError(f"data.weights={list(self.weights)}: every weight must be > 0")
         if self.seq_length < 2:
             raise ValueError(f"data.seq_length={self.seq_length}: expected >= 2")
-        if self.kind == "pretrain" and (self.document_mask or self.reset_position_ids) and self.eod_token_id is None:
-            # SFT rows carry their conversation boundaries; packed pretraining data finds documents
-            # by their closing separator token.
-            raise ValueError("data.document_mask / data.reset_position_ids need data.eod_token_id")

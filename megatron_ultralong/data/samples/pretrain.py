@@ -4,8 +4,9 @@ Pretraining samples come from megatron-core's own `GPTDataset` / `BlendedMegatro
 (document index, sample index and shuffle built by its C++ helpers and cached), with
 `create_attention_mask=False` (a dense [s, s] mask is 4 TB at 1M tokens: Megatron-LM #1025).
 This module adds what the plugin needs on top: `document_ids` and, optionally, per-document
-positions, both derived from the separator token in ONE place (`add_document_fields`), and a
-batch order that is a pure function of (seed, consumed samples), so a resumed run reads exactly
+positions, both derived from the document boundary in ONE place (`add_document_fields`): the
+separator's whole id sequence the dataset's PREFIX.dataset.json records (data/dataset_info.py),
+or, for a dataset without one, `data.eod_token_id`; and a batch order that is a pure function of (seed, consumed samples), so a resumed run reads exactly
 the samples an uninterrupted one would.
 
 Sample schema (every dataset, pretraining or SFT): 1-D tensors of length seq_length
@@ -21,6 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from megatron_ultralong.data.dataset_info import DocumentBoundary, info_path, read_dataset_info
 from megatron_ultralong.data.samples.config import DataSection
 
 SAMPLE_KEYS = ("tokens", "labels", "loss_mask", "position_ids", "document_ids")
@@ -55,20 +57,65 @@ class _TokenIds:
         return {"class": "megatron_ultralong._TokenIds", "eod": self.eod, "vocab_size": self.vocab_size}
 
 
-def add_document_fields(sample: dict[str, Tensor], eod: Optional[int], reset_positions: bool) -> dict[str, Tensor]:
-    """Fill `document_ids` (a document ends with its separator token) and optionally restart
-    `position_ids` at each document. Without `eod` the whole sample is one document."""
-    tokens = sample["tokens"]
-    if eod is None:
-        doc = torch.zeros_like(tokens)
+def document_boundary(data: DataSection) -> Optional[DocumentBoundary]:
+    """What separates documents in `data.paths`: each dataset's PREFIX.dataset.json, else
+    data.eod_token_id (one closing id) for a dataset without one; None when nothing is known.
+    ValueError when blended datasets disagree, or data.eod_token_id contradicts a dataset's file."""
+    explicit = DocumentBoundary((data.eod_token_id,), opens=False) if data.eod_token_id is not None else None
+    found: dict[DocumentBoundary, str] = {}
+    for prefix in data.paths:
+        info = read_dataset_info(prefix)
+        if info is None:
+            if explicit is not None:
+                found.setdefault(explicit, "data.eod_token_id")
+            continue
+        b = info.boundary()
+        if explicit is not None and b != explicit:
+            raise ValueError(f"data.eod_token_id={data.eod_token_id} contradicts {info_path(prefix)} (separator ids "
+                             f"{list(info.separator_ids)}, {info.separator_position}): remove data.eod_token_id")
+        if b is not None:
+            found.setdefault(b, info_path(prefix))
+    if len(found) > 1:
+        (b1, w1), (b2, w2) = list(found.items())[:2]
+        raise ValueError(f"data.paths mark documents differently: {w1} by ids {list(b1.ids)}, {w2} by ids {list(b2.ids)}")
+    if not found:
+        if data.document_mask or data.reset_position_ids:
+            raise ValueError("data.document_mask / data.reset_position_ids need document boundaries: "
+                             f"{info_path(data.paths[0])} does not exist and data.eod_token_id is not set")
+        return None
+    return next(iter(found))
+
+
+def document_starts(tokens: Tensor, boundary: DocumentBoundary) -> Tensor:
+    """bool [n]: True where a new document starts (never at 0). tokens: int [n]. Matches the whole
+    id sequence; an opening marker belongs to the document it starts, a closing one to the one it ends."""
+    n, k = tokens.numel(), len(boundary.ids)
+    starts = torch.zeros(n, dtype=torch.bool)
+    if n < k:
+        return starts
+    ids = torch.tensor(boundary.ids, dtype=tokens.dtype)
+    match = tokens.unfold(0, k, 1).eq(ids).all(1)  # [n - k + 1]: tokens[i:i+k] is the marker
+    if boundary.opens:
+        starts[: n - k + 1] = match
     else:
-        ends = (tokens == eod).long()
-        doc = torch.cumsum(ends, 0) - ends  # the separator belongs to the document it closes
+        starts[k:] = match[: n - k]
+    starts[0] = False
+    return starts
+
+
+def add_document_fields(sample: dict[str, Tensor], boundary: Optional[DocumentBoundary],
+                        reset_positions: bool) -> dict[str, Tensor]:
+    """Fill `document_ids` from `boundary` and optionally restart `position_ids` at each document.
+    Without a boundary the whole sample is one document."""
+    tokens = sample["tokens"]
+    if boundary is None:
+        starts = torch.zeros_like(tokens, dtype=torch.bool)
+    else:
+        starts = document_starts(tokens, boundary)
+    doc = torch.cumsum(starts.long(), 0)
     sample["document_ids"] = doc
     if reset_positions:
         idx = torch.arange(tokens.numel())
-        starts = torch.ones_like(doc, dtype=torch.bool)
-        starts[1:] = doc[1:] != doc[:-1]
         first = torch.cummax(torch.where(starts, idx, torch.zeros_like(idx)), 0).values
         sample["position_ids"] = idx - first
     return sample
@@ -117,6 +164,7 @@ class PretrainDataset:
         if rank != 0:
             self.dataset = build()
         self.data = data
+        self.boundary = document_boundary(data)
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -129,7 +177,7 @@ class PretrainDataset:
             "loss_mask": raw["loss_mask"].float(),
             "position_ids": raw["position_ids"].long(),
         }
-        return add_document_fields(sample, self.data.eod_token_id, self.data.reset_position_ids)
+        return add_document_fields(sample, self.boundary, self.data.reset_position_ids)
 
 
 def build_sample_dataset(data: DataSection, num_samples: int, seed: int, vocab_size: int) -> SampleDataset:
