@@ -64,7 +64,7 @@ def setup(out: str) -> dict:
     import transformers
 
     corpus, tok_dir = demo.stage_corpus(out)
-    up, sep_id = demo.stage_dataset(out, corpus, tok_dir)
+    up = demo.stage_dataset(out, corpus, tok_dir)
     short_corpus = os.path.join(out, "data", "short.jsonl")
     facts.write_corpus(short_corpus, facts.corpus_records(demo.SOURCE_DOCS * 3, seed=2, lengths=[
         ("web", 2 * facts.FACT_TOKENS + 1, L - 1, 3.0), ("books", L // 2, L - 1, 1.0)]))
@@ -85,7 +85,7 @@ def setup(out: str) -> dict:
     model.save_pretrained(hf_plain)
     mcore_plain = os.path.join(out, "mcore_plain")
     convert("hf-to-mcore", hf_plain, mcore_plain)
-    return dict(tok_dir=tok_dir, sep_id=sep_id, upsampled=up, short=short, hf_base=hf_base,
+    return dict(tok_dir=tok_dir, upsampled=up, short=short, hf_base=hf_base,
                 mcore_yarn=mcore_yarn, mcore_plain=mcore_plain)
 
 
@@ -144,7 +144,7 @@ def run_cpt(out: str, env: dict, arm: str, seed: int, steps: int, eval_steps: li
     shutil.rmtree(save, ignore_errors=True)
     os.makedirs(save)
     t0 = time.perf_counter()
-    overrides = demo.cpt_overrides(mcore, data, env["sep_id"], steps, save, document_mask=arm == "m", seed=1000 + seed)
+    overrides = demo.cpt_overrides(mcore, data, steps, save, document_mask=arm == "m", seed=1000 + seed)
     interval = math.gcd(*[s for s in eval_steps if s <= steps])
     demo.run(demo.torchrun(2, "tools/train.py", *overrides, f"train.save_interval={interval}"),
              os.path.join(out, "logs", f"cpt_{arm}_seed{seed}.log"))
