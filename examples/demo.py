@@ -259,13 +259,14 @@ def stage_sft_data(out: str) -> tuple[str, str]:
     return chat, tok_dir
 
 
-def extend_vocabulary(hf_cpt: str, chat_tok_dir: str, out: str) -> str:
+def extend_vocabulary(hf_cpt: str, chat_tok_dir: str, out: str, seed: int = 0) -> str:
     """The CPT model with embedding and output rows for the chat tokens, as an HF checkpoint -> Megatron.
 
     The recipe's base (Llama-3.1-8B-Instruct) already has its chat tokens; the toy's word-level
     vocabulary does not, so they are appended (ids 65..) and their rows start at the mean of the
     trained rows (transformers' `resize_token_embeddings`, mean_resizing), <|eot_id|>'s output row
-    at the separator's. Every other weight is the CPT model's."""
+    and <|begin_of_text|>'s input row at the separator's. Every other weight is the CPT model's."""
+    import torch
     import transformers
 
     transformers.logging.set_verbosity_error()
@@ -273,6 +274,7 @@ def extend_vocabulary(hf_cpt: str, chat_tok_dir: str, out: str) -> str:
     model = transformers.AutoModelForCausalLM.from_pretrained(hf_cpt, local_files_only=True)
     tok = transformers.AutoTokenizer.from_pretrained(chat_tok_dir, local_files_only=True)
     before = model.config.vocab_size
+    torch.manual_seed(seed)  # the new rows are drawn around the old rows' mean: the same draw every run
     model.resize_token_embeddings(len(tok))
     # <|eot_id|>'s output row starts as the separator's: the model then predicts the end of a turn
     # where it predicts the end of a document, and SFT only has to prefer it there. Its input row stays
@@ -280,8 +282,6 @@ def extend_vocabulary(hf_cpt: str, chat_tok_dir: str, out: str) -> str:
     # <|begin_of_text|>'s input row is the separator's: every training document and NIAH prompt starts
     # with "<s>", which the model attends to from everywhere (its attention sink); a conversation then
     # starts the same way instead of with an untrained token.
-    import torch
-
     from toydata import facts
 
     sep = tok.convert_tokens_to_ids("\u2581" + facts.SEPARATOR)
