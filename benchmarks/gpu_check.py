@@ -2,7 +2,7 @@
 
     benchmarks/gpu_check.sh [--dry-run] [--out gpu_check.json]
 
-Sections (issue 12, "The device check"):
+Sections:
   env        torch / CUDA / megatron-core versions; TE, flash-attn, FA3, cuDNN availability; the
              attention backends' self-checks (kernels.self_check) and what "auto" picks.
   cp_kernels one CP rank of the 1M recipe on one GPU (TP8: 4 q heads / 1 KV head, d=128, 65,536

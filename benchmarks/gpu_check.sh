@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The device check of issue 12 (benchmarks/gpu_check.py says what it measures): <= 8 minutes on one
+# The device check (benchmarks/gpu_check.py says what it measures): <= 8 minutes on one
 # H200, no network. Prints one line per figure and writes them all as JSON.
 #
 #   benchmarks/gpu_check.sh [--dry-run] [--out gpu_check.json]

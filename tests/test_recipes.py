@@ -59,7 +59,7 @@ def test_slurm_world_matches_recipe_and_memory_plan(name):
     assert cfg.train.global_batch_size == dp * cfg.train.micro_batch_size  # no accumulation at full scale
     _, lay = memory_plan.recipe(name)
     assert lay.world_size == world and lay.dp == dp
-    # The recipe's recompute is the cheapest setting that fits the plan's budget (issue 12).
+    # The recipe's recompute is the cheapest setting that fits the plan's budget.
     chosen = memory_plan.best_recompute(memory_plan.PRESETS["llama3.1-8b"], lay)
     assert chosen is not None and (chosen.recompute, chosen.recompute_modules) == (lay.recompute, lay.recompute_modules)
     assert memory_plan.total_gb(memory_plan.PRESETS["llama3.1-8b"], lay) <= memory_plan.USABLE_GB

@@ -54,8 +54,9 @@ change without notice), everywhere in the package; revisit these on a megatron-c
   (checkpoint/torch_dist.py: the synchronous CPU save).
 - `TorchDistLoadShardedStrategy.load` and `dist_checkpointing.dict_utils`
   (checkpoint/chunk_load.py: collective-free chunk loads).
-- `datasets.indexed_dataset._IndexWriter._sequence_pointers` and `IndexedDatasetBuilder`'s
-  `data_file`, `sequence_lengths`, `sequence_modes`, `document_indices` (data/preprocess/indexed.py).
+- The .idx layout `datasets.indexed_dataset._IndexWriter` writes (header, version 1, `DType` codes):
+  data/preprocess/indexed.py writes the same bytes without importing megatron-core, and
+  tests/test_data_build.py compares them byte for byte with megatron-core's own builder.
 - The layout of `get_cuda_rng_tracker().get_states()` (checkpoint/train_state.py saves it).
 - DDP's `zero_grad_buffer` / `finish_grad_sync` method names (training/optimizer.py's CPU
   `TorchDataParallel` mirrors them) and `finalize_model_grads(..., pg_collection=)`.

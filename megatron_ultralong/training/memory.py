@@ -38,7 +38,7 @@ Recompute, as megatron-core 0.16.1 implements it (`recompute_granularity`, `reco
     selective "layernorm"  drops both norm outputs (CheckpointWithoutOutput).
     selective "mlp"        drops fc1 out and SwiGLU out (the MLP is re-run from its input).
     full                   keeps each chunk's input, 2h*e per layer chunk, and re-runs whole layers.
-Hence the two figures issue 11 found for selective at TP8+SP: 17,424 B/token/layer is megatron's
+Hence the two figures once given for selective at TP8+SP: 17,424 B/token/layer is megatron's
 selective with ["core_attn"] over the minimal set (the lse is 16 B of it: "none" minus 16 B), the
 right figure for what the trainer ran; 2,064 B (= (2h + hq)*e/8 + lse) described a mode
 megatron-core does not offer (keep only the layer input and the attention output). With the RoPE
