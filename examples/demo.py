@@ -182,7 +182,7 @@ def stage_base(out: str, pretrain: bool) -> str:
 def stage_convert(out: str, hf_dir: str) -> str:
     mcore = os.path.join(out, "mcore_yarn")
     text = run(_tool("tools/convert_checkpoint.py", "hf-to-mcore", hf_dir, mcore, "--tp", "2", "--overwrite",
-                     "--no-progress", "--rope-yarn-target", str(TARGET), "--yarn-original-max-position", str(L),
+                     "--no-progress", "--yarn-target", str(TARGET), "--yarn-original", str(L),
                      "--yarn-beta-fast", "4", "--yarn-beta-slow", "1", "--verify"),
                os.path.join(out, "logs", "convert.log"))
     with open(os.path.join(mcore, "config.json"), encoding="utf-8") as f:

@@ -80,7 +80,7 @@ def setup(out: str) -> dict:
     hf_base = demo.stage_base(out, pretrain=False)
     chat, chat_tok_dir = demo.stage_sft_data(out)
     mcore_yarn = os.path.join(out, "mcore_yarn")
-    convert("hf-to-mcore", hf_base, mcore_yarn, "--rope-yarn-target", str(TARGET), "--yarn-original-max-position",
+    convert("hf-to-mcore", hf_base, mcore_yarn, "--yarn-target", str(TARGET), "--yarn-original",
             str(L), "--yarn-beta-fast", "4", "--yarn-beta-slow", "1")
     # Plain RoPE does not depend on max_position_embeddings; raising it only lets the trainer take 4L.
     hf_plain = os.path.join(out, "hf_base_plain256")

@@ -36,7 +36,7 @@ def test_cpt_recipes_follow_the_paper(name):
     m = cfg.model
     # YaRN (factor target / 8192, beta 4 / 1) is applied by the conversion that writes the starting
     # checkpoint (tests/test_recipe_chain.py reads it from the Slurm template); training keeps it.
-    assert cfg.data.seq_length == CPT[name] and m.yarn_target_length is None
+    assert cfg.data.seq_length == CPT[name] and m.yarn is None
     assert m.config == "llama3.1-8b" and m.megatron_checkpoint and m.params_dtype == "bfloat16"
     assert cfg.optim.lr == 3e-5 and not cfg.data.document_mask and cfg.data.kind == "pretrain"
     steps_gbs = {1 << 20: (480, 2), 1 << 21: (140, 4), 1 << 22: (150, 2)}[CPT[name]]
@@ -48,7 +48,7 @@ def test_sft_recipe():
     cfg = _recipe("llama31_8b_sft")
     assert cfg.data.kind == "sft" and cfg.data.seq_length == 8192 and cfg.optim.lr == 5e-6
     assert cfg.train.global_batch_size == 128 and cfg.model.megatron_checkpoint
-    assert cfg.model.yarn_target_length is None and cfg.data.pad_token_id == 128004
+    assert cfg.model.yarn is None and cfg.data.pad_token_id == 128004
 
 
 @pytest.mark.parametrize("name", sorted(PLAN))
@@ -68,7 +68,7 @@ def test_slurm_world_matches_recipe_and_memory_plan(name):
 def test_tiny_cpu_recipe_exercises_the_same_fields():
     tiny, full = _recipe("tiny_cpu"), _recipe("llama31_8b_1m")
     assert tiny.train.device == "cpu" and tiny.parallel.context_parallel == 2
-    assert tiny.model.yarn_target_length > tiny.model.yarn_original_length
+    assert tiny.model.yarn.target > tiny.model.yarn.original
     for section in ("model", "parallel", "data", "optim", "train"):
         set_in_full = {k for k, v in vars(getattr(full, section)).items() if v is not None}
         set_in_tiny = {k for k, v in vars(getattr(tiny, section)).items() if v is not None}

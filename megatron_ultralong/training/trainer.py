@@ -83,7 +83,7 @@ class Trainer:
         if cfg.data.seq_length > self.model_cfg.max_position_embeddings:
             raise ValueError(
                 f"data.seq_length={cfg.data.seq_length} exceeds the model's max_position_embeddings="
-                f"{self.model_cfg.max_position_embeddings}; set model.yarn_target_length to extend it"
+                f"{self.model_cfg.max_position_embeddings}; set model.yarn.target to extend it"
             )
         estimate = estimate_memory_per_device(self.model_cfg, cfg, self.dp)
         self._log_text(format_estimate(estimate, self.rt.device))
