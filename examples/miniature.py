@@ -31,7 +31,6 @@ import math
 import os
 import random
 import shutil
-import subprocess
 import sys
 import time
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -36,7 +35,7 @@ from megatron_ultralong.data.samples.pretrain import (
     document_boundary,
 )
 from megatron_ultralong.training import startup_checks
-from megatron_ultralong.training.guards import NonFiniteGuard, StopConditions, metrics_line, trim_metrics_log
+from megatron_ultralong.training.guards import NonFiniteGuard, StopConditions, trim_metrics_log
 from megatron_ultralong.training.loss import reduce_loss_over_dp_cp
 from megatron_ultralong.training.memory import estimate_memory_per_device, format_estimate
 from megatron_ultralong.training.metrics import training_flops_per_token
