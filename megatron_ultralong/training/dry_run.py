@@ -194,6 +194,25 @@ def _check_device(cfg: TrainConfig, model_cfg: LlamaConfig, rep: DryRunReport) -
             rep.errors.append(f"train.device=cpu: {e}")
 
 
+def _check_dataset_facts(cfg: TrainConfig, model_cfg: LlamaConfig, rep: DryRunReport) -> None:
+    """What the trainer checks against each dataset's PREFIX.dataset.json at start-up (document
+    boundaries, tokenizer), when the datasets exist."""
+    d = cfg.data
+    if d.kind != "pretrain" or not all(os.path.isfile(p + ext) for p in d.paths for ext in (".bin", ".idx")):
+        return
+    from megatron_ultralong.data.samples.pretrain import document_boundary
+    from megatron_ultralong.training.startup_checks import dataset_tokenizer_problem
+
+    try:
+        document_boundary(d)
+        tokenizers = [("data.tokenizer", d.tokenizer)] if d.tokenizer and os.path.exists(d.tokenizer) else []
+        problem = dataset_tokenizer_problem(d.paths, model_cfg.vocab_size, tokenizers)
+    except ValueError as e:
+        problem = str(e)
+    if problem:
+        rep.errors.append(problem)
+
+
 def dry_run(cfg: TrainConfig, world_size: int, device_memory_gib: float = 80.0) -> DryRunReport:
     """Check `cfg` for a launch on `world_size` GPUs of `device_memory_gib` each (see module doc)."""
     from megatron_ultralong.training.memory import estimate_memory
@@ -213,6 +232,7 @@ def dry_run(cfg: TrainConfig, world_size: int, device_memory_gib: float = 80.0) 
                      + f"; max positions {model_cfg.max_position_embeddings:,}")
     dp = _check_layout(cfg, model_cfg, world_size, rep)
     _check_device(cfg, model_cfg, rep)
+    _check_dataset_facts(cfg, model_cfg, rep)
     if dp is None:
         return rep
     est = estimate_memory(cfg, world_size, model_cfg)
