@@ -44,7 +44,7 @@ from megatron_ultralong.convert.key_map import expected_hf_shapes  # noqa: E402
 from megatron_ultralong.model.config import PRESETS, LlamaConfig  # noqa: E402
 
 # What every conversion process holds before it touches a weight: the converter's imports (torch,
-# megatron-core, transformers) and a 1-process gloo runtime. The issue's goal is measured against it.
+# megatron-core, transformers) and a 1-process gloo runtime. The memory goal (docs/benchmarks.md) is measured against it.
 OVERHEAD = """
 import megatron_ultralong.convert.cli, megatron_ultralong.convert.hf_to_mcore, megatron_ultralong.convert.mcore_to_hf
 from megatron_ultralong.parallel.runtime import free_port

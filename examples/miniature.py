@@ -8,6 +8,9 @@ mcore-to-hf -> NIAH. Arms, all from the same base model:
   c  YaRN x4 + CPT on upsampled data  d  plain RoPE + the same CPT
   e  YaRN x4 + CPT on short documents only (< L tokens: the upsampling ablation)
   m  arm c with the cross-document attention mask on (the paper trains without it)
+  s  arm c at the demo's CPT_STEPS, then the demo's SFT stage (short chat data at L, the toy
+     vocabulary + Llama-3's chat tokens; examples/demo.py): evaluated with plain prompts and in its
+     chat format (chat_accuracy: "<value> .<|eot_id|>" teacher-forced after the assistant header)
 Each CPT arm is evaluated at its checkpoints (--eval-steps) at 1x/2x/4x/8x L with --samples needles
 per length, at evenly spaced depths: accuracy by length and by needle distance, and filler loss by
 position. Seeds vary the CPT data order and the NIAH prompts (the base model is the shipped one).
@@ -28,7 +31,6 @@ import math
 import os
 import random
 import shutil
-import subprocess
 import sys
 import time
 
@@ -64,7 +66,7 @@ def setup(out: str) -> dict:
     import transformers
 
     corpus, tok_dir = demo.stage_corpus(out)
-    up, sep_id = demo.stage_dataset(out, corpus, tok_dir)
+    up = demo.stage_dataset(out, corpus, tok_dir)
     short_corpus = os.path.join(out, "data", "short.jsonl")
     facts.write_corpus(short_corpus, facts.corpus_records(demo.SOURCE_DOCS * 3, seed=2, lengths=[
         ("web", 2 * facts.FACT_TOKENS + 1, L - 1, 3.0), ("books", L // 2, L - 1, 1.0)]))
@@ -75,8 +77,9 @@ def setup(out: str) -> dict:
     demo.run(demo._tool("tools/build_dataset.py", "--config", recipe, "--no-progress"),
              os.path.join(out, "logs", "dataset_short.log"))
     hf_base = demo.stage_base(out, pretrain=False)
+    chat, chat_tok_dir = demo.stage_sft_data(out)
     mcore_yarn = os.path.join(out, "mcore_yarn")
-    convert("hf-to-mcore", hf_base, mcore_yarn, "--rope-yarn-target", str(TARGET), "--yarn-original-max-position",
+    convert("hf-to-mcore", hf_base, mcore_yarn, "--yarn-target", str(TARGET), "--yarn-original",
             str(L), "--yarn-beta-fast", "4", "--yarn-beta-slow", "1")
     # Plain RoPE does not depend on max_position_embeddings; raising it only lets the trainer take 4L.
     hf_plain = os.path.join(out, "hf_base_plain256")
@@ -85,7 +88,7 @@ def setup(out: str) -> dict:
     model.save_pretrained(hf_plain)
     mcore_plain = os.path.join(out, "mcore_plain")
     convert("hf-to-mcore", hf_plain, mcore_plain)
-    return dict(tok_dir=tok_dir, sep_id=sep_id, upsampled=up, short=short, hf_base=hf_base,
+    return dict(tok_dir=tok_dir, chat=chat, chat_tok_dir=chat_tok_dir, upsampled=up, short=short, hf_base=hf_base,
                 mcore_yarn=mcore_yarn, mcore_plain=mcore_plain)
 
 
@@ -122,6 +125,57 @@ def evaluate(model, tok, samples: int, seed: int) -> dict:
     return result
 
 
+@torch.no_grad()
+def evaluate_chat(model, chat_tok, samples: int, seed: int) -> dict:
+    """NIAH accuracy per length in the SFT chat format: the reply must be exactly " <value> ." then
+    <|eot_id|> (teacher-forced argmax, as `evaluate`); prompts are run_niah's with facts.chat_niah_config."""
+    from megatron_ultralong.eval.haystack import Haystack
+    from megatron_ultralong.eval.niah import make_niah_sample
+
+    model.eval()
+    hay = Haystack(chat_tok, "facts", text=facts.haystack_text())
+    cfg = facts.chat_niah_config(seed=seed)
+    eot = chat_tok.hf_tokenizer.convert_tokens_to_ids(facts.CHAT_CONTROL[3])
+    out = {}
+    for length in LENGTHS:
+        rows, targets = [], []
+        for i in range(samples):
+            s = make_niah_sample(chat_tok, hay, cfg, length, i / max(1, samples - 1), i)
+            target = chat_tok.encode(f" {s.answers[0]} .") + [eot]
+            rows.append(list(s.prompt.ids) + target[:-1])
+            targets.append(target)
+        pred = model(torch.tensor(rows)).logits[:, length - 1:].argmax(-1)
+        out[length] = (pred == torch.tensor(targets)).all(-1).float().mean().item()
+    return out
+
+
+def run_sft(out: str, env: dict, seed: int, samples: int, tok, chat_tok) -> None:
+    """Arm s: CPT as arm c for demo.CPT_STEPS, then the demo's vocabulary extension and SFT."""
+    sub = os.path.join(out, f"sft_seed{seed}")
+    shutil.rmtree(sub, ignore_errors=True)
+    os.makedirs(os.path.join(sub, "logs"))
+    t0 = time.perf_counter()
+    cpt_save = os.path.join(sub, "cpt")
+    demo.run(demo.torchrun(2, "tools/train.py", *demo.cpt_overrides(env["mcore_yarn"], env["upsampled"], demo.CPT_STEPS,
+                                                                   cpt_save, seed=1000 + seed)),
+             os.path.join(sub, "logs", "cpt.log"))
+    hf_cpt = os.path.join(sub, "hf_cpt")
+    convert("mcore-to-hf", os.path.join(cpt_save, f"iter_{demo.CPT_STEPS:07d}", "model"), hf_cpt)
+    rec = evaluate(hf_model(hf_cpt), tok, samples, seed)
+    record(out, dict(seed=seed, arm="s", step=0, train_seconds=round(time.perf_counter() - t0), **rec))
+    mcore_chat = demo.extend_vocabulary(hf_cpt, env["chat_tok_dir"], sub, seed=seed)
+    save = os.path.join(sub, "sft")
+    demo.run(demo.torchrun(2, "tools/train.py", *demo.sft_overrides(mcore_chat, env["chat"], env["chat_tok_dir"],
+                                                                   demo.SFT_STEPS, save, seed=1000 + seed)),
+             os.path.join(sub, "logs", "sft.log"))
+    hf_sft = os.path.join(sub, "hf_sft")
+    convert("mcore-to-hf", os.path.join(save, f"iter_{demo.SFT_STEPS:07d}", "model"), hf_sft)
+    model = hf_model(hf_sft)
+    rec = evaluate(model, tok, samples, seed)
+    rec["chat_accuracy"] = evaluate_chat(model, chat_tok, samples, seed)
+    record(out, dict(seed=seed, arm="s", step=demo.SFT_STEPS, train_seconds=round(time.perf_counter() - t0), **rec))
+
+
 def hf_model(hf_dir: str):
     import transformers
 
@@ -132,6 +186,8 @@ def record(out: str, rec: dict) -> None:
     with open(os.path.join(out, "results.jsonl"), "a", encoding="utf-8") as f:
         f.write(json.dumps(rec) + "\n")
     acc = " ".join(f"{k}:{v:.2f}" for k, v in rec["accuracy"].items())
+    if "chat_accuracy" in rec:
+        acc += "  chat " + " ".join(f"{k}:{v:.2f}" for k, v in rec["chat_accuracy"].items())
     print(f"[miniature] seed {rec['seed']} arm {rec['arm']} step {rec['step']:>3}: {acc}  "
           f"filler loss by 64-token block {rec['filler_loss_by_position']}", flush=True)
 
@@ -144,7 +200,7 @@ def run_cpt(out: str, env: dict, arm: str, seed: int, steps: int, eval_steps: li
     shutil.rmtree(save, ignore_errors=True)
     os.makedirs(save)
     t0 = time.perf_counter()
-    overrides = demo.cpt_overrides(mcore, data, env["sep_id"], steps, save, document_mask=arm == "m", seed=1000 + seed)
+    overrides = demo.cpt_overrides(mcore, data, steps, save, document_mask=arm == "m", seed=1000 + seed)
     interval = math.gcd(*[s for s in eval_steps if s <= steps])
     demo.run(demo.torchrun(2, "tools/train.py", *overrides, f"train.save_interval={interval}"),
              os.path.join(out, "logs", f"cpt_{arm}_seed{seed}.log"))
@@ -170,7 +226,7 @@ def main() -> None:
     parser.add_argument("--long-arms", default="cd", help="arms that run --long-steps for --long-seeds")
     parser.add_argument("--eval-steps", type=int, nargs="+", default=[25, 50, 100, 200])
     parser.add_argument("--samples", type=int, default=96, help="NIAH prompts per length")
-    parser.add_argument("--arms", default="cdem", help="CPT arms to run (a, b are always evaluated)")
+    parser.add_argument("--arms", default="cdems", help="CPT arms to run (a, b are always evaluated)")
     parser.add_argument("--mask-seeds", type=int, nargs="*", default=[0])
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -182,6 +238,7 @@ def main() -> None:
     from megatron_ultralong.eval.tokenizer import EvalTokenizer
 
     tok = EvalTokenizer.from_path(env["tok_dir"])
+    chat_tok = EvalTokenizer.from_path(env["chat_tok_dir"])
     for seed in args.seeds:
         record(out, dict(seed=seed, arm="a", step=0, **evaluate(hf_model(env["hf_base"]), tok, args.samples, seed)))
         hf_yarn = os.path.join(out, "hf_yarn_untrained")
@@ -190,6 +247,9 @@ def main() -> None:
         record(out, dict(seed=seed, arm="b", step=0, **evaluate(hf_model(hf_yarn), tok, args.samples, seed)))
         for arm in args.arms:
             if arm == "m" and seed not in args.mask_seeds:
+                continue
+            if arm == "s":
+                run_sft(out, env, seed, args.samples, tok, chat_tok)
                 continue
             steps = args.long_steps if seed in args.long_seeds and arm in args.long_arms else args.steps
             run_cpt(out, env, arm, seed, steps, args.eval_steps, args.samples, tok)

@@ -12,7 +12,7 @@ that `mu-convert hf-to-mcore` then takes like any other. The committed copy
 Training: fact-and-recall documents (toydata/facts.py) of 17-64 tokens, packed with the separator
 into rows of L tokens (positions 0..L-1, no reset, attention across documents), next-token loss on
 every token plus an up-weighted loss on the recall digits -- with the LM loss alone a model this
-small had not formed the retrieval skill after 2,500 steps (the issue's measurement).
+small had not formed the retrieval skill after 2,500 steps (measured).
 """
 from __future__ import annotations
 

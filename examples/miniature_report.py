@@ -19,6 +19,7 @@ ARMS = {
     "d": "(d) plain RoPE + upsampled CPT",
     "e": "(e) YaRN x4 + CPT on short docs only",
     "m": "(m) = (c) with the cross-document mask on",
+    "s": "(s) (c) at the demo's CPT steps, then SFT (step 0: before SFT)",
 }
 DISTANCE_BINS = ((0, 64), (64, 128), (128, 192), (192, 256), (256, 384), (384, 520))
 
@@ -70,6 +71,21 @@ def distance_table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def chat_table(rows: list[dict]) -> str:
+    """Arm s after SFT, asked in its chat format: accuracy by length (mean and per seed)."""
+    by_seed = {r["seed"]: r["chat_accuracy"] for r in rows if "chat_accuracy" in r}
+    if not by_seed:
+        return "(no SFT arm in these results)"
+    lengths = sorted({int(k) for acc in by_seed.values() for k in acc})
+    cells = []
+    for n in lengths:
+        vals = [by_seed[s][str(n)] for s in sorted(by_seed)]
+        cells.append(f"{sum(vals) / len(vals):.2f} ({' / '.join(f'{v:.2f}' for v in vals)})")
+    return ("| after SFT, chat format | seeds | " + " | ".join(f"{n} ({n // lengths[0]}x)" for n in lengths) + " |\n"
+            + "|---|---|" + "---|" * len(lengths) + "\n"
+            + f"| {ARMS['s']} | {len(by_seed)} | " + " | ".join(cells) + " |")
+
+
 def loss_table(rows: list[dict]) -> str:
     groups = defaultdict(list)
     for r in rows:
@@ -90,6 +106,7 @@ def main() -> None:
     print("### NIAH accuracy by context length\n\n" + accuracy_table(rows))
     print("\n### Accuracy by needle distance (tokens from the fact to the question; all lengths pooled)\n\n"
           + distance_table(rows))
+    print("\n### The SFT arm in its chat format\n\n" + chat_table(rows))
     print("\n### Filler loss (nats/token) by position, 512-token Markov text\n\n" + loss_table(rows))
 
 

@@ -40,7 +40,7 @@ def yarn_scaling() -> dict:
 
 
 def yarn_override():
-    """The context extension the converter is asked for (what `--rope-yarn-target 512 ...` builds)."""
+    """The context extension the converter is asked for (what `--yarn-target 512 ...` builds)."""
     from megatron_ultralong.model.config import ContextExtension
 
     return ContextExtension(YARN_TARGET, YARN_ORIGINAL, beta_fast=YARN_BETA_FAST)

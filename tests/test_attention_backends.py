@@ -1,4 +1,4 @@
-"""GPU attention backends, checked on CPU through stand-ins (issue 12, defects 2 and 3).
+"""GPU attention backends, checked on CPU through stand-ins.
 
 - The CUDA SDPA-op branch of kernels.py runs on meta tensors behind a recorder: the flash
   backward must receive what the dense forward returns for cum_seq_q/k (None), not a defined

@@ -80,7 +80,7 @@ def _peak_rss_kb(tmp_path, corpus: str, name: str, fast_path: str) -> int:
 
 @pytest.mark.parametrize("fast_path", ["off", "auto"])  # HF, and tiktoken (proven on this file)
 def test_one_huge_document_keeps_peak_rss_bounded(tmp_path, fast_path):
-    """The issue's bound (a 50 MB document within 2x the corpus without it) scaled down for CI:
+    """The target bound (a 50 MB document within 2x the corpus without it) scaled down for CI:
     an 8 MB document (with one emoji, so Python holds its text at 4 bytes a character) may add
     at most 8x its size. What it must cost: its JSONL line and, while json.loads runs, the
     decoded line and the text, then ids as int32: measured ~6x. Before pieces were encoded one by

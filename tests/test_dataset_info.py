@@ -99,3 +99,22 @@ def test_trainer_refuses_a_dataset_of_another_tokenizer(built, tmp_path):
     problem = dataset_tokenizer_problem([built], vocab - 1, [])
     assert problem and f"tokenizer.vocab_size={vocab}" in problem and f"vocabulary of {vocab - 1}" in problem
     assert os.path.isfile(built + ".dataset.json")
+
+
+def test_dry_run_reads_the_sidecar(built, tmp_path):
+    """mu-train --dry-run reports, before a launch, what the trainer would refuse at start-up."""
+    from megatron_ultralong.training.config import load_train_config
+    from megatron_ultralong.training.dry_run import dry_run
+
+    vocab = read_dataset_info(built).tokenizer.vocab_size
+    assert any(f"tokenizer.vocab_size={vocab}" in e and "vocabulary of 1000" in e for e in dry_run(
+        load_train_config(None, ("model.config=tiny", f"data.paths=[{built}]", "data.seq_length=64")), 1).errors)
+    model = tmp_path / "config.json"
+    model.write_text(json.dumps({"vocab_size": vocab, "hidden_size": 64, "num_hidden_layers": 2,
+                                 "num_attention_heads": 4, "intermediate_size": 128}))
+    base = (f"model.config={model}", f"data.paths=[{built}]", "data.seq_length=64")
+    assert not dry_run(load_train_config(None, base), 1).errors
+    rep = dry_run(load_train_config(None, base + ("data.eod_token_id=3",)), 1)
+    assert any("data.eod_token_id=3 contradicts" in e for e in rep.errors)
+    rep = dry_run(load_train_config(None, base + (f"data.tokenizer={tokenizer_path(llama3_style=False)}",)), 1)
+    assert any("which is not data.tokenizer=" in e for e in rep.errors)

@@ -171,3 +171,41 @@ def test_miniature_scorer_agrees_with_greedy_generate(tok):
             hits.append(out == tok.encode(f" {s.answers[0]} ."))
         assert res["accuracy"][length] == pytest.approx(sum(hits) / 6)
     assert len(res["filler_loss_by_position"]) == 8
+
+
+def test_chat_tokenizer_extends_the_vocabulary_and_splits_turns_exactly(tok_dir, tmp_path):
+    """The SFT stage's tokenizer: the toy ids unchanged, Llama-3's chat tokens appended, and the
+    per-segment tokenization (assistant-only loss mask) equal to the whole text's (ChatTokenizer.verify,
+    which tokenizes the rendered string with HF tokenizers)."""
+    from tokenizers import Tokenizer
+
+    from megatron_ultralong.data.samples.chat import ChatFormat, ChatTokenizer
+    from megatron_ultralong.data.samples.chat_convert import normalize_record
+
+    plain, chat = Tokenizer.from_str(facts.tokenizer_json()), Tokenizer.from_str(facts.chat_tokenizer_json())
+    text = facts.haystack_text(200) + " amber is 4821 ."
+    assert chat.encode(text).ids == plain.encode(text).ids
+    assert chat.get_vocab_size() == plain.get_vocab_size() + len(facts.CHAT_WORDS) + len(facts.CHAT_CONTROL) + 1
+    ct = ChatTokenizer(chat, ChatFormat("llama3"))
+    for i, record in enumerate(facts.chat_records(20, seed=1, max_context_tokens=demo.L - demo.CHAT_OVERHEAD)):
+        messages = normalize_record(record, f"record {i}")["messages"]
+        ct.verify(messages, f"record {i}")
+        ids, trainable = ct.encode(messages)
+        assert len(ids) <= demo.L
+        reply = chat.decode(ids[trainable].tolist(), skip_special_tokens=False)
+        assert reply.strip() == messages[1]["content"] + "<|eot_id|>"
+        assert (chat.token_to_id("<unk>") not in ids.tolist())
+
+
+def test_chat_niah_prompt_is_the_sft_format(tmp_path):
+    """The chat NIAH prompt ends with the assistant header and has exactly the requested length."""
+    chat_dir = str(tmp_path / "chat")
+    facts.save_hf_chat_tokenizer(chat_dir)
+    chat_tok = EvalTokenizer.from_path(chat_dir)
+    hay = Haystack(chat_tok, "facts", text=facts.haystack_text())
+    s = make_niah_sample(chat_tok, hay, facts.chat_niah_config(), 256, 0.5, 0)
+    assert len(s.prompt.ids) == 256
+    text = chat_tok.hf_tokenizer.decode(s.prompt.ids, skip_special_tokens=False)
+    assert text.startswith("<|begin_of_text|><|start_header_id|>")
+    assert text.endswith("what is amber ?<|eot_id|><|start_header_id|> assistant<|end_header_id|>\n\n")
+    assert f"amber is {s.answers[0]} ." in text

@@ -21,7 +21,7 @@ FLAGS = ["--lengths", "160", "--depths", "0", "1", "--max-new-tokens", "2", "--d
 def dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("ident")
     tok_dir, base = save_tiny_hf(str(root))
-    # the converter's YaRN config on the very same weights (what `mu-convert --rope-yarn-target` writes)
+    # the converter's YaRN config on the very same weights (what `mu-convert --yarn-target` writes)
     model = transformers.AutoModelForCausalLM.from_pretrained(base, local_files_only=True)
     cfg = extend_context(load_model_config(base), 16384, 4096, 4.0, 1.0)
     yarn = transformers.LlamaForCausalLM(transformers.LlamaConfig(**cfg.to_hf("float32")))

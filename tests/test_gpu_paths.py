@@ -1,4 +1,4 @@
-"""GPU-only code paths, reproduced on CPU (issue 12): each test fails on the defect it names.
+"""GPU-only code paths, reproduced on CPU: each test fails on the defect it names.
 
 No GPU is available to this project's CI, so each GPU branch is driven here through the same
 library function it calls on a GPU, with megatron-core's own checks running on CPU (optimizer

@@ -95,9 +95,9 @@ def test_templates_chain_from_data_to_evaluation(stubs):
         convert_parser().parse_args(conv[1:])  # every flag exists
         # the conversion's output is the training init, and it carries the YaRN of this context
         assert conv[3] == cpt.model.megatron_checkpoint
-        assert int(flag(conv, "--rope-yarn-target")) == cpt.data.seq_length == target
+        assert int(flag(conv, "--yarn-target")) == cpt.data.seq_length == target
         assert (float(flag(conv, "--yarn-beta-fast")), float(flag(conv, "--yarn-beta-slow"))) == (4.0, 1.0)
-        assert cpt.model.yarn_target_length is None  # training must not re-apply YaRN
+        assert cpt.model.yarn is None  # training must not re-apply YaRN
         assert conv[2] == cpt.data.tokenizer  # the HF model directory, tokenizer included
         assert cpt.train.load == cpt.train.save
         for name in (f"llama31_8b_{size}", f"llama31_8b_{size}_sft"):
@@ -107,7 +107,7 @@ def test_templates_chain_from_data_to_evaluation(stubs):
                 "the sbatch must run the recipe as written (no path overrides)"
         # CPT save dir -> this size's SFT init; the SFT save dir -> export and NIAH of the same SIZE
         sft = recipe(f"llama31_8b_{size}_sft")
-        assert sft.model.megatron_checkpoint == cpt.train.save and sft.model.yarn_target_length is None
+        assert sft.model.megatron_checkpoint == cpt.train.save and sft.model.yarn is None
         export = sbatch(stubs, "export_hf.sbatch", SIZE=size)
         assert export[:3] == ["mu-convert", "mcore-to-hf", sft.train.save] and "--verify" in export
         convert_parser().parse_args(export[1:])

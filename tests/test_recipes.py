@@ -37,7 +37,7 @@ def test_cpt_recipes_follow_the_paper(name):
     m = cfg.model
     # YaRN (factor target / 8192, beta 4 / 1) is applied by the conversion that writes the starting
     # checkpoint (tests/test_recipe_chain.py reads it from the Slurm template); training keeps it.
-    assert cfg.data.seq_length == CPT[name] and m.yarn_target_length is None
+    assert cfg.data.seq_length == CPT[name] and m.yarn is None
     assert m.config == "llama3.1-8b" and m.megatron_checkpoint and m.params_dtype == "bfloat16"
     assert cfg.optim.lr == 3e-5 and not cfg.data.document_mask and cfg.data.kind == "pretrain"
     # 1M: "125 iterations [...] global batch size of 8" (UltraLong-8B-1M model card); 4M: "150 iterations
@@ -53,7 +53,7 @@ def test_sft_recipes_per_size(size):
     assert cfg.data.kind == "sft" and cfg.optim.lr == 5e-6 and cfg.data.pad_token_id == 128004
     assert cfg.train.steps == SFT_STEPS[size] and cfg.train.global_batch_size == 128  # batch 128 (paper)
     # Starts from this size's CPT save directory and saves to its own: no size resumes another's run.
-    assert cfg.model.megatron_checkpoint == cpt.train.save and cfg.model.yarn_target_length is None
+    assert cfg.model.megatron_checkpoint == cpt.train.save and cfg.model.yarn is None
     assert cfg.train.save == cfg.train.load == f"checkpoints/ultralong_{size}_sft"
     assert cfg.data.seq_length >= 8192  # rows hold whole conversations (< 8K tokens each)
     others = {_recipe(f"llama31_8b_{s}_sft").train.save for s in SFT_STEPS if s != size}
@@ -75,7 +75,7 @@ def test_slurm_world_matches_recipe_and_memory_plan(name):
     assert cfg.train.global_batch_size == dp * cfg.train.micro_batch_size  # no accumulation at full scale
     _, lay = memory_plan.recipe(name)
     assert lay.world_size == world and lay.dp == dp
-    # The recipe's recompute is the cheapest setting that fits the plan's budget (issue 12).
+    # The recipe's recompute is the cheapest setting that fits the plan's budget.
     chosen = memory_plan.best_recompute(memory_plan.PRESETS["llama3.1-8b"], lay)
     assert chosen is not None and (chosen.recompute, chosen.recompute_modules) == (lay.recompute, lay.recompute_modules)
     assert memory_plan.total_gb(memory_plan.PRESETS["llama3.1-8b"], lay) <= memory_plan.USABLE_GB
@@ -84,7 +84,7 @@ def test_slurm_world_matches_recipe_and_memory_plan(name):
 def test_tiny_cpu_recipe_exercises_the_same_fields():
     tiny, full = _recipe("tiny_cpu"), _recipe("llama31_8b_1m")
     assert tiny.train.device == "cpu" and tiny.parallel.context_parallel == 2
-    assert tiny.model.yarn_target_length > tiny.model.yarn_original_length
+    assert tiny.model.yarn.target > tiny.model.yarn.original
     for section in ("model", "parallel", "data", "optim", "train"):
         set_in_full = {k for k, v in vars(getattr(full, section)).items() if v is not None}
         set_in_tiny = {k for k, v in vars(getattr(tiny, section)).items() if v is not None}

@@ -1,6 +1,7 @@
 """Packed SFT rows: schema, exact assistant-only loss mask, packing, order, limits and bad input."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -9,6 +10,7 @@ import torch
 from sft_helpers import conversation, hf_tokenizer, write_jsonl, write_tokenizer
 from test_sft_chat import _tagged
 
+from megatron_ultralong.data.samples.config import DataSection
 from megatron_ultralong.data.samples.sft import SFTDataConfig, SFTDataset, build_sft_dataset, pack_greedy
 
 S = 256
@@ -28,11 +30,13 @@ def corpus(tmp_path_factory):
     }
 
 
-def _ds(corpus, **kw) -> SFTDataset:
+def _ds(corpus, seed: int = 1234, pack: bool = True, **kw) -> SFTDataset:
+    """The SFT dataset of the training config's data section (kw: DataSection fields)."""
     kw.setdefault("paths", (corpus["a"], corpus["b"]))
     kw.setdefault("seq_length", S)
     kw.setdefault("pad_token_id", PAD)
-    return SFTDataset(SFTDataConfig(tokenizer=corpus["tok"], **kw))
+    kw.setdefault("reset_position_ids", True)
+    return SFTDataset(DataSection(kind="sft", tokenizer=corpus["tok"], **kw), seed, SFTDataConfig(pack=pack))
 
 
 def _docs(row):
@@ -158,10 +162,13 @@ def test_bad_input_names_file_and_line(corpus, tmp_path, line, needle):
 
 
 def test_config_errors(corpus):
-    with pytest.raises(ValueError, match="overlong"):
-        SFTDataConfig(paths=("x",), tokenizer="t", seq_length=8, overlong="keep")
+    with pytest.raises(ValueError, match="data.overlong='keep'"):
+        _ds(corpus, overlong="keep")
     with pytest.raises(ValueError, match="chat_format"):
-        SFTDataConfig(paths=("x",), tokenizer="t", seq_length=8, chat_format="chatml")
+        _ds(corpus, chat_format="chatml")
+    with pytest.raises(ValueError, match="pack_window"):
+        SFTDataConfig(pack_window=0)
+    assert not {f.name for f in dataclasses.fields(SFTDataConfig)} & {f.name for f in dataclasses.fields(DataSection)}
     with pytest.raises(ValueError, match="does not exist"):
         _ds(corpus, paths=(str(corpus["dir"] / "missing.jsonl"),))
 
@@ -174,7 +181,7 @@ def test_build_from_train_config(corpus):
         f"data.seq_length={S}", "data.pad_token_id=2", "data.reset_position_ids=true", "data.eod_token_id=5",
     ))
     ds = build_sft_dataset(cfg.data, seed=cfg.train.seed)
-    assert ds.config.pad_token_id == 2 and ds.config.seed == 1234 and ds.stats.conversations == 25
+    assert ds.data.pad_token_id == 2 and ds.seed == 1234 and ds.stats.conversations == 25
     assert any(ds[i]["tokens"][-1] == 2 for i in range(len(ds)))  # padded with data.pad_token_id
     with pytest.raises(ValueError, match="weights"):
         build_sft_dataset(load_train_config(None, ("data.kind=sft", "data.paths=[a, b]", "data.weights=[1, 2]")).data, 1)

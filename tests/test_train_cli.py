@@ -240,3 +240,22 @@ def test_dry_run_flags_gpu_only_settings_on_cpu(work, capsys):
     code, out = _run(capsys, "--config", recipe, "--dry-run", "--world-size", "256", "train.device=cpu",
                      "parallel.sequence_parallel=false", "model.recompute=none")
     assert "GPU-only" not in out
+
+
+def test_yarn_settings_are_spelled_as_the_model_config(capsys):
+    """One spelling for the YaRN settings: model/config.py ContextExtension's fields, in the training
+    config (model.yarn) and mu-convert (--yarn-*); the old spellings are refused with the new name."""
+    from megatron_ultralong.convert.cli import main as convert_main
+    from megatron_ultralong.model.config import ContextExtension
+
+    cfg = load_train_config(None, ("data.paths=[x]", "model.yarn={target: 1024, original: 256, beta_fast: 4}"))
+    assert cfg.model.yarn == ContextExtension(1024, 256, 4.0, 1.0)
+    assert load_train_config(None, ("data.paths=[x]", "model.yarn=16384")).model.yarn == ContextExtension(16384)
+    with pytest.raises(ValueError, match=r"model.yarn_target_length was renamed model.yarn.target"):
+        load_train_config(None, ("data.paths=[x]", "model.yarn_target_length=1024"))
+    with pytest.raises(ValueError, match="target=100 must exceed original=256"):
+        load_train_config(None, ("data.paths=[x]", "model.yarn={target: 100, original: 256}"))
+    for old, new in (("--rope-yarn-target", "--yarn-target"), ("--yarn-original-max-position", "--yarn-original")):
+        with pytest.raises(SystemExit) as e:
+            convert_main(["hf-to-mcore", "a", "b", old, "1024"])
+        assert e.value.code == 2 and f"{old} was renamed {new}" in capsys.readouterr().err

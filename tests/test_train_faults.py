@@ -1,4 +1,4 @@
-"""A run that never loses work and never trains on wrong numbers (issue 13), on CPU/gloo:
+"""A run that never loses work and never trains on wrong numbers, on CPU/gloo:
 NaN from a huge LR stops it; out-of-vocab data is refused; a flipped byte in a .distcp falls back to
 the previous checkpoint; a misspelled train.load leaves the old run byte-for-byte intact; SIGTERM
 saves the current step and the resume is exact; retention; a TP change is refused up front."""

@@ -60,7 +60,7 @@ def _body(rank, world_size, dataset, tmp, out):
     override = _lrs(_overrides(dataset, **changed, **{"train.save": f"{tmp}/new", "train.override_schedule": True}))
     errors = {}
     for name, extra in (("ended", {**changed, "train.steps": 4, "train.override_schedule": True}),
-                        ("rope", {**changed, "model.yarn_target_length": 4096, "model.yarn_original_length": 1024})):
+                        ("rope", {**changed, "model.yarn": "{target: 4096, original: 1024}"})):
         try:
             _lrs(_overrides(dataset, **extra, **{"train.save": f"{tmp}/{name}"}))
             errors[name] = None
@@ -104,7 +104,7 @@ def test_resume_reports_changed_schedule_and_applies_it_only_on_request(dataset,
     rope = r["errors"]["rope"]
     assert rope is not None and f"{tmp_path}/ckpt/iter_0000004 was trained as another model" in rope
     assert "rope.rope_type: 'default' vs 'yarn'" in rope and "max_position_embeddings" in rope
-    assert "model.config=tiny with model.yarn_target_length=4096" in rope
+    assert "model.config=tiny with model.yarn.target=4096" in rope
 
 
 def test_override_schedule_without_a_run_to_resume_is_refused():

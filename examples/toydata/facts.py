@@ -170,3 +170,87 @@ def niah_config(samples_per_cell: int = 1, seed: int = 0):
     return NiahConfig(prefix="", needle=" " + fact_text(NIAH_KEY, "{value}"), question=f" {NIAH_KEY} is",
                       value_digits=FACT_DIGITS, max_new_tokens=FACT_DIGITS + 2, snap_to_sentence=False,
                       scorer="all", samples_per_cell=samples_per_cell, seed=seed)
+
+
+# --------------------------------------------------------------------------------------- chat (SFT)
+# The SFT stage speaks Llama-3's chat format (data/samples/chat.py, "llama3"): its four control
+# tokens, role headers, and "\n\n" after each header. The word-level vocabulary above has none of
+# them, so the chat tokenizer appends them (ids 65..): four words for the roles and the question,
+# the control tokens as special added tokens, and "\n\n" as an added token of its own. Added tokens
+# split the text before pre-tokenization, so a role header and the content after it tokenize the
+# same apart as together (what ChatTokenizer.verify requires). Ids below 65 are unchanged: CPT data,
+# NIAH prompts and the CPT model's embeddings keep their meaning; the model's embedding grows by
+# the new rows before SFT (examples/demo.py, stage "sft").
+CHAT_WORDS = ("what", "?", "user", "assistant")
+CHAT_CONTROL = ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
+CHAT_NEWLINES = "\n\n"
+
+
+def chat_tokenizer_json() -> str:
+    """The word-level tokenizer extended for the chat format (see above), as a tokenizer.json string."""
+    from tokenizers import AddedToken, Tokenizer
+
+    tok = Tokenizer.from_str(tokenizer_json())
+    words = vocabulary() + [_word(w) for w in CHAT_WORDS]
+    tok.model = type(tok.model)({w: i for i, w in enumerate(words)}, unk_token="<unk>")
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in CHAT_CONTROL])
+    tok.add_tokens([AddedToken(CHAT_NEWLINES, special=False, normalized=False)])
+    return tok.to_str()
+
+
+def save_hf_chat_tokenizer(directory: str):
+    """The chat tokenizer as an HF directory (BOS <|begin_of_text|>, EOS <|eot_id|>, pad <pad>)."""
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    hf = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(chat_tokenizer_json()),
+                                 bos_token=CHAT_CONTROL[0], eos_token=CHAT_CONTROL[3], pad_token="<pad>",
+                                 unk_token="<unk>")
+    hf.save_pretrained(directory)
+    return hf
+
+
+def chat_question(key: str) -> str:
+    return f"what is {key} ?"
+
+
+def chat_answer(value: str) -> str:
+    """The assistant's reply: the value, then "." (and <|eot_id|>, which the chat format adds)."""
+    return f"{value} ."
+
+
+def chat_records(n: int, seed: int, max_context_tokens: int, max_facts: int = 1,
+                 filler: MarkovFiller = MarkovFiller()) -> Iterator[dict]:
+    """ShareGPT-layout records ({"conversations": [{"from": "human"|"gpt", "value"}]}, what
+    mu-prepare-sft converts): a short context of filler holding 1..max_facts facts, then a question
+    about one of them; the reply is its value. `max_context_tokens` bounds the user turn."""
+    rng = random.Random(seed)
+    for _ in range(n):
+        n_facts = rng.randint(1, max_facts)
+        keys = rng.sample(KEYS, n_facts)
+        values = [str(rng.randrange(10 ** (FACT_DIGITS - 1), 10 ** FACT_DIGITS)) for _ in keys]
+        budget = max_context_tokens - n_facts * FACT_TOKENS - 4  # the question is 4 tokens
+        words = filler.words(rng, rng.randint(max(1, budget // 2), budget))
+        cuts = sorted(rng.randint(0, len(words)) for _ in keys)
+        parts, at = [], 0
+        for cut, key, value in zip(cuts, keys, values):
+            parts += [*words[at:cut], fact_text(key, value)]
+            at = cut
+        parts += words[at:]
+        asked = rng.randrange(n_facts)
+        yield {"conversations": [
+            {"from": "human", "value": " ".join(parts) + " " + chat_question(keys[asked])},
+            {"from": "gpt", "value": chat_answer(values[asked])}]}
+
+
+def chat_niah_config(samples_per_cell: int = 1, seed: int = 0):
+    """NIAH for the SFT'd model in its own chat format (the chat tokenizer adds <|begin_of_text|>):
+    the haystack and needle form the user's turn, the question ends it, and the prompt ends with the
+    assistant header; the reply must hold the value. Same needle, filler and depths as `niah_config`."""
+    from megatron_ultralong.eval.niah import NiahConfig
+
+    start, end, eot = CHAT_CONTROL[1], CHAT_CONTROL[2], CHAT_CONTROL[3]
+    return NiahConfig(prefix=f"{start}user{end}{CHAT_NEWLINES}", needle=" " + fact_text(NIAH_KEY, "{value}"),
+                      question=f" {chat_question(NIAH_KEY)}{eot}{start}assistant{end}{CHAT_NEWLINES}",
+                      value_digits=FACT_DIGITS, max_new_tokens=FACT_DIGITS + 3, snap_to_sentence=False,
+                      scorer="all", samples_per_cell=samples_per_cell, seed=seed)

@@ -1,7 +1,7 @@
 """`mu-convert` / tools/convert_checkpoint.py: HF Llama <-> Megatron-Core checkpoints.
 
     mu-convert hf-to-mcore HF_DIR MCORE_DIR [--tp 2 --pp 2] [--dtype bf16]
-               [--rope-yarn-target 1048576 --yarn-beta-fast 4] [--verify]
+               [--yarn-target 1048576 --yarn-beta-fast 4] [--verify]
     mu-convert mcore-to-hf MCORE_DIR HF_DIR [--tp 1] [--dtype bf16] [--max-shard-size 2GB] [--verify]
                [--no-verify-manifest]
 
@@ -35,6 +35,8 @@ log = logging.getLogger(__name__)
 
 VERIFY_FAILED = 1
 """Exit status when --verify finds the logits further apart than --verify-tol (usage errors: 2)."""
+RENAMED_FLAGS = {"--rope-yarn-target": "--yarn-target", "--yarn-original-max-position": "--yarn-original"}
+"""Flags of earlier releases -> their names now (model/config.py ContextExtension's fields)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,10 +50,12 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--pp", type=int, default=1, help="pipeline-parallel size used for the conversion")
         s.add_argument("--nproc", type=int, default=None, help="local processes to run (default TP*PP)")
         s.add_argument("--dtype", default=None, help="fp32|bf16|fp16 (default: keep the input's)")
-        s.add_argument("--rope-yarn-target", type=int, default=None,
+        s.add_argument("--yarn-target", type=int, default=None,
                        help="replace the RoPE with YaRN for this context length (e.g. 1048576)")
-        s.add_argument("--yarn-original-max-position", type=int, default=8192,
+        s.add_argument("--yarn-original", type=int, default=8192,
                        help="YaRN original length; factor = target / this (UltraLong: 8192)")
+        for old in RENAMED_FLAGS:  # refused below, naming the new flag
+            s.add_argument(old, default=None, help=argparse.SUPPRESS)
         s.add_argument("--yarn-beta-fast", type=float, default=32.0, help="YaRN beta_fast (paper: 4)")
         s.add_argument("--yarn-beta-slow", type=float, default=1.0, help="YaRN beta_slow (paper: 1)")
         s.add_argument("--verify", action="store_true",
@@ -93,10 +97,9 @@ def context_extension(args: argparse.Namespace, cfg: "LlamaConfig") -> Optional[
     """The YaRN extension the flags ask for (None: keep the RoPE), checked against `cfg` now."""
     from megatron_ultralong.model.config import ContextExtension
 
-    if args.rope_yarn_target is None:
+    if args.yarn_target is None:
         return None
-    context = ContextExtension(args.rope_yarn_target, args.yarn_original_max_position, args.yarn_beta_fast,
-                               args.yarn_beta_slow)
+    context = ContextExtension(args.yarn_target, args.yarn_original, args.yarn_beta_fast, args.yarn_beta_slow)
     context.apply(cfg)  # bad flags fail here, before any process starts
     return context
 
@@ -155,7 +158,11 @@ def _spawned_exit(rank: int, world_size: int, port: int, args: argparse.Namespac
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    for old, new in RENAMED_FLAGS.items():
+        if getattr(args, old.lstrip("-").replace("-", "_"), None) is not None:
+            parser.error(f"{old} was renamed {new}")
     setup_logging(stream=sys.stderr)  # progress on stderr; results on stdout
     try:
         from megatron_ultralong.convert.hf_io import parse_size

@@ -155,11 +155,6 @@ def expected_hf_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
     return out
 
 
-def expected_hf_names(cfg: LlamaConfig) -> list[str]:
-    """Every tensor name an HF checkpoint of this architecture must hold."""
-    return list(expected_hf_shapes(cfg))
-
-
 # ------------------------------------------------------------------- fusing (TP-agnostic tensors)
 def fuse_qkv(q: Tensor, k: Tensor, v: Tensor, cfg: LlamaConfig) -> Tensor:
     """HF q [nh d, H], k/v [ng d, H] -> Megatron grouped linear_qkv [(nh + 2 ng) d, H]."""

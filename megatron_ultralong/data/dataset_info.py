@@ -161,7 +161,10 @@ def tokenizer_identity(path: str) -> TokenizerIdentity:
     if file.endswith(".json"):
         from tokenizers import Tokenizer
 
-        tok = Tokenizer.from_file(file)
+        try:
+            tok = Tokenizer.from_file(file)
+        except Exception as e:  # the Rust library raises a bare Exception for a bad file
+            raise ValueError(f"tokenizer {file}: cannot be read ({e})") from None
         vocab = tok.get_vocab(with_added_tokens=True)
         canonical = json.dumps(sorted(vocab.items(), key=lambda kv: kv[1]), ensure_ascii=False)
         vocab_sha = hashlib.sha256(canonical.encode("utf-8")).hexdigest()

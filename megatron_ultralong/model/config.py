@@ -10,7 +10,7 @@ import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Union
+from typing import Any, ClassVar, Mapping, Union
 
 from megatron_ultralong.rope import RopeConfig, yarn_for_context_length
 
@@ -198,7 +198,12 @@ def extend_context(
 
 @dataclass(frozen=True)
 class ContextExtension:
-    """The arguments of `extend_context`, carried from a CLI or a config to the converters."""
+    """The arguments of `extend_context`, carried from a CLI or a config to the converters. The one
+    spelling of the YaRN settings: the training config's `model.yarn: {target, original, beta_fast,
+    beta_slow}` and mu-convert's `--yarn-target`, `--yarn-original`, `--yarn-beta-fast`, `--yarn-beta-slow`."""
+
+    SCALAR_FIELD: ClassVar[str] = "target"
+    """In a config, `yarn: 1048576` is short for `yarn: {target: 1048576}`."""
 
     target: int
     """Context length after extension (UltraLong: 1048576, 2097152, 4194304)."""
@@ -211,6 +216,12 @@ class ContextExtension:
 
     beta_slow: float = 1.0
     """YaRN beta_slow (the paper's alpha: 1)."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.target, int) or not isinstance(self.original, int) or self.original < 1:
+            raise ValueError(f"yarn target={self.target!r}, original={self.original!r}: expected positive integers")
+        if self.target <= self.original:
+            raise ValueError(f"yarn target={self.target} must exceed original={self.original}")
 
     def apply(self, cfg: LlamaConfig) -> LlamaConfig:
         return extend_context(cfg, self.target, self.original, self.beta_fast, self.beta_slow)

@@ -71,8 +71,9 @@ change without notice), everywhere in the package; revisit these on a megatron-c
   (checkpoint/torch_dist.py: the synchronous CPU save).
 - `TorchDistLoadShardedStrategy.load` and `dist_checkpointing.dict_utils`
   (checkpoint/chunk_load.py: collective-free chunk loads).
-- `datasets.indexed_dataset._IndexWriter._sequence_pointers` and `IndexedDatasetBuilder`'s
-  `data_file`, `sequence_lengths`, `sequence_modes`, `document_indices` (data/preprocess/indexed.py).
+- The .idx layout `datasets.indexed_dataset._IndexWriter` writes (header, version 1, `DType` codes):
+  data/preprocess/indexed.py writes the same bytes without importing megatron-core, and
+  tests/test_data_build.py compares them byte for byte with megatron-core's own builder.
 - The layout of `get_cuda_rng_tracker().get_states()` (checkpoint/train_state.py saves it).
 - `tensor_parallel.random._get_cuda_rng_state` / `_set_cuda_rng_state`, looked up by
   `_get_all_rng_states` / `_set_all_rng_states` and the tracker's `fork` at call time

@@ -12,6 +12,7 @@ from typing import Literal, Optional
 
 from megatron_ultralong.config_io import apply_overrides, from_dict, load_yaml
 from megatron_ultralong.data.samples.config import DataSection
+from megatron_ultralong.model.config import ContextExtension
 from megatron_ultralong.parallel.config import ParallelConfig
 
 _EXIT_SIGNALS = frozenset({"SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT", "SIGHUP", "SIGQUIT"})
@@ -39,18 +40,12 @@ class ModelSection:
     """Load model.megatron_checkpoint even when its files differ from its manifest.json (CRC-32 per
     file, checked by default before any weight is read)."""
 
-    yarn_target_length: Optional[int] = None
-    """Context extension: replace the RoPE scaling by YaRN with factor = target / yarn_original_length
-    (UltraLong: 1048576, 2097152, 4194304) and set max_position_embeddings to the target."""
-
-    yarn_original_length: int = 8192
-    """YaRN's original context (Llama 3's 8K pre-training length, per the paper)."""
-
-    yarn_beta_fast: float = 32.0
-    """YaRN beta_fast (the paper's beta = 4; HF's default 32)."""
-
-    yarn_beta_slow: float = 1.0
-    """YaRN beta_slow (the paper's alpha = 1)."""
+    yarn: Optional[ContextExtension] = None
+    """Context extension on top of the starting model's RoPE: {target, original, beta_fast, beta_slow}
+    (model/config.py `ContextExtension`; `yarn: 1048576` is short for {target: 1048576}): YaRN with
+    factor = target / original (UltraLong: target 1048576, 2097152 or 4194304, original 8192,
+    beta_fast 4, beta_slow 1) and max_position_embeddings = target. None: the RoPE as loaded (the
+    recipes apply YaRN once, in the conversion)."""
 
     params_dtype: Literal["float32", "bfloat16"] = "float32"
     """Parameter and activation dtype (bf16 with fp32 main weights in the optimizer on GPU)."""
@@ -87,11 +82,6 @@ class ModelSection:
     def __post_init__(self) -> None:
         if self.hf_checkpoint and self.megatron_checkpoint:
             raise ValueError("model.hf_checkpoint and model.megatron_checkpoint are mutually exclusive")
-        if self.yarn_target_length is not None and self.yarn_target_length <= self.yarn_original_length:
-            raise ValueError(
-                f"model.yarn_target_length={self.yarn_target_length} must exceed "
-                f"model.yarn_original_length={self.yarn_original_length}"
-            )
         if self.recompute == "selective" and not self.recompute_modules:
             raise ValueError("model.recompute=selective needs model.recompute_modules (e.g. [layernorm, mlp])")
         if self.recompute_num_layers < 1:
@@ -319,7 +309,20 @@ class TrainConfig:
         return dp
 
 
+_RENAMED = {
+    ("model", "yarn_target_length"): "model.yarn.target",
+    ("model", "yarn_original_length"): "model.yarn.original",
+    ("model", "yarn_beta_fast"): "model.yarn.beta_fast",
+    ("model", "yarn_beta_slow"): "model.yarn.beta_slow",
+}
+"""Keys of earlier releases -> their names now (refused with the new name, never silently mapped)."""
+
+
 def load_train_config(path: Optional[str], overrides: tuple[str, ...] = ()) -> TrainConfig:
     """Read YAML (optional) and apply `key.sub=value` overrides."""
-    data = load_yaml(path) if path else {}
-    return from_dict(TrainConfig, apply_overrides(data, overrides))
+    data = apply_overrides(load_yaml(path) if path else {}, overrides)
+    for (section, key), new in _RENAMED.items():
+        if isinstance(data.get(section), dict) and key in data[section]:
+            raise ValueError(f"{section}.{key} was renamed {new} (the YaRN settings are spelled as in "
+                             "model/config.py ContextExtension: model.yarn: {target, original, beta_fast, beta_slow})")
+    return from_dict(TrainConfig, data)

@@ -9,7 +9,7 @@ computes no figure of its own.
 
 It plans from step 0: when the starting checkpoint does not exist yet (a fresh $WORK, before the
 conversion has run), the architecture is the one `model.config` declares, extended to the YaRN
-target (`model.yarn_target_length`, else `data.seq_length` when it exceeds the declared context:
+target (`model.yarn.target`, else `data.seq_length` when it exceeds the declared context:
 the length the conversion extends the RoPE to). Inputs that a later step of the recipe writes are
 listed with that step and do not hide the plan.
 
@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from megatron_ultralong.checkpoint.paths import LATEST, resolve_megatron_checkpoint
-from megatron_ultralong.model.config import LlamaConfig, check_parallel_fits, extend_context, load_model_config
+from megatron_ultralong.model.config import ContextExtension, LlamaConfig, check_parallel_fits, load_model_config
 from megatron_ultralong.training.config import TrainConfig
 from megatron_ultralong.training.sinks import check_sinks
 
@@ -97,7 +97,7 @@ def _check_paths(cfg: TrainConfig, rep: DryRunReport) -> None:
     if m.megatron_checkpoint and not os.path.exists(m.megatron_checkpoint):
         rep.missing.append(
             f"model.megatron_checkpoint: {m.megatron_checkpoint} does not exist; written by mu-convert hf-to-mcore "
-            f"HF_MODEL {m.megatron_checkpoint} --rope-yarn-target {d.seq_length} (a converted model), or by the "
+            f"HF_MODEL {m.megatron_checkpoint} --yarn-target {d.seq_length} (a converted model), or by the "
             f"run whose train.save is {m.megatron_checkpoint}")
     if t.load:
         pointer = os.path.join(t.load, LATEST)
@@ -142,14 +142,14 @@ def plan_model_config(cfg: TrainConfig) -> tuple[LlamaConfig, str]:
         raise ValueError(f"the starting checkpoint {absent} does not exist yet and model.config is not set: "
                          "declare the architecture (e.g. model.config=llama3.1-8b) to plan before it exists")
     declared = load_model_config(m.config)
-    target = m.yarn_target_length
-    if target is None and cfg.data.seq_length > declared.max_position_embeddings:
-        target = cfg.data.seq_length
+    yarn = m.yarn
+    if yarn is None and cfg.data.seq_length > declared.max_position_embeddings:
+        yarn = ContextExtension(cfg.data.seq_length)  # shapes and length are what the plan needs
     note = f"planned from model.config={m.config!r}, as {absent} does not exist yet"
-    if target is not None:
-        declared = extend_context(declared, target, m.yarn_original_length, m.yarn_beta_fast, m.yarn_beta_slow)
-        which = "model.yarn_target_length" if m.yarn_target_length is not None else "data.seq_length"
-        note += f", with YaRN to {target:,} ({which})"
+    if yarn is not None:
+        declared = yarn.apply(declared)
+        which = "model.yarn.target" if m.yarn is not None else "data.seq_length"
+        note += f", with YaRN to {yarn.target:,} ({which})"
     return declared, note
 
 
@@ -169,7 +169,7 @@ def _check_layout(cfg: TrainConfig, model_cfg: LlamaConfig, world_size: int, rep
         rep.errors.append(str(e))
     if cfg.data.seq_length > model_cfg.max_position_embeddings:
         rep.errors.append(f"data.seq_length={cfg.data.seq_length} exceeds the model's max_position_embeddings="
-                          f"{model_cfg.max_position_embeddings}; set model.yarn_target_length to extend it")
+                          f"{model_cfg.max_position_embeddings}; set model.yarn.target to extend it")
     micro = cfg.train.global_batch_size // (cfg.train.micro_batch_size * dp)
     rep.lines.append(
         f"layout: world {world_size} = TP{p.tensor_parallel} x PP{p.pipeline_parallel} x CP{p.context_parallel}"
@@ -207,6 +207,25 @@ def _cheapest_fit(cfg: TrainConfig, world_size: int, model_cfg: LlamaConfig, dev
     return "the cheapest setting that fits 90% of it is " + " ".join(settings)
 
 
+def _check_dataset_facts(cfg: TrainConfig, model_cfg: LlamaConfig, rep: DryRunReport) -> None:
+    """What the trainer checks against each dataset's PREFIX.dataset.json at start-up (document
+    boundaries, tokenizer), when the datasets exist."""
+    d = cfg.data
+    if d.kind != "pretrain" or not all(os.path.isfile(p + ext) for p in d.paths for ext in (".bin", ".idx")):
+        return
+    from megatron_ultralong.data.samples.pretrain import document_boundary
+    from megatron_ultralong.training.startup_checks import dataset_tokenizer_problem
+
+    try:
+        document_boundary(d)
+        tokenizers = [("data.tokenizer", d.tokenizer)] if d.tokenizer and os.path.exists(d.tokenizer) else []
+        problem = dataset_tokenizer_problem(d.paths, model_cfg.vocab_size, tokenizers)
+    except ValueError as e:
+        problem = str(e)
+    if problem:
+        rep.errors.append(problem)
+
+
 def dry_run(cfg: TrainConfig, world_size: int, device_memory_gib: float = 80.0, gpus_per_node: int = 8,
             host_memory_gib: Optional[float] = None) -> DryRunReport:
     """Check `cfg` for a launch on `world_size` GPUs of `device_memory_gib` each, `gpus_per_node` per
@@ -228,6 +247,7 @@ def dry_run(cfg: TrainConfig, world_size: int, device_memory_gib: float = 80.0, 
                      + f"; max positions {model_cfg.max_position_embeddings:,}")
     dp = _check_layout(cfg, model_cfg, world_size, rep)
     _check_device(cfg, model_cfg, rep)
+    _check_dataset_facts(cfg, model_cfg, rep)
     if dp is None:
         return rep
     est = estimate_memory(cfg, world_size, model_cfg)

@@ -2,7 +2,7 @@
 
 `model.config` unset means "the starting checkpoint's own": an HF checkpoint's config.json, or the
 config a Megatron checkpoint recorded (a converted model already carries its YaRN RoPE, so the
-recipe does not re-apply it). `model.yarn_target_length`, when set, replaces the RoPE on top.
+recipe does not re-apply it). `model.yarn`, when set, replaces the RoPE on top.
 """
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Optional
 
 from megatron_ultralong.checkpoint.paths import checkpoint_model_config, require_megatron_checkpoint
-from megatron_ultralong.model.config import LlamaConfig, extend_context, load_model_config
+from megatron_ultralong.model.config import LlamaConfig, load_model_config
 from megatron_ultralong.training.config import TrainConfig
 
 
@@ -42,9 +42,8 @@ def resolve_model_config(cfg: TrainConfig) -> LlamaConfig:
                  for k in _SHAPE_FIELDS if getattr(declared, k) != getattr(model_cfg, k)]
         if diffs:
             raise ValueError(f"model.config={m.config!r} does not match the starting checkpoint: " + "; ".join(diffs))
-    if m.yarn_target_length is not None:
-        model_cfg = extend_context(model_cfg, m.yarn_target_length, m.yarn_original_length, m.yarn_beta_fast,
-                                   m.yarn_beta_slow)
+    if m.yarn is not None:
+        model_cfg = m.yarn.apply(model_cfg)
     return model_cfg
 
 

@@ -250,7 +250,8 @@ class MegatronOptimizer:
 
 
 def build_optimizer(ddp_model: nn.Module, cfg: TrainConfig, runtime) -> TrainOptimizer:
-    """megatron-core's distributed optimizer on GPU, AdamW over main_grad on CPU."""
+    """megatron-core's distributed optimizer on GPU (it steps from DDP's fp32 main_grad buffers); on CPU,
+    torch AdamW stepping from each parameter's `.grad`, which `TorchDataParallel` summed over DP x CP."""
     if runtime.is_cuda:
         return MegatronOptimizer(ddp_model, cfg.optim, cfg.model.params_dtype == "bfloat16", runtime.pg_collection)
     mp_group = runtime.pg_collection.mp if hasattr(runtime.pg_collection, "mp") else None

@@ -51,7 +51,7 @@ def model_source(cfg: TrainConfig) -> str:
         where = f"model.megatron_checkpoint={m.megatron_checkpoint}"
     else:
         where = f"model.config={m.config or 'tiny'}"
-    return where + (f" with model.yarn_target_length={m.yarn_target_length}" if m.yarn_target_length else "")
+    return where + (f" with model.yarn.target={m.yarn.target}" if m.yarn else "")
 
 
 def check_same_model(path: Path, model_cfg: LlamaConfig, cfg: TrainConfig) -> None:

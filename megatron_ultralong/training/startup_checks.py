@@ -116,11 +116,13 @@ def dataset_tokenizer_problem(paths, vocab_size: int, tokenizers: list[tuple[str
     Datasets without the file are checked by their ids alone (`token_id_problem`)."""
     from megatron_ultralong.data.dataset_info import info_path, read_dataset_info, same_tokenizer, tokenizer_identity
 
-    identities = [(name, tokenizer_identity(path)) for name, path in tokenizers]
+    identities = None  # hashed only when some dataset has the file to compare with
     for prefix in paths:
         info = read_dataset_info(prefix)
         if info is None:
             continue
+        if identities is None:
+            identities = [(name, tokenizer_identity(path)) for name, path in tokenizers]
         made = info.tokenizer
         if made.vocab_size > vocab_size:
             return (f"{info_path(prefix)}: tokenizer.vocab_size={made.vocab_size} ({made.path}) exceeds the model's "

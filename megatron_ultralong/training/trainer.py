@@ -16,7 +16,6 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -37,7 +36,7 @@ from megatron_ultralong.data.samples.pretrain import (
     document_boundary,
 )
 from megatron_ultralong.training import startup_checks
-from megatron_ultralong.training.guards import NonFiniteGuard, StopConditions, metrics_line, trim_metrics_log
+from megatron_ultralong.training.guards import NonFiniteGuard, StopConditions, trim_metrics_log
 from megatron_ultralong.training.loss import reduce_loss_over_dp_cp
 from megatron_ultralong.training.memory import estimate_memory_per_device, format_estimate
 from megatron_ultralong.training.metrics import training_flops_per_token
@@ -85,7 +84,7 @@ class Trainer:
         if cfg.data.seq_length > self.model_cfg.max_position_embeddings:
             raise ValueError(
                 f"data.seq_length={cfg.data.seq_length} exceeds the model's max_position_embeddings="
-                f"{self.model_cfg.max_position_embeddings}; set model.yarn_target_length to extend it"
+                f"{self.model_cfg.max_position_embeddings}; set model.yarn.target to extend it"
             )
         estimate = estimate_memory_per_device(self.model_cfg, cfg, self.dp)
         self._log_text(format_estimate(estimate, self.rt.device))

@@ -24,8 +24,6 @@ from typing import IO, Iterator, List, Optional, Sequence, Tuple
 
 from megatron_ultralong.data.preprocess.recipe import BuildRecipe, InputSpec
 
-BAD_REASONS = ("malformed JSON", "missing field", "non-UTF-8", "empty text", "unknown domain",
-               "blank line")
 MAX_LINES_PER_BATCH = 4096
 UTF8_BOM = b"\xef\xbb\xbf"
 READ_BYTES = 1 << 20

@@ -40,7 +40,8 @@ class DataSection:
     """Block attention across documents (the recipe trains WITHOUT it: cross-document attention)."""
 
     reset_position_ids: bool = False
-    """Restart RoPE positions at each document (off in the recipe)."""
+    """Restart RoPE positions at each document (pretrain: off in the recipe) or at each packed
+    conversation (sft: so a conversation sees the positions it would see alone)."""
 
     cache_dir: Optional[str] = None
     """Where megatron-core caches sample indices (default: next to the first dataset)."""

@@ -186,7 +186,7 @@ def build_sample_dataset(data: DataSection, num_samples: int, seed: int, vocab_s
         return PretrainDataset(data, num_samples, seed, vocab_size)
     from megatron_ultralong.data.samples.sft import build_sft_dataset
 
-    return build_sft_dataset(data, seed=seed, chat_format=data.chat_format, overlong=data.overlong)
+    return build_sft_dataset(data, seed=seed)
 
 
 class BatchSchedule:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import random
 from dataclasses import dataclass
-from typing import Iterator, Literal, Optional, Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -34,26 +34,11 @@ _ENCODE_BATCH = 1024  # conversations per batched tokenizer call: bounds memory,
 
 @dataclass(frozen=True)
 class SFTDataConfig:
-    """How chat JSONL becomes packed SFT samples."""
-
-    paths: tuple[str, ...]
-    """Chat JSONL files, one {"messages": [{"role", "content"}, ...]} object per line; concatenated."""
-
-    tokenizer: str
-    """HF tokenizer.json, or a directory holding one (Llama-3.1-8B-Instruct's)."""
-
-    seq_length: int
-    """Tokens per packed row (UltraLong SFT data is < 8K tokens per sample: 8192 is the natural row)."""
-
-    chat_format: Literal["llama3.1", "llama3"] = "llama3.1"
-    """Which Meta chat template to reproduce (sft_chat.py); UltraLong's base is Llama-3.1-Instruct."""
+    """How conversations are packed beyond what the training config's `data:` section (`DataSection`:
+    paths, tokenizer, seq_length, chat_format, overlong, pad_token_id, reset_position_ids) says."""
 
     date_string: str = "26 Jul 2024"
     """"Today Date" in the llama3.1 system block (the template's default)."""
-
-    overlong: Literal["truncate", "drop", "error"] = "truncate"
-    """A conversation longer than seq_length: keep its first seq_length tokens as a row of its own,
-    drop it, or raise. Truncated/dropped ones are counted in `stats`."""
 
     pack: bool = True
     """Pack several conversations per row; False gives one conversation per row (padded)."""
@@ -62,32 +47,27 @@ class SFTDataConfig:
     """Greedy first-fit over this many most recently opened rows (1 = next-fit). A larger window
     fills rows better and still keeps the shuffled order roughly intact."""
 
-    reset_position_ids: bool = True
-    """Restart positions at 0 for each packed conversation, so a conversation sees exactly the
-    positions it would see alone."""
-
-    pad_token_id: int = 0
-    """Padding id (Llama-3.1: <|finetune_right_pad_id|> = 128004); never a loss target."""
-
-    seed: int = 1234
-    """Shuffle seed for the conversation order."""
-
     verify_samples: int = 8
     """Also tokenize the first N conversations as one rendered string and require identical ids
     (guards the per-segment mask against a tokenizer that merges across segments)."""
 
     def __post_init__(self) -> None:
-        if not self.paths:
-            raise ValueError("SFTDataConfig.paths is empty: give at least one chat JSONL file")
-        if self.seq_length < 2:
-            raise ValueError(f"SFTDataConfig.seq_length={self.seq_length}: expected >= 2")
-        if self.overlong not in ("truncate", "drop", "error"):
-            raise ValueError(f"SFTDataConfig.overlong={self.overlong!r}: expected truncate, drop or error")
         if self.pack_window < 1:
             raise ValueError(f"SFTDataConfig.pack_window={self.pack_window}: expected >= 1")
         if self.verify_samples < 0:
             raise ValueError(f"SFTDataConfig.verify_samples={self.verify_samples}: expected >= 0")
-        ChatFormat(self.chat_format, self.date_string)  # validates both
+
+
+def _check_data(data: DataSection) -> None:
+    """The DataSection fields SFT reads, checked before any file is opened."""
+    if data.kind != "sft":
+        raise ValueError(f"data.kind={data.kind!r}: the SFT dataset needs kind 'sft'")
+    if data.weights is not None:
+        raise ValueError("data.weights is not supported for data.kind=sft: files are concatenated")
+    if data.tokenizer is None:
+        raise ValueError("data.tokenizer is required for data.kind=sft (it renders the chat format)")
+    if data.overlong not in ("truncate", "drop", "error"):
+        raise ValueError(f"data.overlong={data.overlong!r}: expected truncate, drop or error")
 
 
 @dataclass(frozen=True)
@@ -155,16 +135,19 @@ def pack_greedy(lengths: Sequence[int], capacity: int, window: int = 16) -> list
 
 
 class SFTDataset(Dataset):
-    """Map-style dataset of packed SFT rows; `dataset[i]` is the dict described in the module doc."""
+    """Map-style dataset of packed SFT rows; `dataset[i]` is the dict described in the module doc.
 
-    def __init__(self, config: SFTDataConfig):
-        self.config = config
-        chat = ChatTokenizer(load_tokenizer(config.tokenizer), ChatFormat(config.chat_format, config.date_string))
-        S = config.seq_length
+    data: the training config's `data:` section (kind "sft"); seed: the conversation shuffle."""
+
+    def __init__(self, data: DataSection, seed: int = 1234, config: SFTDataConfig = SFTDataConfig()):
+        _check_data(data)
+        self.data, self.config, self.seed = data, config, seed
+        chat = ChatTokenizer(load_tokenizer(data.tokenizer), ChatFormat(data.chat_format, config.date_string))
+        S = data.seq_length
         ids_list: list[np.ndarray] = []
         flags_list: list[np.ndarray] = []
         truncated = dropped_long = dropped_empty = n_conv = 0
-        for batch in _batches(config.paths, _ENCODE_BATCH):
+        for batch in _batches(data.paths, _ENCODE_BATCH):
             for where, messages in batch:
                 chat.check_content(messages, where)
                 if n_conv < config.verify_samples:
@@ -172,9 +155,9 @@ class SFTDataset(Dataset):
                 n_conv += 1
             for (where, _), (ids, flags) in zip(batch, chat.encode_many([m for _, m in batch])):
                 if len(ids) > S:
-                    if config.overlong == "error":
+                    if data.overlong == "error":
                         raise ValueError(f"{where}: {len(ids)} tokens > seq_length={S} (overlong=error)")
-                    if config.overlong == "drop":
+                    if data.overlong == "drop":
                         dropped_long += 1
                         continue
                     truncated += 1
@@ -185,10 +168,10 @@ class SFTDataset(Dataset):
                 ids_list.append(ids)
                 flags_list.append(flags)
         if not ids_list:
-            raise ValueError(f"{list(config.paths)}: no usable conversation")
+            raise ValueError(f"{list(data.paths)}: no usable conversation")
 
         order = list(range(len(ids_list)))
-        random.Random(config.seed).shuffle(order)
+        random.Random(seed).shuffle(order)
         lengths = [len(ids_list[k]) for k in order]
         if config.pack:
             rows = [[order[j] for j in row] for row in pack_greedy(lengths, S, config.pack_window)]
@@ -221,7 +204,7 @@ class SFTDataset(Dataset):
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         if not -len(self) <= i < len(self):
             raise IndexError(f"SFT row {i} out of range [0, {len(self)})")
-        S, cfg = self.config.seq_length, self.config
+        S, cfg = self.data.seq_length, self.data
         tokens = np.full(S, cfg.pad_token_id, dtype=np.int64)
         target = np.zeros(S, dtype=bool)  # token j is a loss target (predicted from position j-1)
         document_ids = np.empty(S, dtype=np.int64)
@@ -268,27 +251,7 @@ def _batches(paths: Sequence[str], size: int) -> Iterator[list[tuple[str, list[d
         yield batch
 
 
-def build_sft_dataset(data: DataSection, seed: int, pad_token_id: Optional[int] = None, **overrides) -> SFTDataset:
-    """From the training config's `data` section (`DataSection`, kind "sft").
-
-    DataSection has no SFT-only fields; chat_format, overlong, pack and pack_window keep the
-    SFTDataConfig defaults unless passed in `overrides`. Blend weights are refused: SFT files are
-    concatenated (duplicate a file to upsample it).
-    """
-    if data.kind != "sft":
-        raise ValueError(f"data.kind={data.kind!r}: build_sft_dataset needs kind 'sft'")
-    if data.weights is not None:
-        raise ValueError("data.weights is not supported for data.kind=sft: files are concatenated")
-    if data.tokenizer is None:
-        raise ValueError("data.tokenizer is required for data.kind=sft (it renders the chat format)")
-    return SFTDataset(
-        SFTDataConfig(
-            paths=tuple(data.paths),
-            tokenizer=data.tokenizer,
-            seq_length=data.seq_length,
-            reset_position_ids=data.reset_position_ids,
-            pad_token_id=data.pad_token_id if pad_token_id is None else pad_token_id,
-            seed=seed,
-            **overrides,
-        )
-    )
+def build_sft_dataset(data: DataSection, seed: int, config: SFTDataConfig = SFTDataConfig()) -> SFTDataset:
+    """From the training config's `data` section (`DataSection`, kind "sft"). Blend weights are
+    refused: SFT files are concatenated (duplicate a file to upsample it)."""
+    return SFTDataset(data, seed, config)
