@@ -80,14 +80,14 @@ def choose_backend(recipe: BuildRecipe, sample: List[str]) -> Tuple[BackendSpec,
                              "equivalent: " + "; ".join(proof.reasons))
         info.update(backend="hf", fast_path_reasons=list(proof.reasons))
         return hf_spec, info
-    logger.info("tiktoken fast path proven equivalent to HF in %.1f s (%d exception strings "
-                "routed to HF)", info["proof_seconds"], len(proof.hf_only_strings))
+    logger.info("tiktoken fast path proven equivalent to HF in %.1f s (%d exception strings: "
+                "their pre-tokens go to HF)", info["proof_seconds"], len(proof.hf_only_strings))
     info.update(backend="tiktoken", proof_checks=proof.checks,
                 mismatched_code_points=[f"U+{c:04X}" for c in proof.mismatched_code_points],
                 routed_strings=[r.decode("utf-8", "backslashreplace")
                                 for r in proof.hf_only_strings[:50]])
     return BackendSpec("tiktoken", tok.path, tok.special_tokens_in_text, proof.hf_only_chars,
-                       proof.hf_only_strings, hf_threads=threads), info
+                       proof.hf_only_strings, proof.tainted_ids, hf_threads=threads), info
 
 
 def document_affixes(recipe: BuildRecipe, backend: TokenizerBackend) -> Tuple[np.ndarray, np.ndarray, Dict[str, Any]]:
@@ -193,6 +193,10 @@ def _build(recipe, files, outputs, pool, progress, t_start) -> Dict[str, Any]:
         )
     bar.close()
     pool_builder.finalize(pool.path(".idx"))
+    # Where setup and tokenize went: the proof (part of setup) and the workers' seconds spent on
+    # exception spans (summed over workers, part of tokenize).
+    phases["proof_s"] = tok_info.get("proof_seconds", 0.0)
+    phases["routing_s"] = round(summary.counters.pop("routing_s", 0.0), 2)
     domains = sorted(domain_ids, key=domain_ids.get)
 
     # 3. Stage 2: per (domain, length class) totals -> sampling plan.

@@ -58,8 +58,12 @@ class BackendSpec:
     are encoded by HF (code points the equivalence proof did not cover or saw differ)."""
 
     hf_only_strings: Tuple[bytes, ...] = ()
-    """tiktoken only: documents containing any of these byte strings are encoded by HF (the
-    exceptions `bpe_merges` found from the vocabulary and merges)."""
+    """tiktoken only: the exceptions `bpe_merges` found from the vocabulary and merges; the
+    pre-tokens holding one are encoded by HF (`exception_routing`)."""
+
+    tainted_ids: Optional[Tuple[int, ...]] = None
+    """tiktoken only: `exception_routing.tainted_ids` of `hf_only_strings` when the main process
+    already has them (None: each worker computes them)."""
 
     hf_threads: bool = False
     """Let HF `tokenizers` use its thread pool (only when one process does all the work)."""
@@ -156,43 +160,76 @@ class SentencePieceTokenizerBackend:
 
 class TiktokenTokenizerBackend:
     """tiktoken encoding rebuilt from a byte-level BPE tokenizer.json that `prove_equivalence`
-    accepted. HF stays loaded for the documents routed to it and for spot checks."""
+    accepted, with the spans around merge exceptions encoded by HF (`exception_routing`). HF stays
+    loaded for those spans, for documents routed to it whole, and for spot checks."""
 
     name = "tiktoken"
 
     def __init__(self, spec: BackendSpec):
-        from megatron_ultralong.data.preprocess.tiktoken_path import Router, build_encoding, read_tokenizer_json
+        from megatron_ultralong.data.preprocess.tiktoken_path import Router, build_stitched, read_tokenizer_json
 
         self.hf = HFTokenizerBackend(spec.path, spec.special_tokens_in_text, spec.hf_threads,
                                      spec.piece_chars)
         # The main process analysed this file's merges (their exceptions are in the spec) and
         # proved it before choosing this backend.
-        self.encoding = build_encoding(read_tokenizer_json(spec.path), check_merges=False)
+        self.stitched = build_stitched(read_tokenizer_json(spec.path), self.hf.tokenizer,
+                                       spec.hf_only_strings, spec.special_tokens_in_text,
+                                       spec.tainted_ids)
+        self.encoding = self.stitched.encoding
         self.vocab_size = self.hf.vocab_size
-        self.allowed_special = "all" if spec.special_tokens_in_text == "special" else set()
-        self.router = Router(spec.hf_only_chars, spec.hf_only_strings)
+        self.router = Router(spec.hf_only_chars)
         self.piece_chars = spec.piece_chars
         self.routed_docs = 0
         self.spot_checked = 0
         self.spot_mismatches = 0
 
-    def _encode_one(self, text: str) -> Optional[np.ndarray]:
-        if self.router.needs_hf(text):
-            return None
-        try:
-            if len(text) > self.piece_chars and self.hf.split is not None:
-                return _encode_long(lambda ts: [self._tiktoken(ts[0])], self.hf.split, text)
-            return self._tiktoken(text)
-        except Exception:  # e.g. tiktoken's regex stack overflow on pathological input: use HF
-            return None
+    @property
+    def counters(self) -> dict:
+        """Running totals: whole documents sent to HF, exception spans encoded by HF (count and
+        bytes, cache hits), spot checks, and the seconds spent routing spans."""
+        return {"routed_to_hf": self.routed_docs, "spot_checked": self.spot_checked,
+                "spot_mismatches": self.spot_mismatches, **self.stitched.counters,
+                "routing_s": self.stitched.routing_s}
 
-    def _tiktoken(self, text: str) -> np.ndarray:
-        ids = self.encoding.encode_to_numpy(
-            text, allowed_special=self.allowed_special, disallowed_special=())
-        return ids.astype(np.int32)  # uint32 from tiktoken; the pool stores int32
+    def _encode_long(self, text: str) -> Optional[np.ndarray]:
+        parts = []
+        for piece in self.hf.split(text):  # one piece's copy of the text alive at a time
+            ids = self.stitched.encode_many([piece])[0]
+            if ids is None:
+                return None
+            parts.append(ids)
+        return np.concatenate(parts) if parts else np.zeros(0, np.int32)
+
+    def _fast(self, texts: Sequence[str]) -> List[Optional[np.ndarray]]:
+        """Fast-path ids of each text, None where HF must encode the whole text."""
+        out: List[Optional[np.ndarray]] = [None] * len(texts)
+        short = []
+        for i, text in enumerate(texts):
+            if self.router.needs_hf(text):
+                continue
+            if len(text) > self.piece_chars and self.hf.split is not None:
+                try:
+                    out[i] = self._encode_long(text)
+                except Exception:  # e.g. tiktoken's regex stack overflow on pathological input
+                    out[i] = None
+            else:
+                short.append(i)
+        if short:
+            try:
+                got = self.stitched.encode_many([texts[i] for i in short])
+            except Exception:  # one text failed: encode them one by one, HF for that one
+                got = []
+                for i in short:
+                    try:
+                        got += self.stitched.encode_many([texts[i]])
+                    except Exception:
+                        got.append(None)
+            for i, ids in zip(short, got):
+                out[i] = ids
+        return out
 
     def encode_batch(self, texts: Sequence[str], keys: Optional[np.ndarray] = None) -> List[np.ndarray]:
-        out: List[Optional[np.ndarray]] = [self._encode_one(t) for t in texts]
+        out = self._fast(texts)
         need_hf = [i for i, ids in enumerate(out) if ids is None]
         check = []
         if keys is not None:

@@ -1,0 +1,180 @@
+"""Merge exceptions routed to HF per pre-token, not per document.
+
+Why this is exact. BPE acts inside one pre-token, and `bpe_merges`' docstring shows that wherever
+HF and tiktoken (ranks = HF ids) diverge on a pre-token, tiktoken at the first divergent step
+builds a token t that is one of the exceptions `analyse_merges` lists (a not-rebuilt entry or a
+late-merge result; tiktoken emitting a whole pre-token t is the same). tiktoken only ever merges,
+so t's bytes then lie inside one token of tiktoken's *final* output for that pre-token. Hence:
+if no token of tiktoken's output contains an exception's bytes (a "tainted" id, found once from
+the vocabulary), tiktoken's ids are HF's on every pre-token of the text (ties between equal merges,
+`bpe_merges` case 3, stay with the probes, sweep and corpus sample of the proof). Checking this
+costs one table lookup per output id instead of a text search for hundreds of strings.
+
+Where a tainted id appears, the bytes between the nearest proven pre-token boundaries around it
+(`pretoken_chunks`: a space between an ASCII letter/digit and an ASCII letter, or a newline
+between ASCII letters; boundaries of both regex engines whatever precedes them) are encoded by HF
+and stitched between tiktoken's ids for the rest: tiktoken's tokens never cross a pre-token
+boundary, so its ids split exactly there, and HF encodes a span cut at pre-token boundaries as it
+encodes that span inside the whole text. The span is usually the one word; identical spans repeat
+(the same exception word), so their HF ids are cached.
+
+Where the argument does not hold, the whole text goes to HF (the document-level fallback): a split
+regex whose boundaries are not proven (`pretoken_chunks.can_cut` false: not GPT-2's or Llama-3's
+regex, or a special token containing a space or newline, which a cut could split), and code points
+the proof did not cover (`tiktoken_path.Router`: they may be classified differently by the two
+regex engines, which moves pre-token boundaries, not just ids inside one).
+"""
+from __future__ import annotations
+
+import re
+import time
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+
+# Proven pre-token boundaries (see `pretoken_chunks`), restricted to ASCII so they can be found
+# in the UTF-8 bytes directly: the cut is at the match start.
+_CUT = re.compile(rb"(?<=[A-Za-z0-9]) (?=[A-Za-z])|(?<=[A-Za-z]\n)(?=[A-Za-z])")
+# HF ids of identical spans are kept up to this many distinct spans, then the cache starts over.
+SPAN_CACHE_ENTRIES = 1 << 16
+
+
+def tainted_ids(ranks: Mapping[bytes, int], routed: Sequence[bytes]) -> np.ndarray:
+    """Sorted ids of the vocabulary entries whose bytes contain an exception string (exceptions
+    are at least 2 bytes long: every single byte is an entry its merges rebuild)."""
+    if not routed:
+        return np.zeros(0, np.int64)
+    by_prefix: Dict[bytes, List[bytes]] = {}
+    for e in routed:
+        by_prefix.setdefault(e[:2], []).append(e)
+    out = []
+    for tok, i in ranks.items():
+        for k in range(len(tok) - 1):
+            cands = by_prefix.get(tok[k:k + 2])
+            if cands and any(tok.startswith(e, k) for e in cands):
+                out.append(i)
+                break
+    return np.asarray(sorted(out), dtype=np.int64)
+
+
+class StitchedEncoder:
+    """tiktoken's ids with every span around a tainted id replaced by HF's ids (module doc)."""
+
+    def __init__(self, encoding, hf_encode_batch: Callable[[List[str]], List[List[int]]],
+                 ranks: Mapping[bytes, int], special_tokens: Mapping[str, int],
+                 routed: Sequence[bytes], can_cut: bool, allowed_special, tainted=None):
+        """encoding: tiktoken Encoding (ranks = HF ids); hf_encode_batch: texts -> HF id lists
+        (no special tokens added, the same `encode_special_tokens` setting); tainted: the
+        result of `tainted_ids` if already computed."""
+        self.encoding = encoding
+        self.hf_encode_batch = hf_encode_batch
+        self.allowed_special = allowed_special
+        self.can_cut = can_cut
+        size = 1 + max(list(ranks.values()) + list(special_tokens.values()))
+        self.byte_len = np.zeros(size, np.int64)
+        for tok, i in ranks.items():
+            self.byte_len[i] = len(tok)
+        for s, i in special_tokens.items():
+            self.byte_len[i] = len(s.encode("utf-8"))
+        self.tainted = np.zeros(size, bool)
+        self.tainted[tainted_ids(ranks, routed) if tainted is None else np.asarray(tainted, np.int64)] = True
+        self.cache: Dict[bytes, np.ndarray] = {}
+        self.counters = {"hf_spans": 0, "hf_span_bytes": 0, "hf_span_cache_hits": 0,
+                         "whole_texts_to_hf": 0}
+        self.routing_s = 0.0
+
+    def tiktoken_ids(self, text: str) -> np.ndarray:
+        ids = self.encoding.encode_to_numpy(text, allowed_special=self.allowed_special,
+                                            disallowed_special=())
+        return ids.astype(np.int32)  # uint32 from tiktoken; the pool stores int32
+
+    def _spans(self, raw: bytes, ids: np.ndarray, where: np.ndarray) -> Optional[List[Tuple[int, int, int, int]]]:
+        """Merged (byte lo, byte hi, first token, end token) spans to encode with HF around the
+        tainted tokens at positions `where`; None if a span edge does not fall on a token edge
+        (the engines would then disagree on pre-tokens: the caller uses HF for the text)."""
+        ends = np.cumsum(self.byte_len[ids])
+        starts = ends - self.byte_len[ids]
+        spans: List[Tuple[int, int, int, int]] = []
+        for k in where:
+            lo, hi = int(starts[k]), int(ends[k])
+            if spans and lo < spans[-1][1]:
+                continue  # inside the previous span
+            lo, hi = _cut_before(raw, lo), _cut_after(raw, hi)
+            if spans and lo <= spans[-1][1]:
+                lo = spans[-1][0]
+                spans.pop()
+            i0 = int(np.searchsorted(starts, lo, "left"))
+            i1 = int(np.searchsorted(ends, hi, "left")) + 1
+            if i0 >= len(ids) or starts[i0] != lo or ends[i1 - 1] != hi:
+                return None
+            spans.append((lo, hi, i0, i1))
+        return spans
+
+    def encode_many(self, texts: Sequence[str]) -> List[Optional[np.ndarray]]:
+        """Stitched ids of each text, or None where the whole text must go to HF instead."""
+        out: List[Optional[np.ndarray]] = []
+        plans = []
+        for text in texts:
+            ids = self.tiktoken_ids(text)
+            where = np.flatnonzero(self.tainted[ids])
+            if not len(where):
+                out.append(ids)
+                continue
+            t0 = time.perf_counter()
+            spans = None
+            if self.can_cut:
+                raw = text.encode("utf-8", "surrogatepass")
+                spans = self._spans(raw, ids, where)
+            self.routing_s += time.perf_counter() - t0
+            if spans is None:
+                self.counters["whole_texts_to_hf"] += 1
+                out.append(None)
+                continue
+            plans.append((len(out), ids, [raw[lo:hi] for lo, hi, _, _ in spans], spans))
+            out.append(ids)
+        if plans:
+            t0 = time.perf_counter()
+            self._encode_spans(plans, out)
+            self.routing_s += time.perf_counter() - t0
+        return out
+
+    def _encode_spans(self, plans, out: List[Optional[np.ndarray]]) -> None:
+        todo = sorted({s for _, _, pieces, _ in plans for s in pieces if s not in self.cache})
+        if len(self.cache) + len(todo) > SPAN_CACHE_ENTRIES:
+            self.cache.clear()
+            todo = sorted({s for _, _, pieces, _ in plans for s in pieces})
+        if todo:
+            for s, ids in zip(todo, self.hf_encode_batch([s.decode("utf-8") for s in todo])):
+                self.cache[s] = np.asarray(ids, dtype=np.int32)
+        for index, ids, pieces, spans in plans:
+            parts, prev = [], 0
+            for piece, (_, _, i0, i1) in zip(pieces, spans):
+                parts += [ids[prev:i0], self.cache[piece]]
+                prev = i1
+                self.counters["hf_spans"] += 1
+                self.counters["hf_span_bytes"] += len(piece)
+            parts.append(ids[prev:])
+            out[index] = np.concatenate(parts)
+        self.counters["hf_span_cache_hits"] += sum(len(p) for _, _, p, _ in plans) - len(todo)
+
+
+def _cut_before(raw: bytes, pos: int) -> int:
+    """The last proven boundary at or before `pos` (0 if none)."""
+    window = 256
+    while True:
+        lo = max(0, pos - window)
+        cut = None
+        for m in _CUT.finditer(raw, lo, min(len(raw), pos + 2)):
+            if m.start() <= pos:
+                cut = m.start()
+        if cut is not None:
+            return cut
+        if lo == 0:
+            return 0
+        window *= 4
+
+
+def _cut_after(raw: bytes, pos: int) -> int:
+    """The first proven boundary at or after `pos` (the end of the text if none)."""
+    m = _CUT.search(raw, pos)
+    return m.start() if m else len(raw)
