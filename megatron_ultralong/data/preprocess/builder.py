@@ -86,8 +86,11 @@ def choose_backend(recipe: BuildRecipe, sample: List[str]) -> Tuple[BackendSpec,
                 mismatched_code_points=[f"U+{c:04X}" for c in proof.mismatched_code_points],
                 routed_strings=[r.decode("utf-8", "backslashreplace")
                                 for r in proof.hf_only_strings[:50]])
+    from megatron_ultralong.data.preprocess.tiktoken_path import tiktoken_parts
+
     return BackendSpec("tiktoken", tok.path, tok.special_tokens_in_text, proof.hf_only_chars,
-                       proof.hf_only_strings, proof.tainted_ids, hf_threads=threads), info
+                       proof.hf_only_strings, proof.tainted_ids, tiktoken_parts(tok.path),
+                       hf_threads=threads), info
 
 
 def document_affixes(recipe: BuildRecipe, backend: TokenizerBackend) -> Tuple[np.ndarray, np.ndarray, Dict[str, Any]]:

@@ -85,6 +85,9 @@ class TiktokenParts:
     pat_str: str
     ranks: Dict[bytes, int]
     special_tokens: Dict[str, int]
+    added_names: Tuple[str, ...] = ()
+    """Added tokens that are plain vocabulary tokens (not in `special_tokens`): a cut may not
+    split them either (`pretoken_chunks.can_cut`)."""
     routed: Tuple[bytes, ...] = ()
     """Exception byte strings (`bpe_merges.MergeAnalysis.routed`): the pre-tokens holding one
     are encoded by HF (`exception_routing`)."""
@@ -126,6 +129,39 @@ def read_tokenizer_json(path: str) -> Dict[str, Any]:
 def _read_json(path: str, size: int, mtime_ns: int) -> Dict[str, Any]:
     with open(path, encoding="utf-8") as f:
         return json.load(f)
+
+
+def tiktoken_parts(path: str) -> TiktokenParts:
+    """`structural_check(..., check_merges=False)` of a file that passed it, once per process and
+    file version (~0.2 s for a 128K vocabulary; the proof, the reference and each backend need it)."""
+    st = os.stat(path)
+    return _tiktoken_parts(os.path.abspath(path), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=4)
+def _tiktoken_parts(path: str, size: int, mtime_ns: int) -> TiktokenParts:
+    parts, reasons = structural_check(read_tokenizer_json(path), check_merges=False)
+    if parts is None:
+        raise ValueError(f"{path}: not tiktoken-equivalent: " + "; ".join(reasons))
+    return parts
+
+
+def hf_tokenizer(path: str, special_tokens_in_text: str):
+    """HF `tokenizers.Tokenizer` of a file, loaded once per process, file version and mode
+    (~0.5 s of CPU for a 128K vocabulary): `encode_special_tokens` is set from the mode, so each
+    mode has its own object and no caller changes another's."""
+    st = os.stat(path)
+    return _hf_tokenizer(os.path.abspath(path), st.st_size, st.st_mtime_ns, special_tokens_in_text)
+
+
+@functools.lru_cache(maxsize=4)
+def _hf_tokenizer(path: str, size: int, mtime_ns: int, special_tokens_in_text: str):
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(path)
+    # encode_special_tokens=True treats special-token strings in the text as ordinary text.
+    tok.encode_special_tokens = special_tokens_in_text == "ordinary"
+    return tok
 
 
 def _split_pattern(pre: Optional[Dict[str, Any]]) -> Tuple[Optional[str], List[str]]:
@@ -191,9 +227,11 @@ def structural_check(
         reasons += why
         routed = analysis.routed
     specials: Dict[str, int] = {}
+    plain_added: List[str] = []
     for added in data.get("added_tokens", []):
         content = added["content"]
         if content in vocab and vocab[content] == added["id"]:
+            plain_added.append(content)
             continue  # an added token that is already a plain vocab token changes nothing
         if not added.get("special") or added.get("normalized") or added.get("lstrip") \
                 or added.get("rstrip") or added.get("single_word"):
@@ -205,7 +243,8 @@ def structural_check(
             break
     if reasons or pat_str is None:
         return None, reasons
-    return TiktokenParts(pat_str=pat_str, ranks=ranks, special_tokens=specials, routed=routed), []
+    return TiktokenParts(pat_str=pat_str, ranks=ranks, special_tokens=specials,
+                         added_names=tuple(plain_added), routed=routed), []
 
 
 def build_encoding(data: Dict[str, Any], check_merges: bool = True,
@@ -227,22 +266,20 @@ def build_encoding(data: Dict[str, Any], check_merges: bool = True,
     )
 
 
-def build_stitched(data: Dict[str, Any], hf, routed: Sequence[bytes], special_tokens_in_text: str,
+def build_stitched(parts: TiktokenParts, hf, routed: Sequence[bytes], special_tokens_in_text: str,
                    tainted: Optional[Sequence[int]] = None):
-    """`exception_routing.StitchedEncoder` for a tokenizer.json that passes `structural_check`:
-    tiktoken, with the spans around exception pre-tokens encoded by `hf` (a `tokenizers.Tokenizer`
-    set up with the same `encode_special_tokens`)."""
+    """`exception_routing.StitchedEncoder` for the `tiktoken_parts` of a tokenizer.json:
+    tiktoken, with the spans around exception pre-tokens encoded by `hf()` (a function returning
+    a `tokenizers.Tokenizer` set up with the same `encode_special_tokens`; called when first
+    needed, so a file without exceptions never loads HF for it)."""
     from megatron_ultralong.data.preprocess.exception_routing import StitchedEncoder
     from megatron_ultralong.data.preprocess.pretoken_chunks import can_cut
 
-    parts, reasons = structural_check(data, check_merges=False)
-    if parts is None:
-        raise ValueError("tokenizer.json is not tiktoken-equivalent: " + "; ".join(reasons))
-    encoding = build_encoding(data, check_merges=False, parts=parts)
-    specials = [a["content"] for a in data.get("added_tokens", [])]
+    encoding = build_encoding({}, check_merges=False, parts=parts)
+    specials = list(parts.special_tokens) + list(parts.added_names)
 
     def hf_encode_batch(texts: List[str]) -> List[List[int]]:
-        return [e.ids for e in hf.encode_batch(texts, add_special_tokens=False)]
+        return [e.ids for e in hf().encode_batch(texts, add_special_tokens=False)]
 
     allowed = "all" if special_tokens_in_text == "special" else set()
     return StitchedEncoder(encoding, hf_encode_batch, parts.ranks, parts.special_tokens, routed,
@@ -308,7 +345,7 @@ def _structure_and_sweep(path: str, digest: str) -> Tuple[Optional[Tuple[str, ..
     hf = Tokenizer.from_file(path)
     hf.encode_special_tokens = True
     tainted = tuple(int(i) for i in tainted_ids(parts.ranks, parts.routed))
-    stitched = build_stitched(data, hf, parts.routed, "ordinary", tainted)
+    stitched = build_stitched(parts, lambda: hf, parts.routed, "ordinary", tainted)
     bad, swept = _sweep(hf, stitched.encoding, stitched)
     return None, tuple(bad), swept, parts.routed, tainted
 
@@ -356,13 +393,16 @@ def file_digest(path: str) -> str:
 
 def prove_equivalence(
     path: str, special_tokens_in_text: str, sample_texts: Sequence[str] = (),
-    cache_dir: Optional[str] = None, slice_chars: int = 1 << 16,
+    cache_dir: Optional[str] = None, slice_chars: int = 1 << 16, sample_chars: int = 1 << 19,
 ) -> Proof:
     """Decide whether the tiktoken path may replace HF for this tokenizer.json (module doc).
 
     `cache_dir` keeps the structure + merge analysis + sweep result across runs; probes and
     corpus documents are always compared afresh, on slices of at most ~`slice_chars` characters
-    cut at pre-token boundaries (a 50 MB sample document must not cost GBs of HF Encodings)."""
+    cut at pre-token boundaries (a 50 MB sample document must not cost GBs of HF Encodings), and
+    at most ~`sample_chars` of them in all: HF encodes them at ~1 MB/s, and on a long-document
+    corpus 64 documents x 2 slices cost seconds of start-up for no more assurance than the
+    workers' spot checks give across the whole corpus."""
     from tokenizers import Tokenizer
 
     reasons, bad_cps, swept, routed, tainted = _cached_structure_and_sweep(
@@ -375,13 +415,17 @@ def prove_equivalence(
 
     router = Router(hf_only)
     data = read_tokenizer_json(path)
-    hf = Tokenizer.from_file(path)
-    hf.encode_special_tokens = special_tokens_in_text == "ordinary"
-    stitched = build_stitched(data, hf, routed, special_tokens_in_text, tainted)
+    hf = hf_tokenizer(path, special_tokens_in_text)
+    stitched = build_stitched(tiktoken_parts(path), lambda: hf, routed, special_tokens_in_text,
+                              tainted)
     probes = [t for t in PROBE_TEXTS if not router.needs_hf(t)]
     pattern = split_pattern(data)
-    corpus = [s for t in sample_texts for s in bounded_slices(t, pattern, slice_chars, 2)]
-    corpus = [t for t in corpus if not router.needs_hf(t)]
+    corpus, budget = [], sample_chars
+    for t in sample_texts:
+        for piece in bounded_slices(t, pattern, slice_chars, 2):
+            if budget > 0 and not router.needs_hf(piece):
+                corpus.append(piece)
+                budget -= len(piece)
     texts = probes + corpus
     for start in range(0, len(texts), 64):  # bounded HF Encodings in memory
         chunk = texts[start:start + 64]

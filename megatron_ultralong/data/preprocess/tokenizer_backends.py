@@ -14,7 +14,7 @@ backends of its own.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Protocol, Sequence, Tuple
+from typing import Any, List, Optional, Protocol, Sequence, Tuple
 
 import numpy as np
 
@@ -65,6 +65,10 @@ class BackendSpec:
     """tiktoken only: `exception_routing.tainted_ids` of `hf_only_strings` when the main process
     already has them (None: each worker computes them)."""
 
+    parts: Optional[Any] = None
+    """tiktoken only: `tiktoken_path.tiktoken_parts` of the file, from the main process (workers
+    then skip parsing the tokenizer.json; None: parsed where needed)."""
+
     hf_threads: bool = False
     """Let HF `tokenizers` use its thread pool (only when one process does all the work)."""
 
@@ -103,11 +107,9 @@ class HFTokenizerBackend:
         if not threads:
             # The builder parallelises over processes; rayon threads on top oversubscribe cores.
             os.environ["TOKENIZERS_PARALLELISM"] = "false"
-        from tokenizers import Tokenizer
+        from megatron_ultralong.data.preprocess.tiktoken_path import hf_tokenizer
 
-        self.tokenizer = Tokenizer.from_file(path)
-        # encode_special_tokens=True treats special-token strings in the text as ordinary text.
-        self.tokenizer.encode_special_tokens = special_tokens_in_text == "ordinary"
+        self.tokenizer = hf_tokenizer(path, special_tokens_in_text)  # shared per process and mode
         self.vocab_size = self.tokenizer.get_vocab_size(with_added_tokens=True)
         self.piece_chars = piece_chars
         self.split = _piece_splitter(path, piece_chars)
@@ -166,22 +168,38 @@ class TiktokenTokenizerBackend:
     name = "tiktoken"
 
     def __init__(self, spec: BackendSpec):
-        from megatron_ultralong.data.preprocess.tiktoken_path import Router, build_stitched, read_tokenizer_json
+        from megatron_ultralong.data.preprocess.pretoken_chunks import can_cut, iter_pretoken_pieces
+        from megatron_ultralong.data.preprocess.tiktoken_path import Router, build_stitched, tiktoken_parts
 
-        self.hf = HFTokenizerBackend(spec.path, spec.special_tokens_in_text, spec.hf_threads,
-                                     spec.piece_chars)
+        self.spec = spec
+        self._hf: Optional[HFTokenizerBackend] = None
         # The main process analysed this file's merges (their exceptions are in the spec) and
         # proved it before choosing this backend.
-        self.stitched = build_stitched(read_tokenizer_json(spec.path), self.hf.tokenizer,
-                                       spec.hf_only_strings, spec.special_tokens_in_text,
-                                       spec.tainted_ids)
+        parts = spec.parts if spec.parts is not None else tiktoken_parts(spec.path)
+        self.stitched = build_stitched(parts, lambda: self.hf.tokenizer, spec.hf_only_strings,
+                                       spec.special_tokens_in_text, spec.tainted_ids)
         self.encoding = self.stitched.encoding
-        self.vocab_size = self.hf.vocab_size
         self.router = Router(spec.hf_only_chars)
         self.piece_chars = spec.piece_chars
+        self.split = None
+        if can_cut(parts.pat_str, list(parts.special_tokens) + list(parts.added_names)):
+            self.split = lambda text: iter_pretoken_pieces(text, spec.piece_chars)
         self.routed_docs = 0
         self.spot_checked = 0
         self.spot_mismatches = 0
+
+    @property
+    def hf(self) -> HFTokenizerBackend:
+        """HF, loaded when first needed (~0.5 s of CPU per process for a 128K vocabulary): a
+        tokenizer without exceptions needs it only for the rare spot check."""
+        if self._hf is None:
+            s = self.spec
+            self._hf = HFTokenizerBackend(s.path, s.special_tokens_in_text, s.hf_threads, s.piece_chars)
+        return self._hf
+
+    @property
+    def vocab_size(self) -> int:
+        return self.hf.vocab_size
 
     @property
     def counters(self) -> dict:
@@ -193,7 +211,7 @@ class TiktokenTokenizerBackend:
 
     def _encode_long(self, text: str) -> Optional[np.ndarray]:
         parts = []
-        for piece in self.hf.split(text):  # one piece's copy of the text alive at a time
+        for piece in self.split(text):  # one piece's copy of the text alive at a time
             ids = self.stitched.encode_many([piece])[0]
             if ids is None:
                 return None
@@ -207,7 +225,7 @@ class TiktokenTokenizerBackend:
         for i, text in enumerate(texts):
             if self.router.needs_hf(text):
                 continue
-            if len(text) > self.piece_chars and self.hf.split is not None:
+            if len(text) > self.piece_chars and self.split is not None:
                 try:
                     out[i] = self._encode_long(text)
                 except Exception:  # e.g. tiktoken's regex stack overflow on pathological input
