@@ -34,6 +34,7 @@ from megatron_ultralong.data.preprocess.indexed import (
     remove_stale_temporaries,
     token_dtype,
 )
+from megatron_ultralong.data.preprocess.prefix_lock import PrefixLock
 from megatron_ultralong.data.preprocess.progress import StageProgress
 from megatron_ultralong.data.preprocess.readers import expand_inputs, iter_raw_batches
 from megatron_ultralong.data.preprocess.recipe import BuildRecipe, recipe_to_dict
@@ -146,20 +147,30 @@ def build_dataset(recipe: BuildRecipe, progress: Optional[bool] = None,
     `progress_interval_s` seconds otherwise; False shows nothing."""
     t_start = time.perf_counter()
     files = expand_inputs(recipe.inputs)  # missing inputs fail before any work
-    for path in remove_stale_temporaries(recipe.output.prefix):
-        logger.warning("removed %s, left by an earlier build that did not finish", path)
-    with _sigterm_unwinds():
-        outputs = AtomicOutputs(recipe.output.prefix, OUTPUT_SUFFIXES, recipe.output.overwrite)
-        pool = AtomicOutputs(recipe.output.prefix, POOL_SUFFIXES, overwrite=True, tag="pool")
-        try:
-            report = _build(recipe, files, outputs, pool, (progress, progress_interval_s), t_start)
-            outputs.commit(last=".idx")
-            return report
-        except BaseException:
-            outputs.abort()
-            raise
-        finally:
-            pool.abort()
+    lock = PrefixLock(recipe.output.prefix)  # one build per prefix, across nodes (prefix_lock)
+    broken = lock.acquire()
+    if broken:
+        logger.warning("took over the lock of a build that is gone (host %s, pid %s)",
+                       broken.get("host"), broken.get("pid"))
+    try:
+        for path in remove_stale_temporaries(recipe.output.prefix):
+            logger.warning("removed %s, left by an earlier build that did not finish", path)
+        with _sigterm_unwinds():
+            outputs = AtomicOutputs(recipe.output.prefix, OUTPUT_SUFFIXES, recipe.output.overwrite)
+            pool = AtomicOutputs(recipe.output.prefix, POOL_SUFFIXES, overwrite=True, tag="pool")
+            try:
+                report = _build(recipe, files, outputs, pool, (progress, progress_interval_s),
+                                t_start)
+                lock.verify()
+                outputs.commit(last=".idx")
+                return report
+            except BaseException:
+                outputs.abort()
+                raise
+            finally:
+                pool.abort()
+    finally:
+        lock.release()
 
 
 def _build(recipe, files, outputs, pool, progress, t_start) -> Dict[str, Any]:
@@ -245,6 +256,11 @@ def _build(recipe, files, outputs, pool, progress, t_start) -> Dict[str, Any]:
     bar.close()
     out.finalize(outputs.path(".idx"))
     del pool_ds, lengths, pointers, doms, keys
+    if not len(out.sequence_lengths):  # an empty dataset is never what was asked for
+        why = (f"upsampling.total_tokens={cfg.total_tokens}: the budget keeps no document"
+               if cfg.total_tokens else "no document was kept")
+        raise ValueError(f"{why} (the inputs hold {summary.documents:,} valid documents, "
+                         f"{summary.tokens:,} tokens); nothing was written")
 
     # 5. Report.
     n_out_docs = len(out.sequence_lengths)

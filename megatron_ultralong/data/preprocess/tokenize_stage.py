@@ -52,6 +52,13 @@ _WORKER: Dict[str, object] = {}  # per worker process: the config and the loaded
 
 
 def _init_worker(cfg: WorkerConfig) -> None:
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread() and mp.parent_process() is not None:
+        # Ctrl-C reaches the whole process group: the parent alone unwinds (and terminates the
+        # pool); a worker that also raised KeyboardInterrupt would print its own traceback.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     _WORKER["cfg"] = cfg
     _WORKER["backend"] = load_backend(cfg.backend)
 
