@@ -169,17 +169,20 @@ class TiktokenTokenizerBackend:
 
     def __init__(self, spec: BackendSpec):
         from megatron_ultralong.data.preprocess.pretoken_chunks import can_cut, iter_pretoken_pieces
-        from megatron_ultralong.data.preprocess.tiktoken_path import Router, build_stitched, tiktoken_parts
+        from megatron_ultralong.data.preprocess.tiktoken_path import UNSWEPT_CLASS, Router, build_stitched, tiktoken_parts
 
         self.spec = spec
         self._hf: Optional[HFTokenizerBackend] = None
         # The main process analysed this file's merges (their exceptions are in the spec) and
         # proved it before choosing this backend.
         parts = spec.parts if spec.parts is not None else tiktoken_parts(spec.path)
+        # With no mismatched code point, the only ones HF must see are the unswept planes: found
+        # from the output ids (a lead byte F1-F4 in a token) instead of a regex over the text.
+        high = spec.hf_only_chars == UNSWEPT_CLASS
         self.stitched = build_stitched(parts, lambda: self.hf.tokenizer, spec.hf_only_strings,
-                                       spec.special_tokens_in_text, spec.tainted_ids)
+                                       spec.special_tokens_in_text, spec.tainted_ids, high)
         self.encoding = self.stitched.encoding
-        self.router = Router(spec.hf_only_chars)
+        self.router = Router("" if high else spec.hf_only_chars)
         self.piece_chars = spec.piece_chars
         self.split = None
         if can_cut(parts.pat_str, list(parts.special_tokens) + list(parts.added_names)):
