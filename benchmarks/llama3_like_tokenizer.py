@@ -18,12 +18,9 @@ exception act). Nothing is downloaded at run time.
 """
 from __future__ import annotations
 
-import base64
-import json
 import os
 import random
 import sys
-import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "examples"))
@@ -42,10 +39,8 @@ def cl100k_ranks() -> dict:
 
 def build(out: str, extra_docs: int = 1500, seed: int = 0) -> dict:
     """Write the tokenizer.json to `out`; returns counts for the benchmark's notes."""
-    from transformers.convert_slow_tokenizer import TikTokenConverter
-
     from toydata.corpus import SyntheticText
-    from toydata.tokenizer import LLAMA3_SPECIAL_TOKENS, LLAMA3_SPLIT_REGEX, _ranked_tokens, _train_plain
+    from toydata.tokenizer import _ranked_tokens, _train_plain, tiktoken_ranks_to_tokenizer_json
 
     ranks = dict(cl100k_ranks())
     base = len(ranks)
@@ -57,19 +52,9 @@ def build(out: str, extra_docs: int = 1500, seed: int = 0) -> dict:
         if len(ranks) >= LLAMA3_RANKS:
             break
         ranks.setdefault(tok, len(ranks))
-    with tempfile.NamedTemporaryFile("w", suffix=".tiktoken", delete=False) as f:
-        for tok, rank in ranks.items():
-            f.write(f"{base64.b64encode(tok).decode()} {rank}\n")
-    try:
-        converted = TikTokenConverter(vocab_file=f.name, pattern=LLAMA3_SPLIT_REGEX,
-                                      extra_special_tokens=list(LLAMA3_SPECIAL_TOKENS)).converted()
-    finally:
-        os.remove(f.name)
-    data = json.loads(converted.to_str())
-    data["model"]["ignore_merges"] = False
-    data["post_processor"] = None  # no BOS added by encode: the builder adds what the recipe says
+    text_json = tiktoken_ranks_to_tokenizer_json(ranks, ignore_merges=False)
     with open(out + ".tmp", "w", encoding="utf-8") as f:
-        json.dump(data, f, ensure_ascii=False)
+        f.write(text_json)
     os.replace(out + ".tmp", out)
     return {"cl100k_ranks": base, "appended": len(ranks) - base}
 
