@@ -409,8 +409,6 @@ def prove_equivalence(
     at most ~`sample_chars` of them in all: HF encodes them at ~1 MB/s, and on a long-document
     corpus 64 documents x 2 slices cost seconds of start-up for no more assurance than the
     workers' spot checks give across the whole corpus."""
-    from tokenizers import Tokenizer
-
     reasons, bad_cps, swept, routed, tainted = _cached_structure_and_sweep(
         path, file_digest(path), cache_dir)
     if reasons is not None:
