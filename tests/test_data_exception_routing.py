@@ -127,6 +127,12 @@ def test_high_plane_code_point_sends_the_document_whole_to_hf(proof):
     hf = HFTokenizerBackend(_tokenizer(), "special").encode_batch([text, "only plain words"])
     assert all(np.array_equal(g, w) for g, w in zip(got, hf))
     assert fast.routed_docs == 1 and fast.counters["whole_texts_to_hf"] == 1
+    # Plane 14 is swept (its UTF-8 lead byte F3 is shared with unswept planes 12, 13, 15).
+    tag = ["flag tag \U000E0041\U000E007F here", "private \U000F0041 plane 15"]
+    got = fast.encode_batch(tag)
+    hf = HFTokenizerBackend(_tokenizer(), "special").encode_batch(tag)
+    assert all(np.array_equal(g, w) for g, w in zip(got, hf))
+    assert fast.routed_docs == 2
 
 
 def test_builder_report_counts_spans(proof, tmp_path):

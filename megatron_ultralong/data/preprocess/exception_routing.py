@@ -63,12 +63,14 @@ class StitchedEncoder:
     def __init__(self, encoding, hf_encode_batch: Callable[[List[str]], List[List[int]]],
                  ranks: Mapping[bytes, int], special_tokens: Mapping[str, int],
                  routed: Sequence[bytes], can_cut: bool, allowed_special, tainted=None,
-                 high_planes_to_hf: bool = False):
+                 high_planes: Optional[str] = None):
         """encoding: tiktoken Encoding (ranks = HF ids); hf_encode_batch: texts -> HF id lists
         (no special tokens added, the same `encode_special_tokens` setting); tainted: the
-        result of `tainted_ids` if already computed; high_planes_to_hf: a text with a code point
-        from U+40000 up (a token holding a UTF-8 lead byte F1-F4; a superset of the planes the
-        proof's sweep leaves out) goes to HF whole, found from the ids instead of a text search."""
+        result of `tainted_ids` if already computed; high_planes: a regex character-class body of
+        code points at U+40000 or above (the planes the proof's sweep leaves out): a text holding
+        one goes to HF whole. Found from the ids, not by a search over every text: lead bytes
+        F1, F2 and F4 are always in such a code point, F3 only sometimes (plane 14 is swept), so
+        a token with F3 makes the text be searched."""
         self.encoding = encoding
         self.hf_encode_batch = hf_encode_batch
         self.allowed_special = allowed_special
@@ -80,13 +82,15 @@ class StitchedEncoder:
         self.byte_len[ids] = lens
         for s, i in special_tokens.items():
             self.byte_len[i] = len(s.encode("utf-8"))
-        # Bit 1: tainted (an exception inside: span to HF); bit 2: whole text to HF.
+        # Bit 1: tainted (an exception inside: span to HF); 2: whole text to HF; 4: search text.
         self.flags = np.zeros(size, np.uint8)
         self.flags[tainted_ids(ranks, routed) if tainted is None else np.asarray(tainted, np.int64)] = 1
-        if high_planes_to_hf:
+        self.high_re = re.compile(f"[{high_planes}]") if high_planes else None
+        if high_planes:
             blob = np.frombuffer(b"".join(toks), np.uint8)
-            at = np.flatnonzero((blob >= 0xF1) & (blob <= 0xF4))
-            self.flags[ids[np.searchsorted(np.cumsum(lens), at, "right")]] |= 2
+            owner = np.searchsorted(np.cumsum(lens), np.arange(len(blob)), "right")
+            self.flags[ids[owner[(blob == 0xF1) | (blob == 0xF2) | (blob == 0xF4)]]] |= 2
+            self.flags[ids[owner[blob == 0xF3]]] |= 4
         self.cache: Dict[bytes, np.ndarray] = {}
         self.counters = {"hf_spans": 0, "hf_span_bytes": 0, "hf_span_cache_hits": 0,
                          "whole_texts_to_hf": 0}
@@ -134,7 +138,12 @@ class StitchedEncoder:
             t0 = time.perf_counter()
             where = np.flatnonzero(flags & 1)
             spans = None
-            if self.can_cut and not (flags & 2).any():
+            whole = (flags & 2).any() or ((flags & 4).any() and self.high_re.search(text))
+            if not whole and not len(where):  # a swept plane-14 code point only: nothing to do
+                self.routing_s += time.perf_counter() - t0
+                out.append(ids)
+                continue
+            if self.can_cut and not whole:
                 raw = text.encode("utf-8", "surrogatepass")
                 spans = self._spans(raw, ids, where)
             self.routing_s += time.perf_counter() - t0

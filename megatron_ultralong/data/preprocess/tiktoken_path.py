@@ -273,7 +273,7 @@ def build_encoding(data: Dict[str, Any], check_merges: bool = True,
 
 
 def build_stitched(parts: TiktokenParts, hf, routed: Sequence[bytes], special_tokens_in_text: str,
-                   tainted: Optional[Sequence[int]] = None, high_planes_to_hf: bool = False):
+                   tainted: Optional[Sequence[int]] = None, high_planes: Optional[str] = None):
     """`exception_routing.StitchedEncoder` for the `tiktoken_parts` of a tokenizer.json:
     tiktoken, with the spans around exception pre-tokens encoded by `hf()` (a function returning
     a `tokenizers.Tokenizer` set up with the same `encode_special_tokens`; called when first
@@ -289,7 +289,7 @@ def build_stitched(parts: TiktokenParts, hf, routed: Sequence[bytes], special_to
 
     allowed = "all" if special_tokens_in_text == "special" else set()
     return StitchedEncoder(encoding, hf_encode_batch, parts.ranks, parts.special_tokens, routed,
-                           can_cut(parts.pat_str, specials), allowed, tainted, high_planes_to_hf)
+                           can_cut(parts.pat_str, specials), allowed, tainted, high_planes)
 
 
 def _code_point_class(code_points: Sequence[int]) -> str:

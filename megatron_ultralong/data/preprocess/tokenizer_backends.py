@@ -180,7 +180,8 @@ class TiktokenTokenizerBackend:
         # from the output ids (a lead byte F1-F4 in a token) instead of a regex over the text.
         high = spec.hf_only_chars == UNSWEPT_CLASS
         self.stitched = build_stitched(parts, lambda: self.hf.tokenizer, spec.hf_only_strings,
-                                       spec.special_tokens_in_text, spec.tainted_ids, high)
+                                       spec.special_tokens_in_text, spec.tainted_ids,
+                                       UNSWEPT_CLASS if high else None)
         self.encoding = self.stitched.encoding
         self.router = Router("" if high else spec.hf_only_chars)
         self.piece_chars = spec.piece_chars
