@@ -1,22 +1,27 @@
-"""Dataset builder vs the REAL Megatron-LM `tools/preprocess_data.py` (core_v0.16.1): tokens/s end
-to end, same corpus, same number of workers, interleaved, on three tokenizers:
+"""Dataset builder vs the REAL Megatron-LM `tools/preprocess_data.py` (core_v0.16.1) and vs a bare
+HF `tokenizers` pool (`benchmarks/hf_pool_baseline.py`: `Tokenizer.encode` per document in a
+`multiprocessing.Pool`): tokens/s end to end, same corpus, same number of workers, interleaved,
+on four tokenizers:
   a  llama3_im1  Llama-3-style byte-level BPE (TikTokenConverter layout), ignore_merges: true
   b  llama3_im0  the same file with ignore_merges: false
   c  hf_trainer  a plain HF `tokenizers` BpeTrainer BPE (merges in creation order), ignore_merges
                  false (the trainer's default)
-All three are ~100K-token vocabularies trained here on synthetic text (nothing is downloaded; a
-real Llama-3 tokenizer.json cannot be fetched on this machine).
+  d  cl100k_l3   made as Llama-3's file was (`benchmarks/llama3_like_tokenizer.py`): the real
+                 cl100k_base ranks + appended tokens to 128K, converted by transformers'
+                 TikTokenConverter, ignore_merges false: thousands of merge exceptions
+(a)-(c) are ~100K-token vocabularies trained here on synthetic text; nothing is downloaded.
 
-For each tokenizer and each corpus (N MB and a small one), in this order: baseline (a fresh
-preprocess_data.py process via benchmarks/preprocess_data_baseline.py) then builder (a fresh
-`tools/build_dataset.py` process, the equivalence proof cached per tokenizer hash by an earlier
-cold run, which is timed and reported separately). Wall time is measured around each process:
+The corpus mimics long-context data (`examples/toydata/longdocs.py`: ~80% of the bytes in
+documents of 20K-300K words; web, wiki, code, arXiv and book-like text). For each tokenizer and
+corpus, in this order: preprocess_data.py, the bare pool, the builder (each a fresh process; the
+builder's equivalence proof cached by an earlier cold run, which is timed and reported
+separately), so all three see the same machine load. Wall time is measured around each process:
 start-up, proof, stats, report and renames included. The builder writes separator-free,
-EOS-terminated, BOS-free documents, so its .bin/.idx must equal preprocess_data.py's byte for
-byte (`--append-eod`); that is checked for every pair. The 1-minute load average is recorded
-before and after every run (the machine's 2 cores are shared).
+EOS-terminated, BOS-free documents, so its .bin/.idx must equal preprocess_data.py's byte for byte
+(`--append-eod`) and its .bin the pool's token file; both are checked for every run. The 1-minute
+load average is recorded before and after every run (the machine's cores are shared).
 
-    .venv/bin/python benchmarks/tokenize_bench.py --mb 60 --small-mb 20 --workers 2 \
+    .venv/bin/python benchmarks/tokenize_bench.py --mb 200 --small-mb 20 --workers 2 \
         --megatron-lm ~/src/Megatron-LM-core_v0.16.1 --out bench_out/tokenize
 """
 from __future__ import annotations
@@ -41,20 +46,15 @@ sys.path.insert(0, HERE)
 import preprocess_data_baseline as baseline  # noqa: E402
 
 EOS = "<|end_of_text|>"
-TOKENIZERS = ("llama3_im1", "llama3_im0", "hf_trainer")
+TOKENIZERS = ("llama3_im1", "llama3_im0", "hf_trainer", "cl100k_l3")
 
 
 def _write_corpus(path: str, mb: float, seed: int) -> None:
-    from toydata.corpus import generate_records
+    from toydata.longdocs import long_context_records
 
-    target, written = int(mb * 1e6), 0
     with open(path + ".tmp", "w", encoding="utf-8") as f:
-        for rec in generate_records(10**9, seed=seed, lexicon_size=500_000):
-            line = json.dumps(rec, ensure_ascii=False) + "\n"
-            f.write(line)
-            written += len(line.encode("utf-8"))
-            if written >= target:
-                break
+        for rec in long_context_records(int(mb * 1e6), seed=seed):
+            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
     os.replace(path + ".tmp", path)
 
 
@@ -64,13 +64,17 @@ def prepare(out: str, mb: float, small_mb: float, vocab: int) -> dict:
     from toydata.tokenizer import train_llama3_style_tokenizer
 
     os.makedirs(out, exist_ok=True)
-    files = {"N": os.path.join(out, f"corpus_{mb:g}mb.jsonl"),
-             "small": os.path.join(out, f"corpus_{small_mb:g}mb.jsonl")}
+    files = {"N": os.path.join(out, f"long_corpus_{mb:g}mb.jsonl"),
+             "small": os.path.join(out, f"long_corpus_{small_mb:g}mb.jsonl")}
     for key, size, seed in (("N", mb, 1), ("small", small_mb, 2)):
         if not os.path.exists(files[key]):
             _write_corpus(files[key], size, seed)
     toks = {k: os.path.join(out, f"tokenizer_{k}.json") for k in TOKENIZERS}
-    if not all(os.path.exists(p) for p in toks.values()):
+    if not os.path.exists(toks["cl100k_l3"]):
+        import llama3_like_tokenizer
+
+        print("cl100k_l3:", llama3_like_tokenizer.build(toks["cl100k_l3"]), flush=True)
+    if not all(os.path.exists(toks[k]) for k in TOKENIZERS[:3]):
         text = SyntheticText(0, lexicon_size=500_000)
 
         def docs():
@@ -140,7 +144,18 @@ def run_builder(out, corpus, tok, prefix, workers, fast_path="auto") -> dict:
             "fast_path_reasons": report["tokenizer"].get("fast_path_reasons"),
             "routed_to_hf": report["tokenizer"].get("routed_to_hf", 0),
             "routed_strings": report["tokenizer"].get("proof_checks", {}).get("routed_strings"),
+            "hf_spans": report["tokenizer"].get("hf_spans", 0),
+            "hf_span_bytes": report["tokenizer"].get("hf_span_bytes", 0),
             "timing": report["timing"]}
+
+
+def run_pool(corpus, tok, out_bin, workers) -> dict:
+    wall, load, stdout = _timed([sys.executable, os.path.join(HERE, "hf_pool_baseline.py"), corpus,
+                                 tok, out_bin, "--workers", str(workers), "--eos", EOS],
+                                env={**os.environ, "PYTHONPATH": ROOT})
+    tokens = json.loads(stdout.strip().splitlines()[-1])["tokens"]
+    return {"wall_s": round(wall, 2), "tokens": tokens, "tokens_per_s": round(tokens / wall),
+            "loadavg_1m": load}
 
 
 def run_baseline(args, python, script, corpus, tok, prefix) -> dict:
@@ -157,29 +172,37 @@ def _identical(a: str, b: str) -> bool:
 
 
 def markdown_table(summary: dict) -> str:
-    """The docs/benchmarks.md table of a results.json."""
+    """The docs/benchmarks.md table of a results json: one row per tokenizer and corpus."""
     names = {"llama3_im1": "(a) Llama-3-style, ignore_merges true",
-             "llama3_im0": "(b) the same, ignore_merges false", "hf_trainer": "(c) HF-trainer BPE"}
+             "llama3_im0": "(b) the same, ignore_merges false", "hf_trainer": "(c) HF-trainer BPE",
+             "cl100k_l3": "(d) cl100k + appended, TikTokenConverter, ignore_merges false"}
     mb = summary["corpus_mb"]
-    rows = ["| tokenizer | corpus | run | wall s | tokens | tokens/s | vs baseline | load 1m | output |",
-            "|---|---|---|---:|---:|---:|---:|---|---|"]
+    rows = ["| tokenizer | corpus | tokens | preprocess_data.py tok/s | bare pool tok/s | builder tok/s "
+            "| **vs preprocess_data** | **vs bare pool** | load 1m (P / pool / B) | output |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---|---|"]
+
+    def load(r):
+        return f"{r['loadavg_1m'][0]:.1f}-{r['loadavg_1m'][1]:.1f}" if r else "-"
+
     for name, res in summary["results"].items():
-        for key, size in (("cold_small", "small"), ("baseline_small", "small"), ("builder_small", "small"),
-                          ("baseline_N", "N"), ("builder_N", "N")):
-            if key not in res:
+        if "cold_small" in res:
+            r = res["cold_small"]
+            rows.append(f"| {names.get(name, name)} | {mb['small']:g} MB | {r['tokens']:,} | | | "
+                        f"{r['tokens_per_s']:,} (proof cold, {r['timing'].get('proof_s', '?')} s) "
+                        f"| | | {load(r)} | - |")
+        for size in ("small", "N"):
+            if f"builder_{size}" not in res:
                 continue
-            r = res[key]
-            run = {"cold": "builder, proof cold", "baseline": "preprocess_data.py",
-                   "builder": "builder, proof cached"}[key.split("_")[0]]
-            base = res[f"baseline_{size}"]["tokens_per_s"]
-            ratio = r["tokens_per_s"] / base
-            ident = res.get(f"identical_{size}") if key.startswith("builder") else None
-            rows.append(f"| {names.get(name, name)} | {mb[size]:g} MB | {run} | {r['wall_s']:.1f} | "
-                        f"{r['tokens']:,} | {r['tokens_per_s']:,} | "
-                        f"{'**' if key.startswith('builder') else ''}{ratio:.2f}x"
-                        f"{'**' if key.startswith('builder') else ''} | "
-                        f"{r['loadavg_1m'][0]:.1f} / {r['loadavg_1m'][1]:.1f} | "
-                        f"{'byte-identical' if ident else ('DIFFERS' if ident is False else '-')} |")
+            b, p, pp = res[f"builder_{size}"], res[f"pool_{size}"], res.get(f"baseline_{size}")
+            same = [res.get(f"identical_{size}"), res.get(f"pool_identical_{size}")]
+            vs_pp = f"**{b['tokens_per_s'] / pp['tokens_per_s']:.2f}x**" if pp else "-"
+            pp_rate = f"{pp['tokens_per_s']:,}" if pp else "-"
+            rows.append(
+                f"| {names.get(name, name)} | {mb[size]:g} MB | {b['tokens']:,} | {pp_rate} | "
+                f"{p['tokens_per_s']:,} | {b['tokens_per_s']:,} | {vs_pp} | "
+                f"**{b['tokens_per_s'] / p['tokens_per_s']:.2f}x** | "
+                f"{load(pp)} / {load(p)} / {load(b)} | "
+                f"{'DIFFERS' if False in same else 'byte-identical'} |")
     return "\n".join(rows)
 
 
@@ -191,10 +214,13 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--vocab", type=int, default=100_000)
     parser.add_argument("--tokenizers", default=",".join(TOKENIZERS))
-    parser.add_argument("--megatron-lm", required=True)
+    parser.add_argument("--megatron-lm", help="Megatron-LM checkout at core_v0.16.1 (required "
+                        "unless --no-preprocess-data)")
     parser.add_argument("--python", help="python for preprocess_data.py (default: make a venv)")
     parser.add_argument("--out", default=os.path.join(ROOT, "bench_out", "tokenize"))
     parser.add_argument("--sizes", default="small,N", help="which corpora to run (small,N)")
+    parser.add_argument("--no-preprocess-data", action="store_true",
+                        help="skip the preprocess_data.py baseline (bare pool and builder only)")
     parser.add_argument("--reuse-proof-cache", action="store_true",
                         help="skip the cold run of a tokenizer whose proof is already cached")
     parser.add_argument("--table", metavar="RESULTS_JSON",
@@ -204,8 +230,10 @@ def main() -> None:
             print(markdown_table(json.load(f)))
         return
     args = parser.parse_args()
-    script = baseline.check_checkout(args.megatron_lm)
-    python = args.python or baseline.setup_venv()
+    script = python = None
+    if not args.no_preprocess_data:
+        script = baseline.check_checkout(args.megatron_lm)
+        python = args.python or baseline.setup_venv()
     files = prepare(args.out, args.mb, args.small_mb, args.vocab)
     results = {}
     for name in args.tokenizers.split(","):
@@ -225,11 +253,18 @@ def main() -> None:
             corpus = files["corpus"][size]
             b_prefix = os.path.join(args.out, f"{name}_{size}_baseline")
             u_prefix = os.path.join(args.out, f"{name}_{size}_builder")
-            res[f"baseline_{size}"] = run_baseline(args, python, script, corpus, tok, b_prefix)
+            p_bin = os.path.join(args.out, f"{name}_{size}_pool.bin")
+            if not args.no_preprocess_data:
+                res[f"baseline_{size}"] = run_baseline(args, python, script, corpus, tok, b_prefix)
+            res[f"pool_{size}"] = run_pool(corpus, tok, p_bin, args.workers)
             res[f"builder_{size}"] = run_builder(args.out, corpus, tok, u_prefix, args.workers)
-            res[f"identical_{size}"] = _identical(b_prefix + "_text_document", u_prefix)
-            res[f"ratio_{size}"] = round(res[f"builder_{size}"]["tokens_per_s"]
-                                         / res[f"baseline_{size}"]["tokens_per_s"], 2)
+            res[f"pool_identical_{size}"] = filecmp.cmp(p_bin, u_prefix + ".bin", shallow=False)
+            res[f"ratio_pool_{size}"] = round(res[f"builder_{size}"]["tokens_per_s"]
+                                              / res[f"pool_{size}"]["tokens_per_s"], 2)
+            if not args.no_preprocess_data:
+                res[f"identical_{size}"] = _identical(b_prefix + "_text_document", u_prefix)
+                res[f"ratio_{size}"] = round(res[f"builder_{size}"]["tokens_per_s"]
+                                             / res[f"baseline_{size}"]["tokens_per_s"], 2)
             print(name, size, json.dumps({k: res[k] for k in res if k.endswith(size)}), flush=True)
         results[name] = res
     summary = {
@@ -240,9 +275,9 @@ def main() -> None:
         "corpus_mb": {k: round(os.path.getsize(p) / 1e6, 1) for k, p in files["corpus"].items()},
         "workers": args.workers, "results": results,
     }
-    with open(os.path.join(args.out, "results.json"), "w") as f:
+    with open(os.path.join(args.out, f"results_{args.sizes.replace(',', '_')}.json"), "w") as f:
         json.dump(summary, f, indent=2)
-    print(json.dumps({k: {r: v[r] for r in v if r.startswith(("ratio", "identical"))}
+    print(json.dumps({k: {r: v[r] for r in v if r.startswith(("ratio", "identical", "pool_identical"))}
                       for k, v in results.items()}, indent=2))
 
 

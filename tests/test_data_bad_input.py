@@ -3,6 +3,7 @@ skip_bad every bad record is skipped and counted by reason. Nothing is dropped s
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 from data_helpers import corpus_records, make_recipe
@@ -25,6 +26,9 @@ CASES = [
     (b'{"text": "", "domain": "web"}', "empty text"),
     (b'{"text": "  \\n\\t ", "domain": "web"}', "empty text"),
     (b'{"text": "fine text", "domain": "poetry"}', "unknown domain"),
+    (b'{"text": "fine text", "domain": 5}', "bad domain"),
+    (b'{"text": "fine text", "domain": NaN}', "bad domain"),
+    (b'{"text": "fine text", "domain": {"a": 1}}', "bad domain"),
 ]
 DOMAINS = {"domains": {"web": {}, "code": {}, "books": {}}}
 
@@ -100,3 +104,36 @@ def test_nested_domain_field(tmp_path):
                            progress=False)
     assert sum(report["source"][d]["docs"] for d in report["source"] if d != "_all") == 6
     assert set(report["source"]) - {"_all"} == {r["meta"]["set"] for r in records}
+
+
+def _cli_error(tmp_path, capsys, inputs, *overrides) -> str:
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(json.dumps({"inputs": inputs, "tokenizer": {"path": make_recipe(
+        inputs, "x").tokenizer.path, "fast_path": "off"}, "output": {"prefix": str(tmp_path / "ds")},
+        "workers": 0}))
+    assert cli_main(["--config", str(recipe), "--no-progress", *overrides]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err  # one line, no traceback
+    assert not [n for n in os.listdir(tmp_path) if n.startswith("ds.") or n.startswith(".ds.")]
+    return err[0]
+
+
+def test_budget_that_keeps_nothing_is_an_error(tmp_path, capsys):
+    path = _file(tmp_path, GOOD[0])
+    err = _cli_error(tmp_path, capsys, [path], "upsampling.total_tokens=1")
+    assert "upsampling.total_tokens=1" in err and "keeps no document" in err
+
+
+@pytest.mark.parametrize("value", [".inf", ".nan"])
+def test_non_finite_long_factor_names_the_field(tmp_path, capsys, value):
+    path = _file(tmp_path, GOOD[0])
+    err = _cli_error(tmp_path, capsys, [path], f"upsampling.long_factor={value}")
+    assert "upsampling.long_factor=" in err and "finite" in err
+
+
+def test_directory_input_says_it_is_a_directory(tmp_path, capsys):
+    (tmp_path / "shards").mkdir()
+    err = _cli_error(tmp_path, capsys, [str(tmp_path / "shards")])
+    assert "is a directory" in err and "shards" in err
+    err = _cli_error(tmp_path, capsys, [str(tmp_path / "shard*")])
+    assert "matches only directories" in err

@@ -151,8 +151,11 @@ def test_stale_pool_files_are_removed_by_the_next_run(tmp_path):
     corpus = write_jsonl(str(tmp_path / "c.jsonl"), RECORDS[:10])
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()  # a pid that no longer exists
-    stale = [tmp_path / f".ds.pool-{dead.pid}.bin", tmp_path / f".ds.partial-{dead.pid}.idx"]
-    live = tmp_path / f".ds.pool-{os.getppid()}.bin"  # a live process's files stay
+    from megatron_ultralong.data.preprocess.prefix_lock import host_tag
+
+    tag = host_tag()
+    stale = [tmp_path / f".ds.pool-{dead.pid}-{tag}.bin", tmp_path / f".ds.partial-{dead.pid}-{tag}.idx"]
+    live = tmp_path / f".ds.pool-{os.getppid()}-{tag}.bin"  # a live process's files stay
     for p in stale + [live]:
         p.write_bytes(b"\0" * 64)
     _build(tmp_path, [corpus])

@@ -136,7 +136,13 @@ def test_entry_not_rebuilt_by_its_merges_is_routed_to_hf(short_sweep, tmp_path):
     assert proof.hf_only_strings == (b" kari",)
     texts = [" kari", "a kari b", " karimo sa", "no such word here", " kar i"] + _hard_corpus(path)[:400]
     fast = _assert_fast_equals_hf(path, proof, texts)
-    assert fast.routed_docs == 3
+    # Per pre-token, not per document: no document went to HF whole, only the " kari..." words.
+    assert fast.routed_docs == 0
+    assert fast.stitched.counters["hf_spans"] >= 3
+    first = TiktokenTokenizerBackend(BackendSpec("tiktoken", path, "ordinary", proof.hf_only_chars,
+                                                 proof.hf_only_strings))
+    first.encode_batch(texts[:5])
+    assert first.stitched.counters["hf_span_bytes"] == len(" kari" * 2 + " karimo")
     # Without the routing tiktoken really differs on those documents (what the test guards).
     unrouted = TiktokenTokenizerBackend(BackendSpec("tiktoken", path, "ordinary", proof.hf_only_chars))
     hf = HFTokenizerBackend(path)
@@ -213,8 +219,8 @@ def test_proof_rejects_an_encoding_that_disagrees(monkeypatch, tmp_path):
     path.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
     real = tiktoken_path.build_encoding
 
-    def wrong_regex(d, check_merges=True):
-        enc = real(d, check_merges)
+    def wrong_regex(d, check_merges=True, parts=None):
+        enc = real(d, check_merges, parts)
         return tiktoken.Encoding("wrong", pat_str=tiktoken_path.GPT2_SPLIT_REGEX,
                                  mergeable_ranks=enc._mergeable_ranks, special_tokens=enc._special_tokens)
 

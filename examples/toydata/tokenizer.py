@@ -182,3 +182,42 @@ def train_llama3_style_tokenizer(
         data = json.loads(plain.to_str())
     data["model"]["ignore_merges"] = ignore_merges
     return json.dumps(data, ensure_ascii=False)
+
+
+def tiktoken_ranks_to_tokenizer_json(ranks: Dict[bytes, int], ignore_merges: bool = False,
+                                     special_tokens: Sequence[str] = LLAMA3_SPECIAL_TOKENS) -> str:
+    """tokenizer.json text for tiktoken `ranks`, written by transformers' own `TikTokenConverter`
+    (as Llama-3's file was: merges = every split of a token into two lower-ranked tokens, by
+    rank), with Llama-3's split regex and specials, no post-processor, and `ignore_merges` set."""
+    import base64
+    import os
+    import tempfile
+
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    with tempfile.NamedTemporaryFile("w", suffix=".tiktoken", delete=False) as f:
+        for tok, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
+            f.write(f"{base64.b64encode(tok).decode()} {rank}\n")
+    try:
+        converted = TikTokenConverter(vocab_file=f.name, pattern=LLAMA3_SPLIT_REGEX,
+                                      extra_special_tokens=list(special_tokens)).converted()
+    finally:
+        os.remove(f.name)
+    data = json.loads(converted.to_str())
+    data["model"]["ignore_merges"] = ignore_merges
+    data["post_processor"] = None  # no BOS added by encode
+    return json.dumps(data, ensure_ascii=False)
+
+
+def llama3_with_appended_tokens(base_texts: Iterable[str], extra_texts: Iterable[str],
+                                base_vocab: int, extra_vocab: int,
+                                ignore_merges: bool = False) -> Tuple[str, int]:
+    """A tokenizer with merge exceptions made the way Llama-3's was: a BPE's ranks (Meta: OpenAI's
+    cl100k_base) with the new tokens of a second BPE trained on other text appended after them
+    (Meta: 28K tokens), converted by `TikTokenConverter`. Returns (tokenizer.json text, number of
+    appended tokens)."""
+    ranks = {tok: i for i, tok in enumerate(_ranked_tokens(_train_plain(base_texts, base_vocab)))}
+    base = len(ranks)
+    for tok in _ranked_tokens(_train_plain(extra_texts, extra_vocab)):
+        ranks.setdefault(tok, len(ranks))
+    return tiktoken_ranks_to_tokenizer_json(ranks, ignore_merges), len(ranks) - base

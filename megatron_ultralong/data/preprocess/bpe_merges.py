@@ -34,9 +34,10 @@ from typing import Any, Dict, List, Sequence, Tuple
 
 from megatron_ultralong.data.preprocess.byte_level import bytes_to_unicode
 
-# More routed strings than this and the per-document check (one regex alternation) would cost
-# more than it saves; the fast path is refused instead.
-MAX_ROUTED_STRINGS = 2000
+# More exception strings than this and a large part of the vocabulary would be tainted
+# (`exception_routing`): most text would go to HF span by span, so the fast path is refused. The
+# per-token check itself costs the same whatever the count (one table lookup per output id).
+MAX_ROUTED_STRINGS = 20000
 
 
 @dataclass(frozen=True)

@@ -36,6 +36,7 @@ from megatron_ultralong.data.preprocess.indexed import (
     remove_stale_temporaries,
     token_dtype,
 )
+from megatron_ultralong.data.preprocess.prefix_lock import PrefixLock
 from megatron_ultralong.data.preprocess.progress import StageProgress
 from megatron_ultralong.data.preprocess.readers import expand_inputs, iter_raw_batches
 from megatron_ultralong.data.preprocess.recipe import BuildRecipe, recipe_to_dict
@@ -82,14 +83,17 @@ def choose_backend(recipe: BuildRecipe, sample: List[str]) -> Tuple[BackendSpec,
                              "equivalent: " + "; ".join(proof.reasons))
         info.update(backend="hf", fast_path_reasons=list(proof.reasons))
         return hf_spec, info
-    logger.info("tiktoken fast path proven equivalent to HF in %.1f s (%d exception strings "
-                "routed to HF)", info["proof_seconds"], len(proof.hf_only_strings))
+    logger.info("tiktoken fast path proven equivalent to HF in %.1f s (%d exception strings: "
+                "their pre-tokens go to HF)", info["proof_seconds"], len(proof.hf_only_strings))
     info.update(backend="tiktoken", proof_checks=proof.checks,
                 mismatched_code_points=[f"U+{c:04X}" for c in proof.mismatched_code_points],
                 routed_strings=[r.decode("utf-8", "backslashreplace")
                                 for r in proof.hf_only_strings[:50]])
+    from megatron_ultralong.data.preprocess.tiktoken_path import tiktoken_parts
+
     return BackendSpec("tiktoken", tok.path, tok.special_tokens_in_text, proof.hf_only_chars,
-                       proof.hf_only_strings, hf_threads=threads), info
+                       proof.hf_only_strings, proof.tainted_ids, tiktoken_parts(tok.path),
+                       hf_threads=threads), info
 
 
 def document_affixes(recipe: BuildRecipe, backend: TokenizerBackend) -> Tuple[np.ndarray, np.ndarray, Dict[str, Any]]:
@@ -145,20 +149,30 @@ def build_dataset(recipe: BuildRecipe, progress: Optional[bool] = None,
     `progress_interval_s` seconds otherwise; False shows nothing."""
     t_start = time.perf_counter()
     files = expand_inputs(recipe.inputs)  # missing inputs fail before any work
-    for path in remove_stale_temporaries(recipe.output.prefix):
-        logger.warning("removed %s, left by an earlier build that did not finish", path)
-    with _sigterm_unwinds():
-        outputs = AtomicOutputs(recipe.output.prefix, OUTPUT_SUFFIXES, recipe.output.overwrite)
-        pool = AtomicOutputs(recipe.output.prefix, POOL_SUFFIXES, overwrite=True, tag="pool")
-        try:
-            report = _build(recipe, files, outputs, pool, (progress, progress_interval_s), t_start)
-            outputs.commit(last=".idx")
-            return report
-        except BaseException:
-            outputs.abort()
-            raise
-        finally:
-            pool.abort()
+    lock = PrefixLock(recipe.output.prefix)  # one build per prefix, across nodes (prefix_lock)
+    broken = lock.acquire()
+    if broken:
+        logger.warning("took over the lock of a build that is gone (host %s, pid %s)",
+                       broken.get("host"), broken.get("pid"))
+    try:
+        for path in remove_stale_temporaries(recipe.output.prefix):
+            logger.warning("removed %s, left by an earlier build that did not finish", path)
+        with _sigterm_unwinds():
+            outputs = AtomicOutputs(recipe.output.prefix, OUTPUT_SUFFIXES, recipe.output.overwrite)
+            pool = AtomicOutputs(recipe.output.prefix, POOL_SUFFIXES, overwrite=True, tag="pool")
+            try:
+                report = _build(recipe, files, outputs, pool, (progress, progress_interval_s),
+                                t_start)
+                lock.verify()
+                outputs.commit(last=".idx")
+                return report
+            except BaseException:
+                outputs.abort()
+                raise
+            finally:
+                pool.abort()
+    finally:
+        lock.release()
 
 
 def _build(recipe, files, outputs, pool, progress, t_start) -> Dict[str, Any]:
@@ -195,6 +209,10 @@ def _build(recipe, files, outputs, pool, progress, t_start) -> Dict[str, Any]:
         )
     bar.close()
     pool_builder.finalize(pool.path(".idx"))
+    # Where setup and tokenize went: the proof (part of setup) and the workers' seconds spent on
+    # exception spans (summed over workers, part of tokenize).
+    phases["proof_s"] = tok_info.get("proof_seconds", 0.0)
+    phases["routing_s"] = round(summary.counters.pop("routing_s", 0.0), 2)
     domains = sorted(domain_ids, key=domain_ids.get)
 
     # 3. Stage 2: per (domain, length class) totals -> sampling plan.
@@ -240,6 +258,11 @@ def _build(recipe, files, outputs, pool, progress, t_start) -> Dict[str, Any]:
     bar.close()
     out.finalize(outputs.path(".idx"))
     del pool_ds, lengths, pointers, doms, keys
+    if not len(out.sequence_lengths):  # an empty dataset is never what was asked for
+        why = (f"upsampling.total_tokens={cfg.total_tokens}: the budget keeps no document"
+               if cfg.total_tokens else "no document was kept")
+        raise ValueError(f"{why} (the inputs hold {summary.documents:,} valid documents, "
+                         f"{summary.tokens:,} tokens); nothing was written")
 
     # 5. Report.
     n_out_docs = len(out.sequence_lengths)

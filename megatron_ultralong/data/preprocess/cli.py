@@ -59,6 +59,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except BuildTerminated as e:
         print("error: terminated by SIGTERM; temporary files removed", file=sys.stderr)
         return int(e.code)
+    except KeyboardInterrupt:
+        print("error: interrupted (SIGINT); temporary files removed", file=sys.stderr)
+        return 130
     except (OSError, EOFError) as e:
         print(f"error: {_os_error_line(e, overrides)}", file=sys.stderr)
         return 2

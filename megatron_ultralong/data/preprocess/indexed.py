@@ -21,9 +21,12 @@ import array
 import os
 import re
 import struct
+import time
 from typing import Dict, List, Sequence, Tuple, Type
 
 import numpy as np
+
+from megatron_ultralong.data.preprocess.prefix_lock import LOCK_STALE_S, host_tag, pid_dead_here
 
 INDEX_HEADER = b"MMIDIDX\x00\x00"
 # megatron.core.datasets.indexed_dataset.DType codes.
@@ -116,14 +119,20 @@ class AtomicOutputs:
         directory, base = os.path.split(os.path.abspath(prefix))
         os.makedirs(directory, exist_ok=True)
         self.final: Dict[str, str] = {s: prefix + s for s in suffixes}
+        # The owner (host tag, pid) is in the name: `remove_stale_temporaries` can tell whose.
         self.temp: Dict[str, str] = {
-            s: os.path.join(directory, f".{base}.{tag}-{os.getpid()}{s}") for s in suffixes
+            s: os.path.join(directory, f".{base}.{tag}-{os.getpid()}-{host_tag()}{s}")
+            for s in suffixes
         }
-        if not overwrite:
+        self.overwrite = overwrite
+        self._refuse_existing()
+
+    def _refuse_existing(self) -> None:
+        if not self.overwrite:
             existing = [p for p in self.final.values() if os.path.exists(p)]
             if existing:
                 raise FileExistsError(
-                    f"output.prefix={prefix!r}: {existing[0]} exists (set output.overwrite=true "
+                    f"output.prefix={self.prefix!r}: {existing[0]} exists (set output.overwrite=true "
                     "or pass --overwrite to replace it)"
                 )
 
@@ -131,13 +140,21 @@ class AtomicOutputs:
         return self.temp[suffix]
 
     def commit(self, last: str = ".idx") -> List[str]:
-        """Publish every temporary file; `last` (the loadable marker) goes last."""
+        """Publish every temporary file; `last` (the loadable marker) goes last. Refuses, before
+        renaming anything, if a temporary is missing (someone removed it: publishing the rest
+        would pair this build's files with another's) or if, without overwrite, an output
+        appeared while this build ran."""
         order = [s for s in self.final if s != last] + ([last] if last in self.final else [])
+        missing = [self.temp[s] for s in order if not os.path.exists(self.temp[s])]
+        if missing:
+            raise FileNotFoundError(
+                f"output.prefix={self.prefix!r}: temporary {missing[0]} disappeared during the "
+                "build (removed by another process?); nothing was published")
+        self._refuse_existing()
         if last in self.final and os.path.exists(self.final[last]):
             os.remove(self.final[last])  # an old .idx must never pair with a new .bin
         for s in order:
-            if os.path.exists(self.temp[s]):
-                os.replace(self.temp[s], self.final[s])
+            os.replace(self.temp[s], self.final[s])
         return [self.final[s] for s in order]
 
     def abort(self) -> None:
@@ -147,34 +164,37 @@ class AtomicOutputs:
                 os.remove(p)
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # someone else's live process
-    return True
-
-
-def remove_stale_temporaries(prefix: str, tags: Sequence[str] = ("pool", "partial")) -> List[str]:
-    """Delete `.BASE.<tag>-<pid>.*` files beside `prefix` left by a build whose process is gone
-    (SIGKILL, a node failure): the pool alone is 4 bytes per source token. Files of a live process
-    (a concurrent build of the same prefix) are left alone. Returns the removed paths."""
+def remove_stale_temporaries(prefix: str, tags: Sequence[str] = ("pool", "partial"),
+                             stale_s: float = LOCK_STALE_S) -> List[str]:
+    """Delete `.BASE.<tag>-<pid>[-<host tag>].*` files beside `prefix` left by a build that is gone
+    (SIGKILL, a node failure): the pool alone is 4 bytes per source token. A file is removed when
+    its owner is known dead (`prefix_lock.pid_dead_here`: same host, boot and PID namespace, no
+    such process) or when it has not been written for `stale_s` seconds; a pid from another node
+    or namespace proves nothing, so such files are otherwise left alone. Call it holding the
+    prefix's lock. Returns the removed paths."""
     directory, base = os.path.split(os.path.abspath(prefix))
-    pattern = re.compile(rf"^\.{re.escape(base)}\.(?:{'|'.join(tags)})-(\d+)\.")
+    pattern = re.compile(rf"^\.{re.escape(base)}\.(?:{'|'.join(tags)})-(\d+)(?:-([0-9a-f]{{8}}))?\.")
     removed = []
     try:
         names = os.listdir(directory)
     except FileNotFoundError:
         return removed
+    mine = (os.getpid(), host_tag())
     for name in names:
         m = pattern.match(name)
-        if m and int(m.group(1)) != os.getpid() and not _pid_alive(int(m.group(1))):
-            path = os.path.join(directory, name)
-            try:
-                os.remove(path)
-                removed.append(path)
-            except FileNotFoundError:
-                pass
+        if not m:
+            continue
+        pid, tag = int(m.group(1)), m.group(2) or ""
+        path = os.path.join(directory, name)
+        try:
+            age = time.time() - os.stat(path).st_mtime
+        except FileNotFoundError:
+            continue
+        if (pid, tag) == mine or not (pid_dead_here(tag, pid) or age > stale_s):
+            continue
+        try:
+            os.remove(path)
+            removed.append(path)
+        except FileNotFoundError:
+            pass
     return removed

@@ -31,6 +31,9 @@ CL100K_SPLIT_REGEX = (
 # Split regexes whose cut points the module docstring proves (GPT-2; Llama-3 == cl100k).
 SUPPORTED_PATTERNS = frozenset({GPT2_SPLIT_REGEX, CL100K_SPLIT_REGEX})
 _CUT = regex.compile(r"(?<=[A-Za-z0-9]) (?=[A-Za-z])|(?<=\p{L}\n)(?=\p{L})")
+# The same pattern searched backwards (`regex`'s REVERSE flag): the last cut point of a window
+# without a match object for every cut point before it.
+_CUT_LAST = regex.compile(_CUT.pattern, regex.REVERSE)
 
 # Documents longer than this (characters) are encoded in pieces of about this size.
 DEFAULT_PIECE_CHARS = 1 << 18
@@ -55,9 +58,8 @@ def iter_pretoken_pieces(text: str, max_chars: int = DEFAULT_PIECE_CHARS) -> Ite
     while len(text) - start > max_chars:
         # The last cut point in the second half of the window, else the first one after it.
         lo, hi = start + max_chars // 2, start + max_chars
-        cut = None
-        for m in _CUT.finditer(text, lo, hi):
-            cut = m.start()
+        m = _CUT_LAST.search(text, lo, hi)
+        cut = m.start() if m is not None else None
         if cut is None:
             m = _CUT.search(text, hi)
             if m is None:

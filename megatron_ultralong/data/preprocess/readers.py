@@ -17,12 +17,15 @@ import glob
 import gzip
 import hashlib
 import json
+import logging
 import os
 import zlib
 from dataclasses import dataclass, field
 from typing import IO, Iterator, List, Optional, Sequence, Tuple
 
 from megatron_ultralong.data.preprocess.recipe import BuildRecipe, InputSpec
+
+logger = logging.getLogger(__name__)
 
 MAX_LINES_PER_BATCH = 4096
 UTF8_BOM = b"\xef\xbb\xbf"
@@ -93,15 +96,76 @@ class BadInputError(ValueError):
 
 
 def expand_inputs(inputs: Sequence[InputSpec]) -> List[Tuple[str, InputSpec]]:
-    """(file, spec) pairs: globs expanded in sorted order; a pattern matching nothing is an error."""
+    """(file, spec) pairs: globs expanded in sorted order; a pattern matching nothing, or a
+    directory, is an error. A file reached twice (listed twice, through a symlink, by overlapping
+    globs) or two files with identical contents are read once, with a warning naming both: reading
+    them twice would silently double their documents. The same file under two different fixed
+    domains is an error (which one is meant cannot be guessed)."""
     files: List[Tuple[str, InputSpec]] = []
     for spec in inputs:
-        matches = sorted(glob.glob(spec.path)) if glob.has_magic(spec.path) else [spec.path]
-        matches = [m for m in matches if os.path.isfile(m)]
+        if glob.has_magic(spec.path):
+            matches = sorted(glob.glob(spec.path))
+            if matches and not any(os.path.isfile(m) for m in matches):
+                raise IsADirectoryError(f"inputs[].path={spec.path!r}: matches only directories "
+                                        f"(e.g. {matches[0]}), no files")
+            matches = [m for m in matches if os.path.isfile(m)]
+        elif os.path.isdir(spec.path):
+            raise IsADirectoryError(f"inputs[].path={spec.path!r}: is a directory (give its "
+                                    f"files, or a glob such as {os.path.join(spec.path, '*.jsonl')!r})")
+        else:
+            matches = [spec.path] if os.path.isfile(spec.path) else []
         if not matches:
             raise FileNotFoundError(f"inputs[].path={spec.path!r}: no such file")
         files += [(m, spec) for m in matches]
-    return files
+    return _drop_duplicates(files)
+
+
+def _drop_duplicates(files: List[Tuple[str, InputSpec]]) -> List[Tuple[str, InputSpec]]:
+    """`files` without second occurrences of one file (by real path) or of identical contents
+    (same size, then same sha256: only files of equal size are hashed)."""
+    by_real: dict = {}
+    kept: List[Tuple[str, InputSpec]] = []
+    for path, spec in files:
+        real = os.path.realpath(path)
+        if real in by_real:
+            first, first_spec = by_real[real]
+            _same_file(first, first_spec, path, spec, "is the same file as")
+            continue
+        by_real[real] = (path, spec)
+        kept.append((path, spec))
+    by_size: dict = {}
+    for path, spec in kept:
+        by_size.setdefault(os.path.getsize(path), []).append((path, spec))
+    drop = set()
+    for group in by_size.values():
+        if len(group) < 2:
+            continue
+        seen: dict = {}
+        for path, spec in group:
+            digest = _sha256(path)
+            if digest in seen:
+                first, first_spec = seen[digest]
+                _same_file(first, first_spec, path, spec, "has the same contents as")
+                drop.add(path)
+            else:
+                seen[digest] = (path, spec)
+    return [(p, s) for p, s in kept if p not in drop]
+
+
+def _same_file(first: str, first_spec: InputSpec, path: str, spec: InputSpec, how: str) -> None:
+    if first_spec.domain != spec.domain:
+        raise ValueError(f"inputs[].path={spec.path!r}: {path} {how} {first} but the two inputs "
+                         f"give different domains ({spec.domain!r} vs {first_spec.domain!r})")
+    logger.warning("inputs: %s %s %s; reading it once (listing it twice would double its "
+                   "documents)", path, how, first)
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(READ_BYTES), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def input_format(path: str, spec: InputSpec) -> str:
@@ -270,7 +334,10 @@ def _validate(
     if not text or text.isspace():  # not text.strip(): that copies a 50 MB document
         out.bad.append(BadRecord(source, line, "empty text"))
         return
-    domain = str(domain)
+    if not isinstance(domain, str):  # 5, NaN, {"a": 1}: not a domain name, whatever str() makes
+        out.bad.append(BadRecord(source, line, "bad domain",
+                                 f"{fields[1]!r} is {type(domain).__name__} {domain!r:.40}, not a string"))
+        return
     if known_domains is not None and domain not in known_domains:
         out.bad.append(BadRecord(source, line, "unknown domain", domain))
         return

@@ -163,8 +163,8 @@ class DomainPolicy:
             _fail("upsampling.domains.*.share", self.share, "must be in [0, 1]")
         if self.short_keep_prob is not None and not 0.0 <= self.short_keep_prob <= 1.0:
             _fail("upsampling.domains.*.short_keep_prob", self.short_keep_prob, "must be in [0, 1]")
-        if self.long_factor is not None and not self.long_factor >= 1.0:
-            _fail("upsampling.domains.*.long_factor", self.long_factor, "must be >= 1")
+        if self.long_factor is not None and not 1.0 <= self.long_factor < math.inf:
+            _fail("upsampling.domains.*.long_factor", self.long_factor, "must be finite and >= 1")
 
 
 @dataclass(frozen=True)
@@ -209,8 +209,8 @@ class UpsampleConfig:
             _fail("upsampling.long_threshold", self.long_threshold, "must be >= short_threshold")
         if not 0.0 <= self.short_keep_prob <= 1.0:
             _fail("upsampling.short_keep_prob", self.short_keep_prob, "must be in [0, 1]")
-        if not self.long_factor >= 1.0:
-            _fail("upsampling.long_factor", self.long_factor, "must be >= 1")
+        if not 1.0 <= self.long_factor < math.inf:  # inf (or NaN) would make every weight NaN
+            _fail("upsampling.long_factor", self.long_factor, "must be finite and >= 1")
         if self.max_doc_tokens is not None and self.max_doc_tokens < 1:
             _fail("upsampling.max_doc_tokens", self.max_doc_tokens, "must be >= 1 or null")
         shares = {d: p.share for d, p in self.domains.items()}

@@ -34,7 +34,7 @@ class EncodedBatch:
     bad: List[BadRecord]
     blank_lines: int
     records: int
-    counters: Dict[str, int] = field(default_factory=dict)
+    counters: Dict[str, float] = field(default_factory=dict)
     file_bytes: int = 0
 
 
@@ -52,6 +52,13 @@ _WORKER: Dict[str, object] = {}  # per worker process: the config and the loaded
 
 
 def _init_worker(cfg: WorkerConfig) -> None:
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread() and mp.parent_process() is not None:
+        # Ctrl-C reaches the whole process group: the parent alone unwinds (and terminates the
+        # pool); a worker that also raised KeyboardInterrupt would print its own traceback.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     _WORKER["cfg"] = cfg
     _WORKER["backend"] = load_backend(cfg.backend)
 
@@ -62,13 +69,11 @@ def encode_raw_batch(batch: RawBatch) -> EncodedBatch:
     backend = _WORKER["backend"]
     parsed = parse_batch(batch, cfg.text_field, cfg.domain_field, cfg.known_domains)
     keys = np.asarray(parsed.keys, dtype=np.uint64)
-    counters: Dict[str, int] = {}
+    counters: Dict[str, float] = {}
     if isinstance(backend, TiktokenTokenizerBackend):
-        before = (backend.routed_docs, backend.spot_checked, backend.spot_mismatches)
+        before = backend.counters
         ids = backend.encode_batch(parsed.texts, keys)
-        after = (backend.routed_docs, backend.spot_checked, backend.spot_mismatches)
-        counters = {k: a - b for k, a, b in zip(
-            ("routed_to_hf", "spot_checked", "spot_mismatches"), after, before)}
+        counters = {k: v - before[k] for k, v in backend.counters.items()}
     else:
         ids = backend.encode_batch(parsed.texts) if parsed.texts else []
     parsed.texts = []  # a huge document's text goes before the concatenation below
@@ -113,7 +118,7 @@ class PoolSummary:
     blank_lines: int = 0
     bad: Dict[str, int] = field(default_factory=dict)
     bad_examples: List[str] = field(default_factory=list)
-    counters: Dict[str, int] = field(default_factory=dict)
+    counters: Dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
 
 

@@ -14,7 +14,7 @@ backends of its own.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Protocol, Sequence, Tuple
+from typing import Any, List, Optional, Protocol, Sequence, Tuple
 
 import numpy as np
 
@@ -58,8 +58,16 @@ class BackendSpec:
     are encoded by HF (code points the equivalence proof did not cover or saw differ)."""
 
     hf_only_strings: Tuple[bytes, ...] = ()
-    """tiktoken only: documents containing any of these byte strings are encoded by HF (the
-    exceptions `bpe_merges` found from the vocabulary and merges)."""
+    """tiktoken only: the exceptions `bpe_merges` found from the vocabulary and merges; the
+    pre-tokens holding one are encoded by HF (`exception_routing`)."""
+
+    tainted_ids: Optional[Tuple[int, ...]] = None
+    """tiktoken only: `exception_routing.tainted_ids` of `hf_only_strings` when the main process
+    already has them (None: each worker computes them)."""
+
+    parts: Optional[Any] = None
+    """tiktoken only: `tiktoken_path.tiktoken_parts` of the file, from the main process (workers
+    then skip parsing the tokenizer.json; None: parsed where needed)."""
 
     hf_threads: bool = False
     """Let HF `tokenizers` use its thread pool (only when one process does all the work)."""
@@ -99,11 +107,9 @@ class HFTokenizerBackend:
         if not threads:
             # The builder parallelises over processes; rayon threads on top oversubscribe cores.
             os.environ["TOKENIZERS_PARALLELISM"] = "false"
-        from tokenizers import Tokenizer
+        from megatron_ultralong.data.preprocess.tiktoken_path import hf_tokenizer
 
-        self.tokenizer = Tokenizer.from_file(path)
-        # encode_special_tokens=True treats special-token strings in the text as ordinary text.
-        self.tokenizer.encode_special_tokens = special_tokens_in_text == "ordinary"
+        self.tokenizer = hf_tokenizer(path, special_tokens_in_text)  # shared per process and mode
         self.vocab_size = self.tokenizer.get_vocab_size(with_added_tokens=True)
         self.piece_chars = piece_chars
         self.split = _piece_splitter(path, piece_chars)
@@ -156,43 +162,96 @@ class SentencePieceTokenizerBackend:
 
 class TiktokenTokenizerBackend:
     """tiktoken encoding rebuilt from a byte-level BPE tokenizer.json that `prove_equivalence`
-    accepted. HF stays loaded for the documents routed to it and for spot checks."""
+    accepted, with the spans around merge exceptions encoded by HF (`exception_routing`). HF stays
+    loaded for those spans, for documents routed to it whole, and for spot checks."""
 
     name = "tiktoken"
 
     def __init__(self, spec: BackendSpec):
-        from megatron_ultralong.data.preprocess.tiktoken_path import Router, build_encoding, read_tokenizer_json
+        from megatron_ultralong.data.preprocess.pretoken_chunks import can_cut, iter_pretoken_pieces
+        from megatron_ultralong.data.preprocess.tiktoken_path import UNSWEPT_CLASS, Router, build_stitched, tiktoken_parts
 
-        self.hf = HFTokenizerBackend(spec.path, spec.special_tokens_in_text, spec.hf_threads,
-                                     spec.piece_chars)
+        self.spec = spec
+        self._hf: Optional[HFTokenizerBackend] = None
         # The main process analysed this file's merges (their exceptions are in the spec) and
         # proved it before choosing this backend.
-        self.encoding = build_encoding(read_tokenizer_json(spec.path), check_merges=False)
-        self.vocab_size = self.hf.vocab_size
-        self.allowed_special = "all" if spec.special_tokens_in_text == "special" else set()
-        self.router = Router(spec.hf_only_chars, spec.hf_only_strings)
+        parts = spec.parts if spec.parts is not None else tiktoken_parts(spec.path)
+        # With no mismatched code point, the only ones HF must see are the unswept planes: found
+        # from the output ids (a lead byte F1-F4 in a token) instead of a regex over the text.
+        high = spec.hf_only_chars == UNSWEPT_CLASS
+        self.stitched = build_stitched(parts, lambda: self.hf.tokenizer, spec.hf_only_strings,
+                                       spec.special_tokens_in_text, spec.tainted_ids,
+                                       UNSWEPT_CLASS if high else None)
+        self.encoding = self.stitched.encoding
+        self.router = Router("" if high else spec.hf_only_chars)
         self.piece_chars = spec.piece_chars
+        self.split = None
+        if can_cut(parts.pat_str, list(parts.special_tokens) + list(parts.added_names)):
+            self.split = lambda text: iter_pretoken_pieces(text, spec.piece_chars)
         self.routed_docs = 0
         self.spot_checked = 0
         self.spot_mismatches = 0
 
-    def _encode_one(self, text: str) -> Optional[np.ndarray]:
-        if self.router.needs_hf(text):
-            return None
-        try:
-            if len(text) > self.piece_chars and self.hf.split is not None:
-                return _encode_long(lambda ts: [self._tiktoken(ts[0])], self.hf.split, text)
-            return self._tiktoken(text)
-        except Exception:  # e.g. tiktoken's regex stack overflow on pathological input: use HF
-            return None
+    @property
+    def hf(self) -> HFTokenizerBackend:
+        """HF, loaded when first needed (~0.5 s of CPU per process for a 128K vocabulary): a
+        tokenizer without exceptions needs it only for the rare spot check."""
+        if self._hf is None:
+            s = self.spec
+            self._hf = HFTokenizerBackend(s.path, s.special_tokens_in_text, s.hf_threads, s.piece_chars)
+        return self._hf
 
-    def _tiktoken(self, text: str) -> np.ndarray:
-        ids = self.encoding.encode_to_numpy(
-            text, allowed_special=self.allowed_special, disallowed_special=())
-        return ids.astype(np.int32)  # uint32 from tiktoken; the pool stores int32
+    @property
+    def vocab_size(self) -> int:
+        return self.hf.vocab_size
+
+    @property
+    def counters(self) -> dict:
+        """Running totals: whole documents sent to HF, exception spans encoded by HF (count and
+        bytes, cache hits), spot checks, and the seconds spent routing spans."""
+        return {"routed_to_hf": self.routed_docs, "spot_checked": self.spot_checked,
+                "spot_mismatches": self.spot_mismatches, **self.stitched.counters,
+                "routing_s": self.stitched.routing_s}
+
+    def _encode_long(self, text: str) -> Optional[np.ndarray]:
+        parts = []
+        for piece in self.split(text):  # one piece's copy of the text alive at a time
+            ids = self.stitched.encode_many([piece])[0]
+            if ids is None:
+                return None
+            parts.append(ids)
+        return np.concatenate(parts) if parts else np.zeros(0, np.int32)
+
+    def _fast(self, texts: Sequence[str]) -> List[Optional[np.ndarray]]:
+        """Fast-path ids of each text, None where HF must encode the whole text."""
+        out: List[Optional[np.ndarray]] = [None] * len(texts)
+        short = []
+        for i, text in enumerate(texts):
+            if self.router.needs_hf(text):
+                continue
+            if len(text) > self.piece_chars and self.split is not None:
+                try:
+                    out[i] = self._encode_long(text)
+                except Exception:  # e.g. tiktoken's regex stack overflow on pathological input
+                    out[i] = None
+            else:
+                short.append(i)
+        if short:
+            try:
+                got = self.stitched.encode_many([texts[i] for i in short])
+            except Exception:  # one text failed: encode them one by one, HF for that one
+                got = []
+                for i in short:
+                    try:
+                        got += self.stitched.encode_many([texts[i]])
+                    except Exception:
+                        got.append(None)
+            for i, ids in zip(short, got):
+                out[i] = ids
+        return out
 
     def encode_batch(self, texts: Sequence[str], keys: Optional[np.ndarray] = None) -> List[np.ndarray]:
-        out: List[Optional[np.ndarray]] = [self._encode_one(t) for t in texts]
+        out = self._fast(texts)
         need_hf = [i for i, ids in enumerate(out) if ids is None]
         check = []
         if keys is not None:
