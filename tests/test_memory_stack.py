@@ -10,6 +10,7 @@ import dataclasses
 import inspect
 import json
 import os
+import subprocess
 
 import pytest
 import torch
@@ -269,7 +270,7 @@ def test_tiles_reach_the_attention_projections():
 
 
 @pytest.mark.parametrize("name,device_gb", [("llama31_8b_1m_8gpu", 80.0), ("llama31_8b_4m_8gpu", 141.0)])
-def test_one_node_recipes_are_the_cheapest_rung_that_fits(name, device_gb):
+def test_one_node_recipes_are_the_cheapest_rung_that_fits(name, device_gb, tmp_path):
     """The one-node recipes: the cheapest rung of MEMORY_LADDER within 90% of the device (with the
     plan's framework allowance), and the figures their headers quote are the model's."""
     import re
@@ -292,8 +293,18 @@ def test_one_node_recipes_are_the_cheapest_rung_that_fits(name, device_gb):
     assert float(per_gpu.group(1)) == round(est.total / 2**30, 1) and float(per_gpu.group(2)) == device_gb
     host = re.search(r"(\d+) GiB of pinned memory per GPU", header)
     assert int(host.group(1)) == round(est.host_total / 2**30)
-    launcher = open(os.path.join(ROOT, "examples", "recipes", f"run_{name}.sh")).read()
-    assert f"examples/recipes/{name}.yaml" in launcher and "--nproc-per-node 8" in launcher
+    # The node launcher runs a one-node recipe whole: 8 processes, the recipe as written (no smoke-test
+    # overrides of its length, layout or save directory).
+    stub = tmp_path / "bin"
+    stub.mkdir()
+    (stub / "torchrun").write_text('#!/usr/bin/env bash\nprintf "%s\\n" "$@"\n')
+    (stub / "torchrun").chmod(0o755)
+    argv = subprocess.run(["bash", os.path.join(ROOT, "examples", "recipes", "run_node.sh")], cwd=tmp_path,
+                          env=dict(os.environ, RECIPE=name, PATH=f"{stub}:{os.environ['PATH']}"),
+                          capture_output=True, text=True, check=True).stdout.split()
+    assert argv[argv.index("--nproc-per-node") + 1] == "8"
+    assert argv[argv.index("--config") + 1] == os.path.join(ROOT, "examples", "recipes", name + ".yaml")
+    assert argv[argv.index("--config") + 2:] == []
 
 
 @pytest.mark.slow  # ~60 s: two 2-rank trainer runs
