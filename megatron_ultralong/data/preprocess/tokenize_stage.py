@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import collections
 import multiprocessing as mp
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterable, List, Optional, Tuple
@@ -52,9 +54,6 @@ _WORKER: Dict[str, object] = {}  # per worker process: the config and the loaded
 
 
 def _init_worker(cfg: WorkerConfig) -> None:
-    import signal
-    import threading
-
     if threading.current_thread() is threading.main_thread() and mp.parent_process() is not None:
         # Ctrl-C reaches the whole process group: the parent alone unwinds (and terminates the
         # pool); a worker that also raised KeyboardInterrupt would print its own traceback.
@@ -98,7 +97,20 @@ def run_workers(
             yield encode_raw_batch(batch)
         return
     ctx = mp.get_context("spawn")
-    with ctx.Pool(workers, initializer=_init_worker, initargs=(cfg,)) as pool:
+    # Ctrl-C reaches the whole process group, workers included, and a worker still importing
+    # (before its initializer runs) would print a KeyboardInterrupt traceback. An ignored SIGINT
+    # survives exec, and Python installs its own handler only over the default one, so workers
+    # started while the parent ignores SIGINT ignore it from their first instruction. (A signal
+    # blocked instead is not: spawn's fork_exec clears the child's signal mask.) The parent's
+    # handler is back once the processes exist, milliseconds later (a Ctrl-C in between is lost).
+    main = threading.current_thread() is threading.main_thread()  # signal.signal's precondition
+    handler = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None
+    try:
+        pool = ctx.Pool(workers, initializer=_init_worker, initargs=(cfg,))
+    finally:
+        if main:
+            signal.signal(signal.SIGINT, handler)
+    with pool:
         pending: collections.deque = collections.deque()
         for batch in batches:
             pending.append(pool.apply_async(encode_raw_batch, (batch,)))
