@@ -238,7 +238,8 @@ def main() -> None:
     results = {}
     for name in args.tokenizers.split(","):
         tok = files["tokenizers"][name]
-        from megatron_ultralong.data.preprocess.tiktoken_path import _sweep_key, file_digest
+        from megatron_ultralong.data.dataset_info import file_digest
+        from megatron_ultralong.data.preprocess.tiktoken_path import _sweep_key
 
         cache = os.path.join(args.out, "proof_cache")
         cached = os.path.join(cache, f"tiktoken_proof_{_sweep_key(file_digest(tok))}.json")

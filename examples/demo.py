@@ -43,6 +43,7 @@ import socket
 import subprocess
 import sys
 import time
+from typing import Callable
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "examples"))
@@ -212,15 +213,20 @@ def torchrun(nproc: int, script: str, *args: str) -> list[str]:
             f"--master-port={_free_port()}", os.path.join(REPO, script), *args]
 
 
-def stage_cpt(out: str, mcore: str, data_prefix: str) -> str:
-    save = os.path.join(out, "cpt")
+def train(out: str, stage: str, overrides: Callable[[str], list[str]]) -> tuple[str, list[dict]]:
+    """Run tools/train.py on 2 processes into out/<stage>: (its last checkpoint's model dir, its
+    metrics history)."""
+    save = os.path.join(out, stage)
     os.makedirs(save, exist_ok=True)
-    run(torchrun(2, "tools/train.py", *cpt_overrides(mcore, data_prefix, CPT_STEPS, save)),
-        os.path.join(out, "logs", "cpt.log"))
+    run(torchrun(2, "tools/train.py", *overrides(save)), os.path.join(out, "logs", f"{stage}.log"))
     with open(os.path.join(save, "metrics.jsonl"), encoding="utf-8") as f:
         history = [json.loads(line) for line in f if line.strip()]
     with open(os.path.join(save, "latest"), encoding="utf-8") as f:
-        checkpoint = os.path.join(save, f.read().strip(), "model")
+        return os.path.join(save, f.read().strip(), "model"), history
+
+
+def stage_cpt(out: str, mcore: str, data_prefix: str) -> str:
+    checkpoint, history = train(out, "cpt", lambda save: cpt_overrides(mcore, data_prefix, CPT_STEPS, save))
     print(f"  -> {checkpoint}: loss {history[0]['loss']:.3f} -> {history[-1]['loss']:.3f} over "
           f"{history[-1]['step']} steps of 8 x {TARGET} tokens")
     return checkpoint
@@ -314,14 +320,7 @@ def sft_overrides(mcore: str, chat: str, chat_tok_dir: str, steps: int, save: st
 
 
 def stage_sft(out: str, mcore_chat: str, chat: str, chat_tok_dir: str) -> str:
-    save = os.path.join(out, "sft")
-    os.makedirs(save, exist_ok=True)
-    run(torchrun(2, "tools/train.py", *sft_overrides(mcore_chat, chat, chat_tok_dir, SFT_STEPS, save)),
-        os.path.join(out, "logs", "sft.log"))
-    with open(os.path.join(save, "metrics.jsonl"), encoding="utf-8") as f:
-        history = [json.loads(line) for line in f if line.strip()]
-    with open(os.path.join(save, "latest"), encoding="utf-8") as f:
-        checkpoint = os.path.join(save, f.read().strip(), "model")
+    checkpoint, history = train(out, "sft", lambda save: sft_overrides(mcore_chat, chat, chat_tok_dir, SFT_STEPS, save))
     print(f"  -> {checkpoint}: assistant-token loss {history[0]['loss']:.3f} -> {history[-1]['loss']:.3f} over "
           f"{history[-1]['step']} steps of {SFT_BATCH} rows x {L} tokens")
     return checkpoint

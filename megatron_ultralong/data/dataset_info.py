@@ -139,7 +139,8 @@ def write_dataset_info(path: str, info: DatasetInfo) -> None:
         f.write("\n")
 
 
-def _sha256_file(path: str) -> str:
+def file_digest(path: str) -> str:
+    """SHA-256 of a file's bytes (hex), read in 1 MiB blocks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -173,7 +174,7 @@ def tokenizer_identity(path: str) -> TokenizerIdentity:
         import sentencepiece
 
         vocab_size = sentencepiece.SentencePieceProcessor(model_file=file).get_piece_size()
-    return TokenizerIdentity(os.path.abspath(file), int(vocab_size), vocab_sha, _sha256_file(file))
+    return TokenizerIdentity(os.path.abspath(file), int(vocab_size), vocab_sha, file_digest(file))
 
 
 def same_tokenizer(a: TokenizerIdentity, b: TokenizerIdentity) -> bool:

@@ -39,6 +39,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from megatron_ultralong.data.dataset_info import file_digest
 from megatron_ultralong.data.preprocess.bpe_merges import analyse_merges
 from megatron_ultralong.data.preprocess.byte_level import bytes_to_unicode
 # GPT-2's ByteLevel regex, used when ByteLevel does its own splitting (use_regex=True).
@@ -387,14 +388,6 @@ def _cached_structure_and_sweep(path: str, digest: str, cache_dir: Optional[str]
                    list(result[4])], f)
     os.replace(tmp, cache)
     return result
-
-
-def file_digest(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def prove_equivalence(
