@@ -238,11 +238,10 @@ def main() -> None:
     results = {}
     for name in args.tokenizers.split(","):
         tok = files["tokenizers"][name]
-        from megatron_ultralong.data.dataset_info import file_digest
-        from megatron_ultralong.data.preprocess.tiktoken_path import _sweep_key
+        from megatron_ultralong.data.preprocess.fast_path_proof import cache_file
 
         cache = os.path.join(args.out, "proof_cache")
-        cached = os.path.join(cache, f"tiktoken_proof_{_sweep_key(file_digest(tok))}.json")
+        cached = cache_file(tok, cache)
         res = {}
         if not (args.reuse_proof_cache and os.path.exists(cached)):
             if os.path.exists(cached):

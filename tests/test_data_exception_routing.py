@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from data_helpers import _TMP, corpus_records
 
-from megatron_ultralong.data.preprocess import tiktoken_path
+from megatron_ultralong.data.preprocess import fast_path_proof
 from megatron_ultralong.data.preprocess.exception_routing import _CUT, proven_cuts
-from megatron_ultralong.data.preprocess.tiktoken_path import prove_equivalence
+from megatron_ultralong.data.preprocess.fast_path_proof import prove_equivalence
 from megatron_ultralong.data.preprocess.tokenizer_backends import BackendSpec, HFTokenizerBackend, TiktokenTokenizerBackend
 from toydata.corpus import SyntheticText
 from toydata.tokenizer import llama3_with_appended_tokens
@@ -37,7 +37,7 @@ def _tokenizer() -> str:
 
 @pytest.fixture
 def proof(monkeypatch):
-    monkeypatch.setattr(tiktoken_path, "SWEPT_RANGES", ((0x0, 0x3100),))  # keep CI fast
+    monkeypatch.setattr(fast_path_proof, "SWEPT_RANGES", ((0x0, 0x3100),))  # keep CI fast
     p = prove_equivalence(_tokenizer(), "special", [r["text"] for r in corpus_records(20, seed=3)])
     assert p.ok, p.reasons
     assert len(p.hf_only_strings) > 10  # real exceptions, found from the vocabulary and merges

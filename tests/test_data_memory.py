@@ -82,10 +82,13 @@ def _peak_rss_kb(tmp_path, corpus: str, name: str, fast_path: str) -> int:
 def test_one_huge_document_keeps_peak_rss_bounded(tmp_path, fast_path):
     """The target bound (a 50 MB document within 2x the corpus without it) scaled down for CI:
     an 8 MB document (with one emoji, so Python holds its text at 4 bytes a character) may add
-    at most 8x its size. What it must cost: its JSONL line and, while json.loads runs, the
-    decoded line and the text, then ids as int32: measured ~6x. Before pieces were encoded one by
-    one into int32 and the copies (strip(), the piece list, int64 ids) were dropped: ~9x;
-    encoded whole, HF's Encoding alone costs ~30x."""
+    at most 12x its size. What it must cost: while json.loads runs, its JSONL line (1x), the
+    decoded line (4x) and the text (4x), then ids as int32 (1x): measured ~9.4x with HF and
+    ~10.4x with tiktoken, where HF's allocations for the corpus sample, made on a second thread,
+    stay in that thread's malloc arena. (The matplotlib
+    import at the end of a build once raised the baseline's peak and made this look like ~6x;
+    the histogram is now drawn in its own process.) Pieces are encoded one by one into int32,
+    with no strip(), piece list or int64 copy; encoded whole, HF's Encoding alone costs ~30x."""
     records = corpus_records(200, seed=9)
     small = write_jsonl(str(tmp_path / "small.jsonl"), records)
     big_text = _long_text(2000, seed=10)
@@ -98,4 +101,4 @@ def test_one_huge_document_keeps_peak_rss_bounded(tmp_path, fast_path):
     without = _peak_rss_kb(tmp_path, small, "a", fast_path)
     with_big = _peak_rss_kb(tmp_path, big, "b", fast_path)
     extra_mb = (with_big - without) / 1024
-    assert extra_mb < 8 * 8, (without, with_big)
+    assert extra_mb < 8 * 12, (without, with_big)

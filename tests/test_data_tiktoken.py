@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 from data_helpers import corpus_records, make_recipe, tokenizer_path, write_jsonl
 
-from megatron_ultralong.data.preprocess import tiktoken_path
+from megatron_ultralong.data.preprocess import fast_path_proof, tiktoken_path
 from megatron_ultralong.data.preprocess.builder import build_dataset
-from megatron_ultralong.data.preprocess.tiktoken_path import PROBE_TEXTS, prove_equivalence, structural_check
+from megatron_ultralong.data.preprocess.fast_path_proof import PROBE_TEXTS, prove_equivalence
+from megatron_ultralong.data.preprocess.tiktoken_path import structural_check
 from megatron_ultralong.data.preprocess.tokenizer_backends import BackendSpec, HFTokenizerBackend, TiktokenTokenizerBackend
 
 HARD_TEXTS = list(PROBE_TEXTS) + [
@@ -69,7 +70,7 @@ def short_sweep(monkeypatch):
     """The full code-point sweep is the first test's job; the merge tests below only need the
     proof's structure, so they sweep planes 0's first 0x3100 code points (still through CJK
     punctuation) to keep CI fast."""
-    monkeypatch.setattr(tiktoken_path, "SWEPT_RANGES", ((0x0, 0x3100),))
+    monkeypatch.setattr(fast_path_proof, "SWEPT_RANGES", ((0x0, 0x3100),))
 
 
 def _hard_corpus(path: str) -> list:
@@ -225,6 +226,6 @@ def test_proof_rejects_an_encoding_that_disagrees(monkeypatch, tmp_path):
                                  mergeable_ranks=enc._mergeable_ranks, special_tokens=enc._special_tokens)
 
     monkeypatch.setattr(tiktoken_path, "build_encoding", wrong_regex)
-    monkeypatch.setattr(tiktoken_path, "SWEPT_RANGES", ((0x0, 0x800),))  # keep the test fast
+    monkeypatch.setattr(fast_path_proof, "SWEPT_RANGES", ((0x0, 0x800),))  # keep the test fast
     proof = prove_equivalence(str(path), "ordinary")
     assert not proof.ok

@@ -22,7 +22,9 @@ import os
 import signal
 import threading
 import time
-from typing import Any, Dict, List, Optional, Tuple
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -40,12 +42,15 @@ from megatron_ultralong.data.preprocess.prefix_lock import PrefixLock
 from megatron_ultralong.data.preprocess.progress import StageProgress
 from megatron_ultralong.data.preprocess.readers import expand_inputs, iter_raw_batches
 from megatron_ultralong.data.preprocess.recipe import BuildRecipe, recipe_to_dict
-from megatron_ultralong.data.preprocess.stats import LengthStats, plot_length_histogram, write_report
-from megatron_ultralong.data.preprocess.tiktoken_path import prove_equivalence
-from megatron_ultralong.data.preprocess.tokenize_stage import WorkerConfig, split_sample, tokenize_to_pool
+from megatron_ultralong.data.preprocess.fast_path_proof import FileProof, check_corpus_sample, prove_file
+from megatron_ultralong.data.preprocess.length_plot import HistogramPainter
+from megatron_ultralong.data.preprocess.stats import LengthStats, write_report
+from megatron_ultralong.data.preprocess.tiktoken_path import hf_tokenizer
+from megatron_ultralong.data.preprocess.tokenize_stage import WorkerConfig, split_sample, tokenize_to_pool, worker_pool
 from megatron_ultralong.data.preprocess.tokenizer_backends import (
-    TokenizerBackend,
     BackendSpec,
+    TiktokenTokenizerBackend,
+    TokenizerBackend,
     load_backend,
     special_token_ids,
 )
@@ -57,8 +62,20 @@ POOL_SUFFIXES = (".bin", ".idx", ".dom", ".key")
 CHUNK_DOCS = 1 << 16  # documents per vectorised step when planning and writing
 
 
-def choose_backend(recipe: BuildRecipe, sample: List[str]) -> Tuple[BackendSpec, Dict[str, Any]]:
-    """tiktoken when proven equivalent (and allowed), else the recipe's own tokenizer."""
+@dataclass(frozen=True)
+class BackendChoice:
+    """The tokenizer backend a build uses, and what decided it."""
+
+    spec: BackendSpec
+    info: Dict[str, Any]
+    """For the report's "tokenizer" section."""
+    proof: Optional[FileProof] = None
+    """With the tiktoken backend: the file's proof; the corpus sample is checked beside the
+    workers (`_beside_workers`)."""
+
+
+def choose_backend(recipe: BuildRecipe) -> BackendChoice:
+    """tiktoken when the file is proven equivalent (and allowed), else the recipe's own tokenizer."""
     tok = recipe.tokenizer
     if not os.path.isfile(tok.path):
         raise ValueError(f"tokenizer.path={tok.path!r}: no such file")
@@ -68,32 +85,56 @@ def choose_backend(recipe: BuildRecipe, sample: List[str]) -> Tuple[BackendSpec,
         if tok.fast_path == "require":
             raise ValueError("tokenizer.fast_path='require': no fast path for SentencePiece models")
         info.update(backend="sentencepiece", fast_path_reasons=["SentencePiece model"])
-        return BackendSpec("sentencepiece", tok.path), info
-    hf_spec = BackendSpec("hf", tok.path, tok.special_tokens_in_text, hf_threads=threads)
+        return BackendChoice(BackendSpec("sentencepiece", tok.path), info)
     if tok.fast_path == "off":
         info.update(backend="hf", fast_path_reasons=["tokenizer.fast_path='off'"])
-        return hf_spec, info
+        return BackendChoice(_hf_spec(recipe), info)
     t0 = time.perf_counter()
-    proof = prove_equivalence(tok.path, tok.special_tokens_in_text, sample, tok.proof_cache_dir)
+    proof = prove_file(tok.path, tok.special_tokens_in_text, tok.proof_cache_dir)
     info["proof_seconds"] = round(time.perf_counter() - t0, 2)
     if not proof.ok:
-        logger.info("tiktoken fast path refused (%s); using HF tokenizers", "; ".join(proof.reasons))
-        if tok.fast_path == "require":
-            raise ValueError("tokenizer.fast_path='require' but the tiktoken path is not "
-                             "equivalent: " + "; ".join(proof.reasons))
-        info.update(backend="hf", fast_path_reasons=list(proof.reasons))
-        return hf_spec, info
+        return _refuse_fast_path(recipe, info, proof.reasons)
     logger.info("tiktoken fast path proven equivalent to HF in %.1f s (%d exception strings: "
-                "their pre-tokens go to HF)", info["proof_seconds"], len(proof.hf_only_strings))
-    info.update(backend="tiktoken", proof_checks=proof.checks,
+                "their pre-tokens go to HF)", info["proof_seconds"], len(proof.parts.routed))
+    info.update(backend="tiktoken", proof_checks=dict(proof.checks),
                 mismatched_code_points=[f"U+{c:04X}" for c in proof.mismatched_code_points],
-                routed_strings=[r.decode("utf-8", "backslashreplace")
-                                for r in proof.hf_only_strings[:50]])
-    from megatron_ultralong.data.preprocess.tiktoken_path import tiktoken_parts
+                routed_strings=[r.decode("utf-8", "backslashreplace") for r in proof.parts.routed[:50]])
+    spec = BackendSpec("tiktoken", tok.path, tok.special_tokens_in_text, proof.hf_only_chars,
+                       proof.parts.routed, proof.tainted_ids, proof.parts, hf_threads=threads)
+    return BackendChoice(spec, info, proof)
 
-    return BackendSpec("tiktoken", tok.path, tok.special_tokens_in_text, proof.hf_only_chars,
-                       proof.hf_only_strings, proof.tainted_ids, tiktoken_parts(tok.path),
-                       hf_threads=threads), info
+
+def _hf_spec(recipe: BuildRecipe) -> BackendSpec:
+    tok = recipe.tokenizer
+    return BackendSpec("hf", tok.path, tok.special_tokens_in_text, hf_threads=recipe.workers == 0)
+
+
+def _refuse_fast_path(recipe: BuildRecipe, info: Dict[str, Any], reasons: Sequence[str]) -> BackendChoice:
+    logger.info("tiktoken fast path refused (%s); using HF tokenizers", "; ".join(reasons))
+    if recipe.tokenizer.fast_path == "require":
+        raise ValueError("tokenizer.fast_path='require' but the tiktoken path is not "
+                         "equivalent: " + "; ".join(reasons))
+    info = {k: v for k, v in info.items() if k in ("path", "kind", "fast_path", "proof_seconds")}
+    info.update(backend="hf", fast_path_reasons=list(reasons))
+    return BackendChoice(_hf_spec(recipe), info)
+
+
+def _beside_workers(recipe: BuildRecipe, choice: BackendChoice, sample: List[str]):
+    """What the main process does while its workers tokenize (on a thread: HF's encode and the
+    hashing release the GIL): the corpus sample of the proof and, unless the proof holds it, the
+    tokenizer's identity for PREFIX.dataset.json. Returns (the reason the sample refutes the fast
+    path or None, the sample's counts, the identity)."""
+    tok = recipe.tokenizer
+    reason, counts = None, {}
+    if choice.proof is not None:
+        t0 = time.perf_counter()
+        reason, counts = check_corpus_sample(tok.path, tok.special_tokens_in_text, choice.proof, sample)
+        counts["corpus_sample_s"] = round(time.perf_counter() - t0, 2)
+    identity = choice.proof.identity if choice.proof is not None else None
+    if identity is None:
+        loaded = hf_tokenizer(tok.path, tok.special_tokens_in_text) if tok.kind == "hf" else None
+        identity = tokenizer_identity(tok.path, loaded)
+    return reason, counts, identity
 
 
 def document_affixes(recipe: BuildRecipe, backend: TokenizerBackend) -> Tuple[np.ndarray, np.ndarray, Dict[str, Any]]:
@@ -161,8 +202,10 @@ def build_dataset(recipe: BuildRecipe, progress: Optional[bool] = None,
             outputs = AtomicOutputs(recipe.output.prefix, OUTPUT_SUFFIXES, recipe.output.overwrite)
             pool = AtomicOutputs(recipe.output.prefix, POOL_SUFFIXES, overwrite=True, tag="pool")
             try:
-                report = _build(recipe, files, outputs, pool, (progress, progress_interval_s),
-                                t_start)
+                # Forked now, while this process is small; it draws PREFIX.lengths.png at the end.
+                with HistogramPainter() as painter:
+                    report = _build(recipe, files, outputs, pool, (progress, progress_interval_s),
+                                    t_start, painter)
                 lock.verify()
                 outputs.commit(last=".idx")
                 return report
@@ -175,7 +218,7 @@ def build_dataset(recipe: BuildRecipe, progress: Optional[bool] = None,
         lock.release()
 
 
-def _build(recipe, files, outputs, pool, progress, t_start) -> Dict[str, Any]:
+def _build(recipe, files, outputs, pool, progress, t_start, painter) -> Dict[str, Any]:
     cfg = recipe.upsampling
     declared = list(cfg.domains)
     worker_cfg = WorkerConfig(
@@ -184,35 +227,25 @@ def _build(recipe, files, outputs, pool, progress, t_start) -> Dict[str, Any]:
         known_domains=frozenset(declared) if declared else None,
     )
     phases: Dict[str, float] = {}
-    # 1. Pick the tokenizer backend, proving the tiktoken path on a corpus sample.
+    # 1. Pick the tokenizer backend (the file's proof; the corpus sample is checked in stage 1).
     sample_n = recipe.tokenizer.verify_docs if recipe.tokenizer.kind == "hf" else 0
     sample, consumed, rest = split_sample(iter_raw_batches(recipe), worker_cfg, sample_n)
-    spec, tok_info = choose_backend(recipe, sample)
-    worker_cfg = WorkerConfig(spec, worker_cfg.text_field, worker_cfg.domain_field,
-                              worker_cfg.known_domains)
-    reference = load_backend(BackendSpec(spec.kind if spec.kind != "tiktoken" else "hf", spec.path,
-                                         spec.special_tokens_in_text, hf_threads=True))
-    prefix_ids, suffix_ids, sep_info = document_affixes(recipe, reference)
-    dtype = token_dtype(reference.vocab_size)
+    choice = choose_backend(recipe)
 
     # 2. Stage 1: tokenize everything once into the pool.
-    domain_ids: Dict[str, int] = {d: i for i, d in enumerate(declared)}
-    pool_builder = CompactIndexedDatasetBuilder(pool.path(".bin"), dtype)
     enabled, interval = progress
-    bar = StageProgress("tokenize", sum(os.path.getsize(f) for f, _ in files), "B", enabled,
-                        interval)
-    phases["setup_s"] = round(time.perf_counter() - t_start, 2)
-    with open(pool.path(".dom"), "wb") as dom_f, open(pool.path(".key"), "wb") as key_f:
-        summary = tokenize_to_pool(
-            itertools.chain(consumed, rest), worker_cfg, recipe.workers, pool_builder, domain_ids,
-            dom_f, key_f, recipe.skip_bad, bar.update,
-        )
-    bar.close()
-    pool_builder.finalize(pool.path(".idx"))
+    total_bytes = sum(os.path.getsize(f) for f, _ in files)
+    summary, choice, affixes, dtype, identity, domain_ids = _tokenize_stage(
+        recipe, worker_cfg, choice, itertools.chain(consumed, rest), sample, pool,
+        (enabled, interval, total_bytes), lambda: phases.setdefault("setup_s", round(time.perf_counter() - t_start, 2)))
+    prefix_ids, suffix_ids, sep_info = affixes
+    tok_info = choice.info
     # Where setup and tokenize went: the proof (part of setup) and the workers' seconds spent on
     # exception spans (summed over workers, part of tokenize).
     phases["proof_s"] = tok_info.get("proof_seconds", 0.0)
     phases["routing_s"] = round(summary.counters.pop("routing_s", 0.0), 2)
+    if "corpus_sample_s" in tok_info.get("proof_checks", {}):
+        phases["corpus_sample_s"] = tok_info["proof_checks"].pop("corpus_sample_s")
     domains = sorted(domain_ids, key=domain_ids.get)
 
     # 3. Stage 2: per (domain, length class) totals -> sampling plan.
@@ -293,11 +326,47 @@ def _build(recipe, files, outputs, pool, progress, t_start) -> Dict[str, Any]:
     write_dataset_info(outputs.path(DATASET_INFO_SUFFIX), DatasetInfo(
         separator_text=recipe.separator.text or None, separator_ids=tuple(sep_info["separator_ids"]),
         separator_position=recipe.separator.position, bos_ids=tuple(sep_info["bos_ids"]),
-        eos_ids=tuple(sep_info["eos_ids"]), tokenizer=tokenizer_identity(recipe.tokenizer.path)))
-    plot_length_histogram(before, after, outputs.path(".lengths.png"),
-                          os.path.basename(recipe.output.prefix),
-                          (cfg.short_threshold, cfg.long_threshold))
+        eos_ids=tuple(sep_info["eos_ids"]), tokenizer=identity))
+    painter.paint(before, after, outputs.path(".lengths.png"), os.path.basename(recipe.output.prefix),
+                  (cfg.short_threshold, cfg.long_threshold))
     return report
+
+
+def _tokenize_stage(recipe, worker_cfg, choice: BackendChoice, batches, sample, pool, progress,
+                    mark_setup_done):
+    """Stage 1 into the pool's files. The main process builds the backend, the workers fork with
+    it, and then, beside them, the corpus sample of the fast path's proof is checked
+    (`_beside_workers`); if the sample refutes the fast path, stage 1 runs again with HF.
+    Returns (summary, the backend choice, the affixes, the token dtype, the tokenizer identity,
+    the domain ids)."""
+    enabled, interval, total_bytes = progress
+    while True:
+        backend = load_backend(choice.spec)
+        if isinstance(backend, TiktokenTokenizerBackend) and choice.spec.tainted_ids:
+            backend.hf  # every worker needs HF for exception spans: loaded once, before the fork
+        affixes = document_affixes(recipe, backend)
+        dtype = token_dtype(backend.vocab_size)
+        cfg = replace(worker_cfg, backend=choice.spec)
+        domain_ids: Dict[str, int] = {d: i for i, d in enumerate(recipe.upsampling.domains)}
+        builder = CompactIndexedDatasetBuilder(pool.path(".bin"), dtype)
+        bar = StageProgress("tokenize", total_bytes, "B", enabled, interval)
+        mark_setup_done()
+        # The side thread starts after the fork: a forked worker gets only the forking thread.
+        with ThreadPoolExecutor(1, thread_name_prefix="beside-workers") as side_pool, \
+                open(pool.path(".dom"), "wb") as dom_f, open(pool.path(".key"), "wb") as key_f, \
+                worker_pool(cfg, recipe.workers, backend) as encode:
+            side = side_pool.submit(_beside_workers, recipe, choice, sample)
+            summary = tokenize_to_pool(encode(batches), builder, domain_ids, dom_f, key_f,
+                                       recipe.skip_bad, bar.update)
+        bar.close()
+        reason, counts, identity = side.result()
+        if reason is None:
+            builder.finalize(pool.path(".idx"))
+            if choice.proof is not None:
+                choice.info["proof_checks"].update(counts)
+            return summary, choice, affixes, dtype, identity, domain_ids
+        choice = _refuse_fast_path(recipe, choice.info, [reason])
+        batches = iter_raw_batches(recipe)
 
 
 def _open_pool(prefix: str, pool: AtomicOutputs) -> Tuple[Any, ...]:

@@ -1,4 +1,5 @@
-"""Build statistics: fixed-size accumulators, the JSON/Markdown report and the length histogram.
+"""Build statistics: fixed-size accumulators and the JSON/Markdown report (the histogram's PNG:
+`length_plot`).
 
 Everything here is O(domains x buckets) in memory, whatever the corpus size: per-document numbers
 are folded into counters as they stream past and never kept.
@@ -158,39 +159,3 @@ def write_report(report: Dict[str, Any], json_path: str, md_path: str) -> None:
         f.write("\n")
     with open(md_path, "w", encoding="utf-8") as f:
         f.write(render_markdown(report))
-
-
-def plot_length_histogram(
-    before: LengthStats, after: LengthStats, png_path: str, title: str, thresholds: Sequence[int] = ()
-) -> None:
-    """Token-weighted document-length histogram, source vs output, log-x (matplotlib Agg); dashed
-    lines mark the short/long thresholds, labelled in the legend and at the top of each line."""
-    # A bare Figure on the Agg canvas: pyplot's import and backend selection cost ~0.7 s of the
-    # builder's fixed start-up and touch global state a library should leave alone.
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    centers = np.sqrt(np.concatenate([[1], HIST_EDGES]) * np.concatenate([HIST_EDGES, [HIST_EDGES[-1] * 2]]))
-    fig = Figure(figsize=(8, 4.5), dpi=100)
-    FigureCanvasAgg(fig)
-    ax = fig.subplots()
-    for stats, label in ((before, "source"), (after, "output (after upsampling)")):
-        total = max(1, int(stats.hist_tokens.sum()))
-        ax.step(centers, stats.hist_tokens / total, where="mid", label=label)
-    for t, (name, color), top in zip(thresholds, (("short threshold", "tab:red"),
-                                                  ("long threshold", "tab:green")), (0.98, 0.86)):
-        ax.axvline(t, color=color, linestyle="--", linewidth=0.9, label=f"{name} ({t:,} tokens)")
-        # Staggered heights: thresholds 2x apart (4K/8K) are closer on the log axis than a label.
-        ax.text(t, top, f" {name}\n {t:,}", transform=ax.get_xaxis_transform(), color=color,
-                fontsize=8, va="top", ha="left")
-    nonzero = np.nonzero(before.hist_tokens + after.hist_tokens)[0]
-    if len(nonzero):
-        ax.set_xlim(centers[nonzero[0]] / 2, centers[nonzero[-1]] * 2)
-    ax.set_xscale("log")
-    ax.set_xlabel("document length (tokens)")
-    ax.set_ylabel("fraction of tokens")
-    ax.set_title(title)
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.subplots_adjust(left=0.09, right=0.98, bottom=0.12, top=0.92)  # tight_layout: 0.4 s
-    fig.savefig(png_path, format="png")

@@ -1,5 +1,5 @@
-"""The tiktoken fast path: rebuild a byte-level BPE tokenizer.json as a tiktoken `Encoding` and
-prove, before it is used, that it gives the ids HF `tokenizers` gives.
+"""The tiktoken fast path: rebuild a byte-level BPE tokenizer.json as a tiktoken `Encoding` that
+gives the ids HF `tokenizers` gives (`fast_path_proof` proves it for each file before a build).
 
 Why it can be exact. HF's BPE merges the adjacent pair with the lowest *merge index*; tiktoken
 merges the adjacent pair whose concatenation has the lowest *rank*, and emits ranks as ids. With
@@ -21,7 +21,7 @@ Two things structure does not settle. (a) Ties between two merges making the sam
 (`bpe_merges` case 3; Llama-3's own file has many tokens with several splits; transformers'
 TikTokenConverter relies on the same). (b) That both regex engines (Oniguruma in `tokenizers`,
 fancy-regex in tiktoken) classify every code point alike (\\p{L}, \\p{N}, \\s, case folding). So
-`prove_equivalence` also compares ids on probe texts (special tokens, whitespace runs, digits,
+`fast_path_proof` also compares ids on probe texts (special tokens, whitespace runs, digits,
 emoji, CJK, combining marks, ...), on a sweep over every code point of planes 0-3 and 14 in
 several contexts, and on bounded slices of a sample of the corpus, each time comparing what the
 builder will write (tiktoken with exception spans from HF) with HF's ids. Code points that differ
@@ -31,52 +31,23 @@ to HF per document.
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import logging
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from megatron_ultralong.data.dataset_info import file_digest
 from megatron_ultralong.data.preprocess.bpe_merges import analyse_merges
 from megatron_ultralong.data.preprocess.byte_level import bytes_to_unicode
 # GPT-2's ByteLevel regex, used when ByteLevel does its own splitting (use_regex=True).
-from megatron_ultralong.data.preprocess.pretoken_chunks import GPT2_SPLIT_REGEX, bounded_slices
+from megatron_ultralong.data.preprocess.pretoken_chunks import GPT2_SPLIT_REGEX
 
 logger = logging.getLogger(__name__)
 
-# Planes swept code point by code point; everything else (planes 4-13: unassigned as of Unicode
-# 16; 15-16: private use) is routed to HF instead of being proven.
-SWEPT_RANGES = ((0x0, 0x40000), (0xE0000, 0xE1000))
+# The code points `fast_path_proof.SWEPT_RANGES` leaves out (planes 4-13: unassigned as of Unicode
+# 16; 15-16: private use): their documents are routed to HF instead of being proven.
 UNSWEPT_CLASS = r"\U00040000-\U000DFFFF\U000E1000-\U0010FFFF"
-# Contexts for each code point c: after a letter, before/after digits, around spaces, after an
-# apostrophe (the case-insensitive contraction branch), before a newline.
-SWEEP_CONTEXT = "'{c}a{c}1{c} {c}\n"
-# Bumped whenever what the cached proof means changes (3: exceptions routed per pre-token, the
-# tainted ids cached with the proof).
-PROOF_VERSION = 3
-
-PROBE_TEXTS = (
-    "Hello world! It's a test; we're sure they'll've done it. I'M LOUD'S'T",
-    "   leading spaces, trailing spaces   ",
-    "tabs\tand\t\ttabs\n\nnewlines\r\nwindows\r\n\r\n\n   \n\t \n",
-    " " * 40 + "x" + "\n" * 9 + "y" + "\t" * 17,
-    "digits 1 12 123 1234 12345 3.14159 1,000,000 ٣٤٥ ໑໒໓ Ⅻ ½ ²³ 007",
-    "emoji 😀😃🚀👩‍👩‍👧‍👦 🇫🇷 ❤️ 👍🏽 flags and ZWJ sequences",
-    "CJK 中文字符测试 日本語のテキスト 한국어 텍스트 漢字かなカナ",
-    "accents café naïve Zürich Ångström ǅ ǈ ß ẞ ſ K (Kelvin) Ωmega İstanbul",
-    "combining: e\u0301 a\u0308 n\u0303 \u0915\u094d\u0937 \u0e01\u0e34",
-    "RTL: שלום עולם مرحبا بالعالم",
-    "specials <|begin_of_text|>inside<|end_of_text|> <|eot_id|>text <s></s> <|unknown|>",
-    "code: def f(x):\n    return x**2  # comment\n\tif (a && b) { c++; }\n",
-    "punct !!! ??? ... --- ___ *** ### @@@ $$$ %%% ^^^ &&& ((( ))) [[[ ]]] {{{ }}}",
-    "mixed a1b2c3 abc123def 12abc ab'cd 'quoted' \"double\" `back`",
-    "\u00a0nbsp\u2003em space\u3000ideographic\u200bzero width\ufeffbom\u2028ls\u2029ps",
-    "\x00\x01\x07 control \x7f\x85 chars",
-    "",
-)
 
 
 @dataclass(frozen=True)
@@ -92,19 +63,19 @@ class TiktokenParts:
     routed: Tuple[bytes, ...] = ()
     """Exception byte strings (`bpe_merges.MergeAnalysis.routed`): the pre-tokens holding one
     are encoded by HF (`exception_routing`)."""
+    vocab_size: int = 0
+    """HF's `get_vocab_size(with_added_tokens=True)`: vocabulary entries plus added tokens that
+    are not one (what the builder's token dtype is chosen from, as preprocess_data.py does)."""
 
-
-@dataclass(frozen=True)
-class Proof:
-    """Outcome of `prove_equivalence`, recorded in the build report."""
-
-    ok: bool
-    reasons: Tuple[str, ...] = ()
-    hf_only_chars: str = ""
-    hf_only_strings: Tuple[bytes, ...] = ()
-    tainted_ids: Tuple[int, ...] = ()
-    mismatched_code_points: Tuple[int, ...] = ()
-    checks: Dict[str, int] = field(default_factory=dict)
+    def token_id(self, token: str) -> Optional[int]:
+        """HF's `token_to_id`: a special token's id, or a vocabulary entry's, the entry spelled in
+        the byte-level alphabet as tokenizer.json spells it; None if neither."""
+        if token in self.special_tokens:
+            return self.special_tokens[token]
+        try:
+            return self.ranks.get(token.translate(_TO_LATIN1).encode("latin-1"))
+        except UnicodeEncodeError:
+            return None
 
 
 class Router:
@@ -251,7 +222,8 @@ def structural_check(
     if reasons or pat_str is None:
         return None, reasons
     return TiktokenParts(pat_str=pat_str, ranks=ranks, special_tokens=specials,
-                         added_names=tuple(plain_added), routed=routed), []
+                         added_names=tuple(plain_added), routed=routed,
+                         vocab_size=len(vocab) + sum(1 for s in specials if s not in vocab)), []
 
 
 def build_encoding(data: Dict[str, Any], check_merges: bool = True,
@@ -293,152 +265,3 @@ def build_stitched(parts: TiktokenParts, hf, routed: Sequence[bytes], special_to
                            can_cut(parts.pat_str, specials), allowed, tainted, high_planes)
 
 
-def _code_point_class(code_points: Sequence[int]) -> str:
-    """Regex character-class body for a set of code points (ranges merged)."""
-    out, cps = [], sorted(code_points)
-    i = 0
-    while i < len(cps):
-        j = i
-        while j + 1 < len(cps) and cps[j + 1] == cps[j] + 1:
-            j += 1
-        out.append(f"\\U{cps[i]:08X}" + (f"-\\U{cps[j]:08X}" if j > i else ""))
-        i = j + 1
-    return "".join(out)
-
-
-def _sweep(hf, encoding, stitched, chunk: int = 4096, limit: int = 1000) -> Tuple[List[int], int]:
-    """Code points whose sweep context encodes differently in HF and the builder's fast path
-    (stops once more than `limit` are found: past that the fast path is refused anyway)."""
-    cps = [c for lo, hi in SWEPT_RANGES for c in range(lo, hi) if not 0xD800 <= c <= 0xDFFF]
-    groups = [cps[i:i + chunk] for i in range(0, len(cps), chunk)]
-    bad: List[int] = []
-    for start in range(0, len(groups), 8):  # 8 chunks per HF batch: parallel, memory bounded
-        batch = groups[start:start + 8]
-        texts = ["".join(SWEEP_CONTEXT.format(c=chr(c)) for c in g) for g in batch]
-        ref = hf.encode_batch(texts, add_special_tokens=False)
-        for group, text, r in zip(batch, texts, ref):
-            if encoding.encode_ordinary(text) != r.ids:
-                bad += _narrow(hf, encoding, group, stitched)
-        if len(bad) > limit:
-            break
-    return bad, len(cps)
-
-
-def _narrow(hf, encoding, group: Sequence[int], stitched) -> List[int]:
-    """The code points of a failing sweep chunk whose own context differs (batched). A context
-    whose difference the exception routing repairs (HF's ids for the spans holding an exception;
-    HF for the whole text where spans cannot be cut) is not a regex disagreement."""
-    singles = [SWEEP_CONTEXT.format(c=chr(c)) for c in group]
-    ref = hf.encode_batch(singles, add_special_tokens=False)
-    fast = encoding.encode_ordinary_batch(singles, num_threads=1)
-    differ = [(c, s, r.ids) for c, s, r, f in zip(group, singles, ref, fast) if r.ids != f]
-    repaired = stitched.encode_many([s for _, s, _ in differ])
-    return [c for (c, _, want), got in zip(differ, repaired)
-            if got is not None and got.tolist() != want]
-
-
-@functools.lru_cache(maxsize=8)
-def _structure_and_sweep(path: str, digest: str) -> Tuple[Optional[Tuple[str, ...]], Tuple[int, ...], int, Tuple[bytes, ...], Tuple[int, ...]]:
-    # Memoised on the file's digest: the merge analysis, the tainted ids and the sweep cost
-    # seconds and depend only on the file.
-    from tokenizers import Tokenizer
-
-    from megatron_ultralong.data.preprocess.exception_routing import tainted_ids
-
-    data = read_tokenizer_json(path)
-    parts, reasons = structural_check(data)
-    if parts is None:
-        return tuple(reasons), (), 0, (), ()
-    hf = Tokenizer.from_file(path)
-    hf.encode_special_tokens = True
-    tainted = tuple(int(i) for i in tainted_ids(parts.ranks, parts.routed))
-    stitched = build_stitched(parts, lambda: hf, parts.routed, "ordinary", tainted)
-    bad, swept = _sweep(hf, stitched.encoding, stitched)
-    return None, tuple(bad), swept, parts.routed, tainted
-
-
-def _sweep_key(digest: str) -> str:
-    """Cache key: the file, both libraries' versions, and what the proof checks."""
-    import tiktoken
-    import tokenizers
-
-    what = repr((digest, tokenizers.__version__, tiktoken.__version__, SWEPT_RANGES, SWEEP_CONTEXT,
-                 PROOF_VERSION))
-    return hashlib.sha256(what.encode()).hexdigest()[:32]
-
-
-def _cached_structure_and_sweep(path: str, digest: str, cache_dir: Optional[str]):
-    """`_structure_and_sweep`, with its result kept as a small JSON file in `cache_dir` (the
-    analysis and sweep cost seconds to tens of seconds; the result only depends on the key)."""
-    if not cache_dir:
-        return _structure_and_sweep(path, digest)
-    cache = os.path.join(os.path.expanduser(cache_dir), f"tiktoken_proof_{_sweep_key(digest)}.json")
-    try:
-        with open(cache, encoding="utf-8") as f:
-            reasons, bad, swept, routed, tainted = json.load(f)
-        return ((tuple(reasons) if reasons is not None else None), tuple(bad), swept,
-                tuple(bytes.fromhex(r) for r in routed), tuple(tainted))
-    except (OSError, ValueError):
-        pass
-    result = _structure_and_sweep(path, digest)
-    os.makedirs(os.path.dirname(cache), exist_ok=True)
-    tmp = f"{cache}.{os.getpid()}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump([result[0], list(result[1]), result[2], [r.hex() for r in result[3]],
-                   list(result[4])], f)
-    os.replace(tmp, cache)
-    return result
-
-
-def prove_equivalence(
-    path: str, special_tokens_in_text: str, sample_texts: Sequence[str] = (),
-    cache_dir: Optional[str] = None, slice_chars: int = 1 << 16, sample_chars: int = 1 << 18,
-) -> Proof:
-    """Decide whether the tiktoken path may replace HF for this tokenizer.json (module doc).
-
-    `cache_dir` keeps the structure + merge analysis + sweep result across runs; probes and
-    corpus documents are always compared afresh, on slices of at most ~`slice_chars` characters
-    cut at pre-token boundaries (a 50 MB sample document must not cost GBs of HF Encodings), and
-    at most ~`sample_chars` of them in all: HF encodes them at ~1 MB/s, and on a long-document
-    corpus 64 documents x 2 slices cost seconds of start-up for no more assurance than the
-    workers' spot checks give across the whole corpus."""
-    reasons, bad_cps, swept, routed, tainted = _cached_structure_and_sweep(
-        path, file_digest(path), cache_dir)
-    if reasons is not None:
-        return Proof(ok=False, reasons=reasons)
-    if len(bad_cps) > 1000:
-        return Proof(ok=False, reasons=(f"{len(bad_cps)} code points differ in the sweep",))
-    hf_only = UNSWEPT_CLASS + _code_point_class(bad_cps)
-
-    router = Router(hf_only)
-    data = read_tokenizer_json(path)
-    hf = hf_tokenizer(path, special_tokens_in_text)
-    stitched = build_stitched(tiktoken_parts(path), lambda: hf, routed, special_tokens_in_text,
-                              tainted)
-    probes = [t for t in PROBE_TEXTS if not router.needs_hf(t)]
-    pattern = split_pattern(data)
-    corpus, budget = [], sample_chars
-    for t in sample_texts:
-        for piece in bounded_slices(t, pattern, slice_chars, 2):
-            if budget > 0 and not router.needs_hf(piece):
-                corpus.append(piece)
-                budget -= len(piece)
-    texts = probes + corpus
-    for start in range(0, len(texts), 64):  # bounded HF Encodings in memory
-        chunk = texts[start:start + 64]
-        ref = hf.encode_batch(chunk, add_special_tokens=False)
-        # What the builder writes: tiktoken, exception spans from HF (None: HF for the text).
-        for i, (text, r, got) in enumerate(zip(chunk, ref, stitched.encode_many(chunk)), start):
-            if got is not None and got.tolist() != r.ids:
-                where = "probe" if i < len(probes) else "corpus document"
-                return Proof(ok=False, reasons=(f"ids differ on a {where}: {text[:60]!r}",))
-    return Proof(
-        ok=True,
-        hf_only_chars=hf_only,
-        hf_only_strings=routed,
-        tainted_ids=tainted,
-        mismatched_code_points=bad_cps,
-        checks={"code_points_swept": swept, "probe_texts": len(probes),
-                "corpus_slices": len(corpus), "routed_strings": len(routed),
-                "tainted_ids": len(tainted), **{f"sample_{k}": v for k, v in stitched.counters.items()}},
-    )

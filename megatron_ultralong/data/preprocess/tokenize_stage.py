@@ -5,24 +5,36 @@ The pool is a Megatron indexed dataset of every valid source document (written w
 content key (uint64) of each document. Stage 2 plans from its lengths, stage 3 copies from it, so
 each document is tokenized exactly once however many times it is emitted.
 
-Workers are *spawned* (not forked: the parent has tokenizer thread pools alive) and each builds
-its backend once. At most `2 * workers + 2` batches are in flight, so memory stays bounded
-whatever the corpus size: `Pool.imap` would instead read the whole input ahead into its queue.
+Workers are *forked* from the main process once it has built the tokenizer backend, so they start
+with it (the tiktoken encoding, and HF where exception spans need it) instead of each importing
+the modules, parsing a 9 MB tokenizer.json and loading HF again (~1 s of CPU per worker for a 128K
+vocabulary, most of a 20 MB build). HF's rayon pool is the one thing that does not survive a fork:
+`TOKENIZERS_PARALLELISM=false` is set before forking (a worker parallelises over nothing anyway),
+and the main process starts its own threads only after the fork. Where fork is unavailable
+(macOS, Windows) they are spawned and rebuild the backend from its spec. At most
+`2 * workers + 2` batches are in flight, so memory stays bounded whatever the corpus size:
+`Pool.imap` would instead read the whole input ahead into its queue.
 """
 from __future__ import annotations
 
 import collections
+import contextlib
 import multiprocessing as mp
-import signal
-import threading
+import os
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import numpy as np
 
+from megatron_ultralong.data.preprocess.forking import child_signals, forking_without_handlers
 from megatron_ultralong.data.preprocess.readers import BadRecord, RawBatch, parse_batch
-from megatron_ultralong.data.preprocess.tokenizer_backends import BackendSpec, TiktokenTokenizerBackend, load_backend
+from megatron_ultralong.data.preprocess.tokenizer_backends import (
+    BackendSpec,
+    TiktokenTokenizerBackend,
+    TokenizerBackend,
+    load_backend,
+)
 
 
 @dataclass
@@ -53,13 +65,12 @@ class WorkerConfig:
 _WORKER: Dict[str, object] = {}  # per worker process: the config and the loaded backend
 
 
-def _init_worker(cfg: WorkerConfig) -> None:
-    if threading.current_thread() is threading.main_thread() and mp.parent_process() is not None:
-        # Ctrl-C reaches the whole process group: the parent alone unwinds (and terminates the
-        # pool); a worker that also raised KeyboardInterrupt would print its own traceback.
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
+def _init_worker(cfg: WorkerConfig, backend: Optional[TokenizerBackend] = None) -> None:
+    """backend: the main process's, inherited through fork (None: built here from the spec)."""
+    if mp.parent_process() is not None:
+        child_signals()  # Ctrl-C and SIGTERM are the parent's to handle (forking.py)
     _WORKER["cfg"] = cfg
-    _WORKER["backend"] = load_backend(cfg.backend)
+    _WORKER["backend"] = backend if backend is not None else load_backend(cfg.backend)
 
 
 def encode_raw_batch(batch: RawBatch) -> EncodedBatch:
@@ -87,30 +98,28 @@ def encode_raw_batch(batch: RawBatch) -> EncodedBatch:
     )
 
 
-def run_workers(
-    cfg: WorkerConfig, batches: Iterable[RawBatch], workers: int
-) -> Iterable[EncodedBatch]:
-    """Encoded batches in input order, from `workers` spawned processes (0: in this process)."""
+@contextlib.contextmanager
+def worker_pool(cfg: WorkerConfig, workers: int,
+                backend: Optional[TokenizerBackend] = None) -> Iterator[Callable[[Iterable[RawBatch]], Iterable[EncodedBatch]]]:
+    """`workers` processes (0: this one) for the duration of the block; yields a function that
+    maps raw batches to encoded batches in input order. `backend`: the main process's, which
+    forked workers start with (module docstring)."""
     if workers == 0:
-        _init_worker(cfg)
-        for batch in batches:
-            yield encode_raw_batch(batch)
+        _init_worker(cfg, backend)
+        yield lambda batches: (encode_raw_batch(b) for b in batches)
         return
-    ctx = mp.get_context("spawn")
-    # Ctrl-C reaches the whole process group, workers included, and a worker still importing
-    # (before its initializer runs) would print a KeyboardInterrupt traceback. An ignored SIGINT
-    # survives exec, and Python installs its own handler only over the default one, so workers
-    # started while the parent ignores SIGINT ignore it from their first instruction. (A signal
-    # blocked instead is not: spawn's fork_exec clears the child's signal mask.) The parent's
-    # handler is back once the processes exist, milliseconds later (a Ctrl-C in between is lost).
-    main = threading.current_thread() is threading.main_thread()  # signal.signal's precondition
-    handler = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None
-    try:
-        pool = ctx.Pool(workers, initializer=_init_worker, initargs=(cfg,))
-    finally:
-        if main:
-            signal.signal(signal.SIGINT, handler)
-    with pool:
+    fork = "fork" in mp.get_all_start_methods()
+    ctx = mp.get_context("fork" if fork else "spawn")
+    if fork:
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # Ctrl-C reaches the whole process group, workers included: a worker must neither unwind nor
+    # print a traceback, even one still starting. SIGINT ignored while forking is inherited
+    # (and survives a spawned worker's exec: Python installs its handler only over the default
+    # one); forking.py has the rest.
+    with forking_without_handlers():
+        pool = ctx.Pool(workers, initializer=_init_worker, initargs=(cfg, backend if fork else None))
+
+    def encode(batches: Iterable[RawBatch]) -> Iterable[EncodedBatch]:
         pending: collections.deque = collections.deque()
         for batch in batches:
             pending.append(pool.apply_async(encode_raw_batch, (batch,)))
@@ -118,6 +127,9 @@ def run_workers(
                 yield pending.popleft().get()
         while pending:
             yield pending.popleft().get()
+
+    with pool:
+        yield encode
 
 
 @dataclass
@@ -135,9 +147,7 @@ class PoolSummary:
 
 
 def tokenize_to_pool(
-    batches: Iterable[RawBatch],
-    cfg: WorkerConfig,
-    workers: int,
+    encoded: Iterable[EncodedBatch],
     builder,
     domain_ids: Dict[str, int],
     dom_file,
@@ -145,7 +155,7 @@ def tokenize_to_pool(
     skip_bad: bool,
     on_progress: Callable[[int, int, int], None],
 ) -> PoolSummary:
-    """Drive the workers and append every valid document to the pool (in input order).
+    """Append every valid document of the workers' answers to the pool (in input order).
 
     Raises `BadInputError` on the first bad record unless `skip_bad`; `domain_ids` is extended
     with domains in order of first appearance (declared domains are pre-seeded by the caller).
@@ -154,7 +164,7 @@ def tokenize_to_pool(
 
     summary = PoolSummary()
     start = time.perf_counter()
-    for enc in run_workers(cfg, batches, workers):
+    for enc in encoded:
         if enc.bad:
             fatal = [b for b in enc.bad if b.reason != "blank line"]  # a blank line holds no data
             if fatal and not skip_bad:

@@ -101,7 +101,9 @@ class HFTokenizerBackend:
     name = "hf"
 
     def __init__(self, path: str, special_tokens_in_text: str = "ordinary", threads: bool = False,
-                 piece_chars: int = 1 << 18):
+                 piece_chars: int = 1 << 18, split=False):
+        """split: text -> pieces (None: never cut), when the caller knows it (the tiktoken backend
+        does from its parts); False: worked out here from the file (parses the tokenizer.json)."""
         import os
 
         if not threads:
@@ -112,7 +114,7 @@ class HFTokenizerBackend:
         self.tokenizer = hf_tokenizer(path, special_tokens_in_text)  # shared per process and mode
         self.vocab_size = self.tokenizer.get_vocab_size(with_added_tokens=True)
         self.piece_chars = piece_chars
-        self.split = _piece_splitter(path, piece_chars)
+        self.split = _piece_splitter(path, piece_chars) if split is False else split
 
     def _encode_short(self, texts: Sequence[str]) -> List[np.ndarray]:
         encodings = self.tokenizer.encode_batch(list(texts), add_special_tokens=False)
@@ -176,6 +178,7 @@ class TiktokenTokenizerBackend:
         # The main process analysed this file's merges (their exceptions are in the spec) and
         # proved it before choosing this backend.
         parts = spec.parts if spec.parts is not None else tiktoken_parts(spec.path)
+        self.parts = parts
         # With no mismatched code point, the only ones HF must see are the unswept planes: found
         # from the output ids (a lead byte F1-F4 in a token) instead of a regex over the text.
         high = spec.hf_only_chars == UNSWEPT_CLASS
@@ -198,12 +201,13 @@ class TiktokenTokenizerBackend:
         tokenizer without exceptions needs it only for the rare spot check."""
         if self._hf is None:
             s = self.spec
-            self._hf = HFTokenizerBackend(s.path, s.special_tokens_in_text, s.hf_threads, s.piece_chars)
+            self._hf = HFTokenizerBackend(s.path, s.special_tokens_in_text, s.hf_threads, s.piece_chars,
+                                          self.split)
         return self._hf
 
     @property
     def vocab_size(self) -> int:
-        return self.hf.vocab_size
+        return self.parts.vocab_size or self.hf.vocab_size
 
     @property
     def counters(self) -> dict:
@@ -270,7 +274,7 @@ class TiktokenTokenizerBackend:
         return out  # type: ignore[return-value]
 
     def token_id(self, token: str) -> Optional[int]:
-        return self.hf.token_id(token)
+        return self.parts.token_id(token)  # HF's token_to_id, without loading HF
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.hf.decode(ids)
