@@ -7,8 +7,9 @@ it, on both tokenizer backends (the dataset builder's bound: within 2x).
 The huge document is made of the corpus's own texts glued with assorted whitespace and written as
 one JSONL record at the end of a copy of the corpus. Each build runs as a fresh
 builder process. Reported: each process's own VmHWM (the builder's main process, the largest of
-its spawned workers) and the peak of their summed VmRSS (what a cgroup/Slurm memory limit counts),
-sampled every 20 ms. Prints one JSON line per build and a summary; the proof cache is warmed first so that
+its children: the workers and the histogram painter) and the peak of their summed PSS, sampled
+every 20 ms: what a cgroup/Slurm memory limit counts, each page once. (Summed RSS would count the
+pages forked workers share with the main process, its tokenizer's among them, once per process.) Prints one JSON line per build and a summary; the proof cache is warmed first so that
 every timed build does the same work.
 """
 from __future__ import annotations
@@ -48,13 +49,20 @@ def children():
         except OSError:
             pass
 
+def pss_kb(pid):
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            return next(int(l.split()[1]) for l in f if l.startswith("Pss:"))
+    except (OSError, StopIteration):
+        return 0
+
 worker_kb = tree_kb = 0
 def sample():
     global worker_kb, tree_kb
     while True:
         kids = list(children())
         worker_kb = max([worker_kb] + [status_kb(c, "VmHWM") for c in kids])
-        tree_kb = max(tree_kb, status_kb("self", "VmRSS") + sum(status_kb(c, "VmRSS") for c in kids))
+        tree_kb = max(tree_kb, pss_kb("self") + sum(pss_kb(c) for c in kids))
         time.sleep(0.02)
 
 threading.Thread(target=sample, daemon=True).start()
