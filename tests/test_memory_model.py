@@ -55,7 +55,9 @@ def test_tiled_mlp_peak_matches_the_model_on_cpu(seq):
 
 
 def test_full_recompute_saved_set_matches_the_model_on_cpu():
-    """Full recompute keeps each layer's input, the final norm's tensors and the rotary angles."""
+    """Full recompute keeps each layer's input, the final norm's input (its output and x * rstd are
+    re-made per loss chunk: without that the saved set is 2 KB per token, 60%, larger) and the
+    rotary angles; the peak within 5%."""
     import memory_probe
 
     seq = 2048
@@ -64,7 +66,7 @@ def test_full_recompute_saved_set_matches_the_model_on_cpu():
     est = M.estimate_layout(memory_probe.CONFIG, lay)
     measured = _probe(seq, "--recompute", "full", "--mlp-tiles", "4")
     assert measured["saved"] == pytest.approx(est.activations, rel=0.02), measured
-    assert measured["peak"] == pytest.approx(est.activations + est.backward_working_set, rel=0.1), measured
+    assert measured["peak"] == pytest.approx(est.activations + est.backward_working_set, rel=0.05), measured
 
 
 def test_llama8b_derivation_figures():

@@ -323,3 +323,49 @@ def test_trainer_with_the_memory_stack_matches_the_plain_run_under_cp(tmp_path):
                  tmp_path / "stack.json")
     for a, b in zip(plain, stack):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-6) and a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
+
+
+def _final_norm_body(rank, world_size, sequence_parallel):
+    """The loss with the final norm inside the loss chunks equals the loss of the decoder's own
+    final norm followed by the chunked loss (the order before), loss and every gradient."""
+    from megatron_ultralong.model import build_model
+    from megatron_ultralong.model.lm_loss import chunked_lm_loss
+    from megatron_ultralong.model.stage_forward import stage_hidden
+    from megatron_ultralong.parallel.runtime import ParallelConfig, init_runtime, shutdown_runtime
+
+    rt = init_runtime(ParallelConfig(tensor_parallel=world_size, sequence_parallel=sequence_parallel), device="cpu")
+    try:
+        torch.manual_seed(0)
+        model = build_model(PRESETS["tiny"], rt, loss_chunk_tokens=16)
+        ids = torch.randint(0, 1000, (1, SEQ), generator=torch.Generator().manual_seed(1))
+        pos = torch.arange(SEQ)[None]
+
+        def loss_and_grads(fn):
+            loss = fn().mean()
+            loss.backward()
+            grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+            model.zero_grad(set_to_none=True)
+            return loss.detach(), grads
+
+        deferred, g1 = loss_and_grads(lambda: model(ids, pos, None, labels=ids))
+        assert model.decoder.final_layernorm is not None  # restored after the call
+
+        def reference():
+            hidden = stage_hidden(model, ids, pos)  # the decoder applies the final norm
+            return chunked_lm_loss(hidden, model.output_layer.weight, ids, PRESETS["tiny"].vocab_size, 16,
+                                   tp_rank=rt.pg_collection.tp.rank(), sequence_parallel=sequence_parallel,
+                                   tp_group=rt.pg_collection.tp)
+
+        plain, g0 = loss_and_grads(reference)
+        torch.testing.assert_close(deferred, plain, rtol=1e-6, atol=0)
+        assert g1.keys() == g0.keys() and "decoder.final_layernorm.weight" in g0
+        for key in g0:
+            torch.testing.assert_close(g1[key], g0[key], rtol=1e-5, atol=1e-7, msg=lambda m, k=key: f"{k}: {m}")
+    finally:
+        shutdown_runtime()
+
+
+def test_final_norm_inside_the_loss_chunks_leaves_loss_and_gradients_unchanged():
+    # TP 2 without sequence parallelism (GPU-only in megatron-core): the column-parallel copy must
+    # come after the norm, or its weight gradient would miss the other rank's vocabulary shard.
+    run_distributed(_final_norm_body, 2, args=(False,))

@@ -68,7 +68,8 @@ Backward working set of one layer, per local token, widths per TP rank (the larg
 The MLP's phases and re-run divide by `mlp_tiles`, and so does the QKV phase: the tiles also split
 the attention's projections (model/sequence_tiles.py; under SP the output projection then saves
 its per-tile input rows, a copy: +hq*e/TP).
-Loss: one chunk's fp32 logits, softmax and gradient, and its input rows; under SP each chunk gathers
+Loss: one chunk's fp32 logits, softmax and gradient, and its input rows; the final norm runs inside
+each chunk's checkpoint, so only its input is kept across the loss; under SP each chunk gathers
 its rows over TP inside its checkpoint (model/lm_loss.py), so the whole gathered final hidden state
 (T*h*e, 8 GiB at 1M tokens per TP group) never exists.
 
@@ -347,7 +348,7 @@ class MemoryEstimate:
     grads: float
     optimizer: float
     activations: float
-    """Saved activations of all local layers + the final norm."""
+    """Saved activations of all local layers + the final norm's input."""
     backward_working_set: float
     """Transient gradients of one layer (+ one re-run chunk with full recompute)."""
     cp_buffers: float
@@ -389,8 +390,9 @@ def estimate_layout(cfg: LlamaConfig, lay: Layout) -> MemoryEstimate:
     tokens, e = lay.local_tokens, lay.act_bytes
     layers = -(-cfg.num_layers // lay.pp)
     norm_div = lay.tp if lay.sequence_parallel else 1
-    # The final norm's input and output (the loss chunks' input); a composite norm also x * rstd.
-    final_norm = (2 + (not lay.fused_kernels)) * cfg.hidden_size * e / norm_div
+    # The final norm's input only: it runs inside each loss chunk's checkpoint (model/lm_loss.py),
+    # so neither its output nor a composite norm's x * rstd is kept.
+    final_norm = cfg.hidden_size * e / norm_div
     # Full recompute's checkpoints also save the rotary angles [s, 1, 1, d] fp32, once for all layers.
     angles = 4 * cfg.head_dim if lay.recompute == "full" else 0.0
     chunk = min(lay.loss_chunk_tokens, tokens)
