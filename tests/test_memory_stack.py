@@ -269,7 +269,8 @@ def test_tiles_reach_the_attention_projections():
         assert spec.module.tiled_kind == kind and spec.params == {"num_tiles": 4}
 
 
-@pytest.mark.parametrize("name,device_gb", [("llama31_8b_1m_8gpu", 80.0), ("llama31_8b_4m_8gpu", 141.0)])
+@pytest.mark.parametrize("name,device_gb", [("llama31_8b_1m_8gpu", 80.0), ("llama31_8b_4m_8gpu_h100", 80.0),
+                                           ("llama31_8b_4m_8gpu", 141.0)])
 def test_one_node_recipes_are_the_cheapest_rung_that_fits(name, device_gb, tmp_path):
     """The one-node recipes: the cheapest rung of MEMORY_LADDER within 90% of the device (with the
     plan's framework allowance), and the figures their headers quote are the model's."""
