@@ -23,6 +23,8 @@ sys.path.insert(0, ROOT)
 
 from megatron_ultralong.model.config import PRESETS, LlamaConfig  # noqa: E402
 from megatron_ultralong.training import memory as M  # noqa: E402
+from megatron_ultralong.training import memory_fit as F  # noqa: E402
+from megatron_ultralong.training import step_time as S  # noqa: E402
 from megatron_ultralong.training.config import load_train_config  # noqa: E402
 from megatron_ultralong.training.step_time import MFU_RANGE  # noqa: E402  (the dry run's too)
 
@@ -58,11 +60,11 @@ def mode_name(lay: M.Layout) -> str:
 
 def best_recompute(model: LlamaConfig, lay: M.Layout):
     """The cheapest recompute that fits USABLE_GB (with the framework allowance), or None."""
-    return M.choose_recompute(model, lay, (USABLE_GB - FRAMEWORK_GB) * GB)
+    return F.choose_recompute(model, lay, (USABLE_GB - FRAMEWORK_GB) * GB)
 
 
 def step_seconds(model: LlamaConfig, lay: M.Layout) -> tuple[float, float]:
-    return tuple(M.estimate_layout_step_time(model, lay, PEAK_TFLOPS, mfu).seconds for mfu in MFU_RANGE)
+    return tuple(S.estimate_layout_step_time(model, lay, PEAK_TFLOPS, mfu).seconds for mfu in MFU_RANGE)
 
 
 def print_derivation(model: LlamaConfig) -> None:
@@ -70,7 +72,7 @@ def print_derivation(model: LlamaConfig) -> None:
     for tp, sp in ((1, False), (8, True)):
         lay = M.Layout(seq_length=1 << 20, tp=tp, sequence_parallel=sp)
         row = [f"{LADDER_NAMES[(r, m)]} {M.activation_bytes_per_token_per_layer(model, replace(lay, recompute=r, recompute_modules=m)):,.0f}"
-               for r, m in M.RECOMPUTE_LADDER]
+               for r, m in F.RECOMPUTE_LADDER]
         core = M.activation_bytes_per_token_per_layer(model, replace(lay, recompute="selective", recompute_modules=("core_attn",)))
         print(f"  TP{tp}{'+SP' if sp else ''}: " + ", ".join(row) + f", selective[core_attn] {core:,.0f}")
     parts = M.layer_saved_bytes(model, M.Layout(seq_length=1 << 20))
@@ -89,7 +91,7 @@ def print_recipe(name: str, model: LlamaConfig) -> None:
     total = est.total / GB + FRAMEWORK_GB
     print(f"  {'total':<26} {total:8.2f} GB  ({'fits' if total <= USABLE_GB else 'DOES NOT FIT'} in {USABLE_GB:.0f} of {DEVICE_GB:.0f})")
     print(f"  recompute options (total GB, s/step at MFU {MFU_RANGE[0]:.2f} .. {MFU_RANGE[1]:.2f}):")
-    for r, m in M.RECOMPUTE_LADDER:
+    for r, m in F.RECOMPUTE_LADDER:
         alt = replace(lay, recompute=r, recompute_modules=m)
         fast, slow = step_seconds(model, alt)
         print(f"    {LADDER_NAMES[(r, m)]:<26} {total_gb(model, alt):6.1f} GB  {fast:7.1f} .. {slow:7.1f} s")
@@ -120,9 +122,12 @@ def scan(model: LlamaConfig) -> None:
                   f"{total_gb(model, best):5.1f} GB")
 
 
-ONE_NODE = (("llama31_8b_1m_8gpu", 80.0), ("llama31_8b_4m_8gpu", 141.0))
-"""The one-node recipes and their GPUs' memory (GB): 8 x H100 80GB, 8 x H200 141GB."""
+ONE_NODE = (("llama31_8b_1m_8gpu", 80.0), ("llama31_8b_4m_8gpu_h100", 80.0), ("llama31_8b_4m_8gpu", 141.0))
+"""The one-node recipes and their GPUs' memory (GB): 8 x H100 80GB (1M, 4M), 8 x H200 141GB (4M)."""
 GPUS_PER_NODE = 8
+ONE_NODE_LOSS_CHUNK = 4096
+"""`train.loss_chunk_tokens` of the longest one-node plans: one chunk's fp32 logits, softmax and
+gradient at TP 8 are 0.8 GB instead of 16K tokens' 3.3 GB (llama31_8b_4m_8gpu_h100.yaml)."""
 
 
 def one_node_budget(device_gb: float) -> float:
@@ -156,18 +161,19 @@ def print_one_node(name: str, device_gb: float, model: LlamaConfig) -> None:
     print(f"  {'total (+ framework)':<26} {total:8.2f} GB  = {100 * total / device_gb:.0f}% of {device_gb:.0f} GB")
     print(f"  host per GPU {est.host_total / GB:.1f} GB (activations {est.host_activations / GB:.1f}, optimizer "
           f"{est.host_optimizer / GB:.1f}); per node {GPUS_PER_NODE * est.host_total / GB:.0f} GB")
-    chosen = M.choose_recompute(model, lay, one_node_budget(device_gb))
+    chosen = F.choose_recompute(model, lay, one_node_budget(device_gb))
     print(f"  cheapest rung that fits 90%: {rung_name(chosen) if chosen else 'none fits'}")
 
 
 def one_node_scan(model: LlamaConfig) -> None:
-    print("\nLongest sequence on one 8-GPU node (TP8 x CP1, TE spec, cheapest rung within 90% incl. framework):")
+    print(f"\nLongest sequence on one 8-GPU node (TP8 x CP1, TE spec, {ONE_NODE_LOSS_CHUNK:,}-token loss chunks, "
+          "cheapest rung within 90% incl. framework; estimate):")
     for device_gb in (80.0, 141.0):
         best = None
         for seq in range(1 << 19, (8 << 20) + 1, 1 << 18):
             lay = M.Layout(seq_length=seq, tp=8, sequence_parallel=True, transformer_engine=True, rope_fusion=True,
-                           global_batch_size=2)
-            chosen = M.choose_recompute(model, lay, one_node_budget(device_gb))
+                           global_batch_size=2, loss_chunk_tokens=ONE_NODE_LOSS_CHUNK)
+            chosen = F.choose_recompute(model, lay, one_node_budget(device_gb))
             if chosen is not None:
                 best = (seq, chosen)
         if best is None:

@@ -53,7 +53,7 @@ def _check_recompute_settings_reach_megatron(rt) -> None:
     from megatron_ultralong.model import build_model
     from megatron_ultralong.model.config import PRESETS
     from megatron_ultralong.training.config import load_train_config
-    from megatron_ultralong.training.memory import RECOMPUTE_LADDER
+    from megatron_ultralong.training.memory_fit import RECOMPUTE_LADDER
     from megatron_ultralong.training.model_source import recompute_overrides
 
     for mode, modules in RECOMPUTE_LADDER:

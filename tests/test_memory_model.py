@@ -10,6 +10,8 @@ import pytest
 
 from megatron_ultralong.model.config import PRESETS
 from megatron_ultralong.training import memory as M
+from megatron_ultralong.training import memory_fit as F
+from megatron_ultralong.training import step_time as S
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -55,7 +57,9 @@ def test_tiled_mlp_peak_matches_the_model_on_cpu(seq):
 
 
 def test_full_recompute_saved_set_matches_the_model_on_cpu():
-    """Full recompute keeps each layer's input, the final norm's tensors and the rotary angles."""
+    """Full recompute keeps each layer's input, the final norm's input (its output and x * rstd are
+    re-made per loss chunk: without that the saved set is 2 KB per token, 60%, larger) and the
+    rotary angles; the peak within 5%."""
     import memory_probe
 
     seq = 2048
@@ -64,7 +68,7 @@ def test_full_recompute_saved_set_matches_the_model_on_cpu():
     est = M.estimate_layout(memory_probe.CONFIG, lay)
     measured = _probe(seq, "--recompute", "full", "--mlp-tiles", "4")
     assert measured["saved"] == pytest.approx(est.activations, rel=0.02), measured
-    assert measured["peak"] == pytest.approx(est.activations + est.backward_working_set, rel=0.1), measured
+    assert measured["peak"] == pytest.approx(est.activations + est.backward_working_set, rel=0.05), measured
 
 
 def test_llama8b_derivation_figures():
@@ -109,11 +113,11 @@ def test_estimate_from_train_config_and_step_time():
                                   "host_total"}
     assert est.weights == pytest.approx(M.parameter_count(PRESETS["llama3.1-8b"]) / 8 * 2)
     assert est.optimizer == pytest.approx(est.weights * 6 / 32)  # 12 B/param over DP8 x CP4
-    t = M.estimate_step_time(cfg, world_size=256, mfu=0.5, peak_tflops=1000)
+    t = S.estimate_step_time(cfg, world_size=256, mfu=0.5, peak_tflops=1000)
     flops = cfg.train.global_batch_size * (1 << 20) * (t.model_flops_per_token + t.recompute_flops_per_token)
     assert t.seconds == pytest.approx(flops / 256 / 500e12)
     with pytest.raises(ValueError, match="peak_tflops"):
-        M.estimate_step_time(cfg.__class__(**{**cfg.__dict__, "train": cfg.train.__class__(
+        S.estimate_step_time(cfg.__class__(**{**cfg.__dict__, "train": cfg.train.__class__(
             **{**cfg.train.__dict__, "peak_tflops": None})}), world_size=256)
 
 
@@ -121,12 +125,12 @@ def test_choose_recompute_takes_the_cheapest_that_fits():
     cfg = PRESETS["llama3.1-8b"]
     lay = M.Layout(seq_length=1 << 21, tp=8, cp=8, dp=4, sequence_parallel=True)
     totals = [M.estimate_layout(cfg, M.Layout(**{**lay.__dict__, "recompute": r, "recompute_modules": m})).total
-              for r, m in M.RECOMPUTE_LADDER]
+              for r, m in F.RECOMPUTE_LADDER]
     assert totals == sorted(totals, reverse=True)  # each recompute rung saves memory
     budget = (totals[1] + totals[2]) / 2
-    assert M.choose_recompute(cfg, lay, budget).recompute_modules == ("layernorm", "mlp")
-    assert M.choose_recompute(cfg, lay, totals[-1] - 1, ladder=M.RECOMPUTE_LADDER) is None
+    assert F.choose_recompute(cfg, lay, budget).recompute_modules == ("layernorm", "mlp")
+    assert F.choose_recompute(cfg, lay, totals[-1] - 1, ladder=F.RECOMPUTE_LADDER) is None
     # The full ladder goes on to tiles and offload, and runs out below its last rung.
-    last = M.estimate_layout(cfg, M.apply_rung(lay, M.MEMORY_LADDER[-1])).total
-    assert M.choose_recompute(cfg, lay, totals[-1] - 1).mlp_tiles > 1
-    assert M.choose_recompute(cfg, lay, last - 1) is None
+    last = M.estimate_layout(cfg, F.apply_rung(lay, F.MEMORY_LADDER[-1])).total
+    assert F.choose_recompute(cfg, lay, totals[-1] - 1).mlp_tiles > 1
+    assert F.choose_recompute(cfg, lay, last - 1) is None

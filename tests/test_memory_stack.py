@@ -18,6 +18,7 @@ import torch
 from dist_utils import run_distributed
 from megatron_ultralong.model.config import PRESETS
 from megatron_ultralong.training import memory as M
+from megatron_ultralong.training import memory_fit as F
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -226,12 +227,12 @@ def test_optimizer_offload_reaches_megatron_optimizer_config():
 def test_memory_ladder_walks_tiles_and_offload():
     cfg = PRESETS["llama3.1-8b"]
     lay = M.Layout(seq_length=1 << 20, tp=8, sequence_parallel=True, transformer_engine=True)
-    totals = [M.estimate_layout(cfg, M.apply_rung(lay, r)).total for r in M.MEMORY_LADDER]
+    totals = [M.estimate_layout(cfg, F.apply_rung(lay, r)).total for r in F.MEMORY_LADDER]
     assert totals[-1] == min(totals) and totals[0] == max(totals)
-    chosen = M.choose_recompute(cfg, lay, 40 * 2**30)
+    chosen = F.choose_recompute(cfg, lay, 40 * 2**30)
     assert chosen.recompute == "full" and chosen.mlp_tiles == 16 and chosen.activation_offload == 1.0
     # A host budget rules out rungs that offload more than it holds.
-    assert M.choose_recompute(cfg, lay, 40 * 2**30, host_budget_bytes=2**30) is None
+    assert F.choose_recompute(cfg, lay, 40 * 2**30, host_budget_bytes=2**30) is None
 
 
 @pytest.mark.parametrize("tp,local,tiles", [(2, 8, 3), (4, 6, 4), (8, 5, 2)])
@@ -269,7 +270,8 @@ def test_tiles_reach_the_attention_projections():
         assert spec.module.tiled_kind == kind and spec.params == {"num_tiles": 4}
 
 
-@pytest.mark.parametrize("name,device_gb", [("llama31_8b_1m_8gpu", 80.0), ("llama31_8b_4m_8gpu", 141.0)])
+@pytest.mark.parametrize("name,device_gb", [("llama31_8b_1m_8gpu", 80.0), ("llama31_8b_4m_8gpu_h100", 80.0),
+                                           ("llama31_8b_4m_8gpu", 141.0)])
 def test_one_node_recipes_are_the_cheapest_rung_that_fits(name, device_gb, tmp_path):
     """The one-node recipes: the cheapest rung of MEMORY_LADDER within 90% of the device (with the
     plan's framework allowance), and the figures their headers quote are the model's."""
@@ -282,7 +284,7 @@ def test_one_node_recipes_are_the_cheapest_rung_that_fits(name, device_gb, tmp_p
     cfg, lay = memory_plan.one_node_recipe(name)
     assert lay.world_size == 8 and cfg.check_world(8) == 1
     model = PRESETS["llama3.1-8b"]
-    chosen = M.choose_recompute(model, lay, memory_plan.one_node_budget(device_gb))
+    chosen = F.choose_recompute(model, lay, memory_plan.one_node_budget(device_gb))
     assert chosen is not None
     assert (chosen.recompute, chosen.mlp_tiles, chosen.activation_offload, chosen.optimizer_offload) == \
         (lay.recompute, lay.mlp_tiles, lay.activation_offload, lay.optimizer_offload)

@@ -75,7 +75,7 @@ def _run(capsys, *argv) -> tuple[int, str]:
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=os.path.basename)
 def test_dry_run_every_recipe_at_its_world_size(work, capsys, recipe):
-    from megatron_ultralong.training.memory import estimate_memory_per_device
+    from megatron_ultralong.training.memory_fit import estimate_memory_per_device
     from megatron_ultralong.training.model_source import resolve_model_config
 
     world = _world_size(recipe)
@@ -207,7 +207,7 @@ def test_dry_run_step_time_is_memory_models(work, capsys):
     included) at step_time.MFU_RANGE, the range docs/parallelism_plan.md quotes."""
     from megatron_ultralong.training.config import load_train_config
     from megatron_ultralong.training.dry_run import dry_run
-    from megatron_ultralong.training.memory import estimate_step_time
+    from megatron_ultralong.training.step_time import estimate_step_time
     from megatron_ultralong.training.step_time import MFU_RANGE
 
     recipe = os.path.join(ROOT, "examples", "recipes", "llama31_8b_1m.yaml")

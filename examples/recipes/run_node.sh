@@ -7,7 +7,8 @@
 # factor, optimizer, data, checkpoints -- as a smoke test at SEQ tokens per sequence (default
 # 131,072, TP8 x CP1, ~52 GB per GPU with the recipes' selective recompute). The full lengths need
 # more nodes (Slurm).
-# The one-node recipes (llama31_8b_1m_8gpu on 8 x H100 80GB, llama31_8b_4m_8gpu on 8 x H200) run whole,
+# The one-node recipes (llama31_8b_1m_8gpu and llama31_8b_4m_8gpu_h100 on 8 x H100 80GB,
+# llama31_8b_4m_8gpu on 8 x H200) run whole,
 # as laid out, into their own save directories; check their plan first (device memory per GPU and
 # host memory per node): mu-train --config examples/recipes/llama31_8b_1m_8gpu.yaml --dry-run --world-size 8
 # The SFT recipes (llama31_8b_{1m,2m,4m}_sft) run as laid out (TP2), with DP4 and 32 accumulated
@@ -33,7 +34,7 @@ NPROC=${NPROC:-8}
 CKPT=${CKPT:-checkpoints/${NAME}_node}
 ARGS=(train.save="$CKPT" train.load="$CKPT")
 case "$NAME" in
-  *_8gpu) ARGS=() ;;  # laid out for one node: the whole recipe, its own save directory
+  *_8gpu | *_8gpu_*) ARGS=() ;;  # laid out for one node: the whole recipe, its own save directory
   *_sft) ;;
   *)
     TP=${TP:-8}

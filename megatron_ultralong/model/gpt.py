@@ -133,6 +133,8 @@ class UltraLongGPTModel(GPTModel):
         )
         self.model_config = model_config
         self.rotary_angles = RotaryAngles(model_config.rope, config.kv_channels)
+        self._deferred_final_norm: tuple = (None,)
+        """The final norm while `forward` defers it to the loss chunks (None otherwise)."""
         self.loss_chunk_tokens = loss_chunk_tokens
         """Tokens per output-layer + cross-entropy chunk when forward gets labels (model/lm_loss.py)."""
 
@@ -145,6 +147,26 @@ class UltraLongGPTModel(GPTModel):
         # (tests/test_runtime.py pins this layout against the installed megatron-core).
         angles = self.rotary_angles(position_ids.to(self.rotary_angles.inv_freq.device))
         return (out[0], angles.to(out[0].device if out[0] is not None else angles.device)) + tuple(out[2:])
+
+    def forward(self, input_ids: Tensor, position_ids: Tensor, attention_mask: Optional[Tensor] = None,
+                decoder_input: Optional[Tensor] = None, labels: Optional[Tensor] = None, *args, **kwargs):
+        """GPTModel.forward; with labels, the final norm moves into the loss chunks' checkpoints.
+
+        The decoder would otherwise apply the final norm to the whole sequence and its output would
+        be kept until the loss backward (h*e bytes per local token, 4 GiB at 4M tokens on one 8-GPU
+        node); here the decoder runs without it for this call and `chunked_lm_loss` applies it per
+        chunk (model/lm_loss.py). The module stays registered at decoder.final_layernorm, so state
+        dicts and checkpoints are unchanged."""
+        norm = self.decoder.final_layernorm if self.decoder.post_process else None
+        if labels is None or norm is None or not self.post_process or self.mtp_process:
+            return super().forward(input_ids, position_ids, attention_mask, decoder_input, labels, *args, **kwargs)
+        self._deferred_final_norm = (norm,)  # a tuple: not registered as a second submodule
+        self.decoder.final_layernorm = None
+        try:
+            return super().forward(input_ids, position_ids, attention_mask, decoder_input, labels, *args, **kwargs)
+        finally:
+            self.decoder.final_layernorm = norm
+            self._deferred_final_norm = (None,)
 
     def _postprocess(self, hidden_states: Tensor, input_ids: Tensor, position_ids: Tensor, labels: Tensor,
                      *args, **kwargs):
@@ -161,6 +183,7 @@ class UltraLongGPTModel(GPTModel):
         return chunked_lm_loss(
             hidden_states, weight, labels, self.model_config.vocab_size, self.loss_chunk_tokens,
             tp_rank=tp.rank(), sequence_parallel=self.config.sequence_parallel, tp_group=tp,
+            final_norm=self._deferred_final_norm[0],
         )
 
 

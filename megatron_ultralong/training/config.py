@@ -56,7 +56,7 @@ class ModelSection:
     recompute: Literal["none", "selective", "full"] = "none"
     """Activation recompute (megatron-core's `recompute_granularity`; on CPU too, parallel/runtime.py
     accommodation 5): none; selective = the submodules in `recompute_modules`; full = whole layers.
-    Choose the cheapest setting that fits (training/memory.py `choose_recompute`)."""
+    Choose the cheapest setting that fits (training/memory_fit.py `choose_recompute`)."""
 
     recompute_modules: tuple[Literal["core_attn", "layernorm", "mlp"], ...] = ("layernorm", "mlp")
     """With selective recompute: megatron-core's `recompute_modules`. "layernorm" drops both RMSNorm

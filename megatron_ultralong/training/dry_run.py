@@ -192,8 +192,9 @@ def _check_device(cfg: TrainConfig, model_cfg: LlamaConfig, rep: DryRunReport) -
 
 
 def _cheapest_fit(cfg: TrainConfig, world_size: int, model_cfg: LlamaConfig, device_bytes: float) -> str:
-    """The first rung of training/memory.py's MEMORY_LADDER that fits 90% of the device, as overrides."""
-    from megatron_ultralong.training.memory import Layout, choose_recompute
+    """The first rung of training/memory_fit.py's MEMORY_LADDER that fits 90% of the device, as overrides."""
+    from megatron_ultralong.training.memory import Layout
+    from megatron_ultralong.training.memory_fit import choose_recompute
 
     fit = choose_recompute(model_cfg, Layout.from_train_config(cfg, world_size), 0.9 * device_bytes)
     if fit is None:
@@ -279,7 +280,7 @@ def dry_run(cfg: TrainConfig, world_size: int, device_memory_gib: float = 80.0, 
         rep.step_seconds = (fast.seconds, slow.seconds)
         steps = cfg.train.steps
         rep.lines.append(
-            f"step time (predicted by training/memory.py at MFU {max(MFU_RANGE):.0%}..{min(MFU_RANGE):.0%} of {peak:g} TFLOP/s): "
+            f"step time (predicted by training/step_time.py at MFU {max(MFU_RANGE):.0%}..{min(MFU_RANGE):.0%} of {peak:g} TFLOP/s): "
             f"{fast.seconds:.1f}..{slow.seconds:.1f} s/step; {steps} steps in {_hours(fast.seconds * steps)}.."
             f"{_hours(slow.seconds * steps)} ({fast.model_flops_per_token * fast.tokens_per_step:.3e} model "
             f"FLOPs/step + {fast.recompute_flops_per_token * fast.tokens_per_step:.3e} recompute)")

@@ -1,7 +1,8 @@
-"""The one memory and step-time model: per-GPU bytes by component, and seconds per step from FLOPs.
+"""The one memory model: per-GPU device and host bytes by component.
 
 The trainer logs it at start-up, benchmarks/memory_plan.py prints the tables of
-docs/parallelism_plan.md from it, and a dry run calls `estimate_memory` / `estimate_step_time`.
+docs/parallelism_plan.md from it, and a dry run calls `estimate_memory`. The memory-saving ladder
+and the fit to a device are in training/memory_fit.py, the seconds per step in training/step_time.py.
 
 Saved activations (Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer
 Models", arXiv 2205.05198, §4). Their per-layer count for GPT, sbh(34 + 5as/h) bytes, lists each
@@ -68,7 +69,8 @@ Backward working set of one layer, per local token, widths per TP rank (the larg
 The MLP's phases and re-run divide by `mlp_tiles`, and so does the QKV phase: the tiles also split
 the attention's projections (model/sequence_tiles.py; under SP the output projection then saves
 its per-tile input rows, a copy: +hq*e/TP).
-Loss: one chunk's fp32 logits, softmax and gradient, and its input rows; under SP each chunk gathers
+Loss: one chunk's fp32 logits, softmax and gradient, and its input rows; the final norm runs inside
+each chunk's checkpoint, so only its input is kept across the loss; under SP each chunk gathers
 its rows over TP inside its checkpoint (model/lm_loss.py), so the whole gathered final hidden state
 (T*h*e, 8 GiB at 1M tokens per TP group) never exists.
 
@@ -89,55 +91,14 @@ Not modelled: allocator fragmentation, NCCL and CUDA-context memory (the callers
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
-from typing import Optional, Sequence
-
-import torch
+from typing import Optional
 
 from megatron_ultralong.model.config import LlamaConfig, load_model_config
-from megatron_ultralong.training.metrics import matmul_params, training_flops_per_token
-
-RECOMPUTE_LADDER: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("none", ()),
-    ("selective", ("layernorm",)),
-    ("selective", ("layernorm", "mlp")),
-    ("full", ()),
-)
-"""megatron-core's recompute settings from cheapest to most memory-saving (the first rungs of
-`MEMORY_LADDER`)."""
+from megatron_ultralong.training.metrics import matmul_params
 
 MLP_TILE_TOKENS = 65536
 """Tokens per MLP tile when a rung asks for tiles (`mlp_tiles=0`): tiles = ceil(local tokens / this).
 At TP 8 one tile's MLP working set is then ~2 GiB for Llama-3.1-8B."""
-
-
-@dataclass(frozen=True)
-class Rung:
-    """One memory-saving setting (`choose_recompute` walks `MEMORY_LADDER`, cheapest first)."""
-
-    recompute: str
-    """"none", "selective" or "full"."""
-    recompute_modules: tuple[str, ...] = ()
-    """With selective."""
-    mlp_tiles: int = 1
-    """1 = off; 0 = ceil(local tokens / MLP_TILE_TOKENS)."""
-    activation_offload: float = 0.0
-    """Fraction of layers whose saved sets go to host memory."""
-    optimizer_offload: float = 0.0
-    """Fraction of the optimizer state on the host."""
-
-
-MEMORY_LADDER: tuple[Rung, ...] = (
-    *(Rung(mode, modules) for mode, modules in RECOMPUTE_LADDER[:3]),
-    Rung("selective", ("layernorm",), mlp_tiles=0),
-    Rung("full"),
-    Rung("full", mlp_tiles=0),
-    Rung("full", mlp_tiles=0, activation_offload=0.5),
-    Rung("full", mlp_tiles=0, activation_offload=1.0),
-    Rung("full", mlp_tiles=0, activation_offload=1.0, optimizer_offload=1.0),
-)
-"""Recompute, tiling and offload from cheapest to most memory-saving: recompute costs forward
-FLOPs (an MLP forward per tiled or "mlp" layer, a whole layer with full), offload costs host memory
-and PCIe time that overlaps compute, the optimizer offload a host-side Adam step."""
 
 
 @dataclass(frozen=True)
@@ -304,6 +265,10 @@ def backward_working_bytes_per_token(cfg: LlamaConfig, lay: Layout) -> float:
     kernel = (qkv * e + 4 * cfg.num_attention_heads * (cfg.head_dim + 1)) / t if lay.cp == 1 else 0.0
     transient = max(mlp, attention, kernel)
     if lay.recompute == "full":
+        # The re-run set's attention-norm input is the checkpoint's saved layer input (one storage,
+        # already in the activations), but the incoming gradient of the layer's output, not counted
+        # above, is the same size, so the set stands as is: the allocator probe measures 102% of
+        # this at 2,048 tokens (tests/test_memory_model.py), and 108% with that input taken out.
         rerun_set = replace(lay, recompute="none", recompute_modules=())
         transient += lay.recompute_num_layers * activation_bytes_per_token_per_layer(cfg, rerun_set)
     return transient
@@ -347,7 +312,7 @@ class MemoryEstimate:
     grads: float
     optimizer: float
     activations: float
-    """Saved activations of all local layers + the final norm."""
+    """Saved activations of all local layers + the final norm's input."""
     backward_working_set: float
     """Transient gradients of one layer (+ one re-run chunk with full recompute)."""
     cp_buffers: float
@@ -389,8 +354,9 @@ def estimate_layout(cfg: LlamaConfig, lay: Layout) -> MemoryEstimate:
     tokens, e = lay.local_tokens, lay.act_bytes
     layers = -(-cfg.num_layers // lay.pp)
     norm_div = lay.tp if lay.sequence_parallel else 1
-    # The final norm's input and output (the loss chunks' input); a composite norm also x * rstd.
-    final_norm = (2 + (not lay.fused_kernels)) * cfg.hidden_size * e / norm_div
+    # The final norm's input only: it runs inside each loss chunk's checkpoint (model/lm_loss.py),
+    # so neither its output nor a composite norm's x * rstd is kept.
+    final_norm = cfg.hidden_size * e / norm_div
     # Full recompute's checkpoints also save the rotary angles [s, 1, 1, d] fp32, once for all layers.
     angles = 4 * cfg.head_dim if lay.recompute == "full" else 0.0
     chunk = min(lay.loss_chunk_tokens, tokens)
@@ -413,111 +379,11 @@ def estimate_layout(cfg: LlamaConfig, lay: Layout) -> MemoryEstimate:
     )
 
 
-def _model_config(cfg, model_cfg: Optional[LlamaConfig]) -> LlamaConfig:
+def resolve_model_config(cfg, model_cfg: Optional[LlamaConfig]) -> LlamaConfig:
     # Context extension changes RoPE only, never a shape: the preset/HF config is enough.
     return model_cfg if model_cfg is not None else load_model_config(cfg.model.config)
 
 
 def estimate_memory(cfg, world_size: int, model_cfg: Optional[LlamaConfig] = None) -> MemoryEstimate:
     """Per-GPU memory of a resolved `TrainConfig` on `world_size` ranks, by component (bytes)."""
-    return estimate_layout(_model_config(cfg, model_cfg), Layout.from_train_config(cfg, world_size))
-
-
-@dataclass(frozen=True)
-class StepTimeEstimate:
-    """Predicted time of one optimizer step from FLOPs at an assumed MFU."""
-
-    model_flops_per_token: float
-    """6 N_matmul + 6 L d s (training/metrics.py): what MFU counts."""
-    recompute_flops_per_token: float
-    """Extra forward work of the recompute setting (not counted in MFU)."""
-    tokens_per_step: int
-    seconds: float
-    tokens_per_second_per_gpu: float
-
-
-def recompute_flops_per_token(cfg: LlamaConfig, lay: Layout) -> float:
-    """Forward FLOPs re-run per token: whole layers (full), the MLP, core attention; norms ~0."""
-    hq = cfg.num_attention_heads * cfg.head_dim
-    mlp = 2 * 3 * cfg.hidden_size * cfg.ffn_hidden_size
-    core_attn = 2 * hq * lay.seq_length  # causal QK^T and PV forward: 2 * (s/2) * hq * 2
-    attn_proj = 2 * cfg.hidden_size * (2 * hq + 2 * cfg.num_kv_heads * cfg.head_dim)
-    tiled = resolved_mlp_tiles(lay) > 1  # each tile re-runs in its own backward, also under full
-    if lay.recompute == "full":
-        per_layer = mlp + core_attn + attn_proj + tiled * mlp
-    elif lay.recompute == "selective":
-        per_layer = (("mlp" in lay.recompute_modules) or tiled) * mlp + ("core_attn" in lay.recompute_modules) * core_attn
-    else:
-        per_layer = tiled * mlp
-    return cfg.num_layers * per_layer
-
-
-def estimate_layout_step_time(cfg: LlamaConfig, lay: Layout, peak_tflops: float, mfu: float) -> StepTimeEstimate:
-    model = training_flops_per_token(cfg, lay.seq_length)
-    extra = recompute_flops_per_token(cfg, lay)
-    tokens = lay.global_batch_size * lay.seq_length
-    seconds = tokens * (model + extra) / lay.world_size / (peak_tflops * 1e12 * mfu)
-    return StepTimeEstimate(model, extra, tokens, seconds, tokens / seconds / lay.world_size)
-
-
-def estimate_step_time(cfg, world_size: int, mfu: float = 0.4, peak_tflops: Optional[float] = None,
-                       model_cfg: Optional[LlamaConfig] = None) -> StepTimeEstimate:
-    """Seconds per optimizer step of a resolved `TrainConfig` on `world_size` GPUs.
-
-    Achieved FLOP/s = peak x mfu (an assumption: 0.4 is typical of dense bf16 training; measure it
-    with benchmarks/gpu_check.sh). peak_tflops defaults to `train.peak_tflops` (H100 SXM: 989).
-    Recompute adds its forward FLOPs at the same rate.
-    """
-    peak = peak_tflops if peak_tflops is not None else cfg.train.peak_tflops
-    if not peak:
-        raise ValueError("estimate_step_time needs peak_tflops (or train.peak_tflops in the config)")
-    return estimate_layout_step_time(_model_config(cfg, model_cfg), Layout.from_train_config(cfg, world_size), peak, mfu)
-
-
-def apply_rung(lay: Layout, rung) -> Layout:
-    """`lay` with a ladder rung's settings (a `Rung`, or a (recompute, modules) pair)."""
-    if not isinstance(rung, Rung):
-        rung = Rung(*rung)
-    tiled = replace(lay, mlp_tiles=rung.mlp_tiles)
-    return replace(lay, recompute=rung.recompute, recompute_modules=tuple(rung.recompute_modules),
-                   mlp_tiles=resolved_mlp_tiles(tiled), activation_offload=rung.activation_offload,
-                   optimizer_offload=rung.optimizer_offload)
-
-
-def choose_recompute(cfg: LlamaConfig, lay: Layout, budget_bytes: float, ladder: Sequence = MEMORY_LADDER,
-                     host_budget_bytes: Optional[float] = None) -> Optional[Layout]:
-    """The first (cheapest) rung of `ladder` whose device total fits `budget_bytes` and, when given,
-    whose host bytes per GPU fit `host_budget_bytes`; None if none does."""
-    for rung in ladder:
-        candidate = apply_rung(lay, rung)
-        est = estimate_layout(cfg, candidate)
-        if est.total <= budget_bytes and (host_budget_bytes is None or est.host_total <= host_budget_bytes):
-            return candidate
-    return None
-
-
-def device_memory_bytes(device: torch.device) -> float:
-    if device.type == "cuda":
-        return float(torch.cuda.get_device_properties(device).total_memory)
-    with open("/proc/meminfo", encoding="utf-8") as f:
-        for line in f:
-            if line.startswith("MemTotal:"):
-                return float(line.split()[1]) * 1024
-    return float("nan")
-
-
-def estimate_memory_per_device(model_cfg: LlamaConfig, train_cfg, dp: int) -> MemoryEstimate:
-    """The trainer's call: `estimate_memory` with the world rebuilt from DP."""
-    p = train_cfg.parallel
-    world = dp * p.tensor_parallel * p.context_parallel * p.pipeline_parallel
-    return estimate_memory(train_cfg, world, model_cfg)
-
-
-def format_estimate(e: MemoryEstimate, device: torch.device) -> str:
-    unit, scale = ("GiB", 2**30) if e.total >= 2**30 else ("MiB", 2**20)
-    parts = ", ".join(f"{name} {getattr(e, name) / scale:.2f}" for name in e.DEVICE_FIELDS)
-    host = f"; host memory per device {e.host_total / 2**30:.2f} GiB (offload)" if e.host_total else ""
-    return (
-        f"[train] memory estimate per device: {e.total / scale:.2f} {unit} ({parts}) of "
-        f"{device_memory_bytes(device) / 2**30:.1f} GiB on {device}{host}"
-    )
+    return estimate_layout(resolve_model_config(cfg, model_cfg), Layout.from_train_config(cfg, world_size))

@@ -38,7 +38,7 @@ from megatron_ultralong.data.samples.pretrain import (
 from megatron_ultralong.training import startup_checks
 from megatron_ultralong.training.guards import NonFiniteGuard, StopConditions, trim_metrics_log
 from megatron_ultralong.training.loss import reduce_loss_over_dp_cp
-from megatron_ultralong.training.memory import estimate_memory_per_device, format_estimate
+from megatron_ultralong.training.memory_fit import estimate_memory_per_device, format_estimate
 from megatron_ultralong.training.metrics import training_flops_per_token
 from megatron_ultralong.training.optimizer import build_data_parallel, build_optimizer, build_scheduler, finalize_grads
 from megatron_ultralong.training.model_source import (  # noqa: F401
