@@ -173,7 +173,8 @@ def _check_layout(cfg: TrainConfig, model_cfg: LlamaConfig, world_size: int, rep
     micro = cfg.train.global_batch_size // (cfg.train.micro_batch_size * dp)
     rep.lines.append(
         f"layout: world {world_size} = TP{p.tensor_parallel} x PP{p.pipeline_parallel} x CP{p.context_parallel}"
-        f" x DP{dp}; {cfg.data.seq_length // p.context_parallel:,} tokens per GPU; {micro} micro-batch(es) per step")
+        f" x DP{dp}; {cfg.data.seq_length // p.context_parallel:,} tokens per TP group"
+        f" ({cfg.data.seq_length // (p.context_parallel * p.tensor_parallel):,} per GPU); {micro} micro-batch(es) per step")
     return dp
 
 
