@@ -168,6 +168,8 @@ def test_missing_data_is_a_one_line_error_with_the_download_command(tmp_path):
         make("infinitebench", {"data_root": str(tmp_path), "tasks": ["code_run"]}).check_inputs()
     with pytest.raises(ValueError, match="benchmarks.lveval.levels"):
         make("lveval", {"data_root": str(tmp_path), "levels": ["512k"]})
+    with pytest.raises(ValueError, match=r"benchmarks.lveval.max_length=1: expected >= 2"):
+        make("lveval", {"data_root": str(tmp_path), "max_length": 1})
     with pytest.raises(ValueError, match=r"benchmarks.infinitebench: unknown key"):
         make("infinitebench", {"data_root": str(tmp_path), "task": ["passkey"]})
 

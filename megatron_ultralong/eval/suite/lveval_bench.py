@@ -87,11 +87,11 @@ class LvevalSuiteConfig:
             raise ValueError(f"benchmarks.lveval.levels {list(self.levels)}: expected levels from {list(LENGTHS)}")
         if self.chunk < 1 or any(v is not None and v < 1 for v in (self.limit, self.max_new_tokens)):
             raise ValueError("benchmarks.lveval: chunk, limit and max_new_tokens must be >= 1")
+        if self.max_length is not None and self.max_length < 2:
+            raise ValueError(f"benchmarks.lveval.max_length={self.max_length}: expected >= 2 or null")
 
     def budget(self, name: str) -> int:
         return min(MAX_NEW_TOKENS[name], self.max_new_tokens or MAX_NEW_TOKENS[name])
-        if self.max_length is not None and self.max_length < 2:
-            raise ValueError(f"benchmarks.lveval.max_length={self.max_length}: expected >= 2 or null")
 
 
 def _version(package: str) -> Optional[str]:
